@@ -1,0 +1,117 @@
+"""The seam between the service's round loop and whatever runs denoising steps.
+
+An ``Executor`` runs assignments on the wall clock. The worker pool (workers.py) runs real DiT
+steps on one process per device; other executors implement the same protocol. The simulator
+does not use this protocol: on a virtual clock an assignment's end is computed, not awaited.
+
+Life of a request on an executor:
+
+    await ex.admit(job)                    # once: conditioning and initial latent reach the workers
+    result = await ex.execute(a, on_step)  # per assignment: num_steps steps on a.gpu_ids
+    ...                                    # (the executor keeps each request's latest latent)
+    latent = await ex.fetch_result(rid)    # after the last step: the final latent (model space)
+    await ex.release(rid)                  # forget everything about the request
+
+``execute`` never raises for a failure of the work itself: it returns an AssignmentResult with
+``error`` set and ``steps_done`` the number of steps that completed (and were checkpointed).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..types import Assignment, AssignmentResult
+
+if TYPE_CHECKING:  # torch stays out of this module at run time
+    import torch
+
+#: on_step(request_id, step_index_done (1-based, over the whole trajectory), step_seconds)
+StepCallback = Callable[[str, int, float], None]
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """Everything the workers need to denoise one request, already resolved by the service.
+
+    Tensors are CPU tensors. ``latent`` is in the model's space (the latent format's
+    process_in already applied; zeros-in-VAE-space for text-to-image become the format's
+    shifted value, as in ComfyUI). ``sigmas`` has num_steps + 1 entries, ending at 0 for a full
+    denoise. ``noise`` is the initial noise (ComfyUI: torch.manual_seed(seed) then CPU randn of
+    the latent's shape). The first model input is ``sigmas[0] * noise + (1 - sigmas[0]) * latent``.
+    ``cfg`` != 1 with ``neg_context`` runs cond and uncond as one batch of 2B.
+    """
+
+    request_id: str
+    model: str
+    latent: "torch.Tensor"  # [B, C, H/8, W/8]
+    noise: "torch.Tensor"  # same shape
+    sigmas: "torch.Tensor"  # [num_steps + 1]
+    context: "torch.Tensor"  # [B, tokens, dim]
+    pooled: "torch.Tensor"  # [B, pooled_dim]
+    sampler: str = "euler"
+    seed: int = 0
+    cfg: float = 1.0
+    guidance: float | None = None  # FLUX-dev distilled guidance
+    neg_context: "torch.Tensor | None" = None
+    neg_pooled: "torch.Tensor | None" = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sigmas.numel()) - 1
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg != 1.0 and self.neg_context is not None
+
+    @property
+    def batch(self) -> int:
+        """Sequences per DiT forward: images times CFG branches (what the cost model prices)."""
+        return int(self.latent.shape[0]) * (2 if self.uses_cfg else 1)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the planner and the service need to know of a loaded DiT (no tensors)."""
+
+    name: str
+    family: str  # "flux" | "sd3"
+    num_heads: int
+    in_channels: int  # latent channels the service expects (16 for FLUX and SD3)
+    context_dim: int  # text token width (4096 for the real models)
+    pooled_dim: int
+    guidance_embeds: bool = False  # FLUX-dev: takes a guidance value
+    dtype: str = "bf16"
+    source: str = ""  # where the weights came from (file or folder name, never shown to other tenants)
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs assignments; see the module docstring for the life of a request."""
+
+    @property
+    def gpu_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]: ...
+
+    async def start(self) -> None: ...
+
+    async def load_model(self, name: str, path: str, dtype: str = "bf16") -> ModelInfo:
+        """Load weights once on every worker (idempotent for the same name and file)."""
+        ...
+
+    async def admit(self, job: SamplingJob) -> None: ...
+
+    async def execute(self, assignment: Assignment, on_step: StepCallback | None = None) -> AssignmentResult: ...
+
+    async def stop(self, request_ids: tuple[str, ...]) -> None:
+        """Ask the in-flight assignment of these requests to end after its current step."""
+        ...
+
+    async def fetch_result(self, request_id: str) -> "torch.Tensor": ...
+
+    async def release(self, request_id: str) -> None: ...
+
+    async def close(self) -> None: ...

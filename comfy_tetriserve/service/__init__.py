@@ -1,0 +1,1 @@
+"""The scheduler service: one aiohttp process per GPU box."""
