@@ -34,9 +34,9 @@ StepCallback = Callable[[str, int, float], None]
 class SamplingJob:
     """Everything the workers need to denoise one request, already resolved by the service.
 
-    Tensors are CPU tensors. ``latent`` is in the model's space (the latent format's
-    process_in already applied; zeros-in-VAE-space for text-to-image become the format's
-    shifted value, as in ComfyUI). ``sigmas`` has num_steps + 1 entries, ending at 0 for a full
+    Tensors are CPU tensors. ``latent`` is in the model's space: the latent format's process_in
+    already applied when the latent has any non-zero entry, an all-zero (text-to-image) latent
+    left as zeros, as ComfyUI does. ``sigmas`` has num_steps + 1 entries, ending at 0 for a full
     denoise. ``noise`` is the initial noise (ComfyUI: torch.manual_seed(seed) then CPU randn of
     the latent's shape). The first model input is ``sigmas[0] * noise + (1 - sigmas[0]) * latent``.
     ``cfg`` != 1 with ``neg_context`` runs cond and uncond as one batch of 2B.
