@@ -1,53 +1,61 @@
 """Sampling with ComfyUI's semantics, resumable step by step.
 
 A request's sampling state is a ``Trajectory``: the current latent, the sigmas, the next step
-index and whatever memory the sampler keeps (the previous denoised estimate, an RNG state). The
-workers run a few steps of it per round and may hand it to another device group in between;
-running steps [0, a) and then [a, n) gives exactly the same latent as running [0, n) at once.
+index and whatever memory the sampler keeps (the previous denoised estimate, derivative history,
+the state of its noise generator as a uint8 tensor). Workers run a few steps of it per round and
+may hand it to another device group in between: running steps [0, a) and then [a, n) gives
+bitwise the same latent as running [0, n) at once, also after pickling the trajectory or sending
+its tensors elsewhere. Ranks that hold replicas of one trajectory draw identical noise.
 
 Definitions follow ComfyUI (comfy/model_sampling.py, comfy/samplers.py,
-comfy/k_diffusion/sampling.py, comfy/sample.py): flow models (FLUX, SD3) use
-``x = sigma * noise + (1 - sigma) * latent`` and ``denoised = x - model_output * sigma``.
+comfy/k_diffusion/sampling.py, comfy/sample.py) for flow models (FLUX, SD3):
+
+- the model sees ``x`` cast to its dtype and timestep ``timestep_of_sigma(family, sigma)``; its
+  float32 output ``v`` gives ``denoised = x - v * sigma`` (``denoised_from_model_output``);
+- sampling starts from ``x = sigma0 * noise + (1 - sigma0) * latent`` and ends with
+  ``x / (1 - sigma_last)``; the latent is in model space (``prepare_latent``);
+- initial noise: ``torch.manual_seed(seed)`` then CPU randn of the latent's shape; noise inside
+  a stochastic sampler: a separate generator on the sampling device, seeded with the same seed
+  when sampling starts (so on CPU its first draw equals the initial noise).
+
+Schedules (``compute_sigmas`` and friends) live in schedules.py and are re-exported here.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import InvalidRequest
+from .schedules import (  # re-exported: this module is the sampling API
+    FAMILIES, SCHEDULERS, FamilySpec, ModelSampling, beta_sigmas, compute_sigmas, family_spec,
+    flux_resolution_shift, model_sampling, model_sigmas, sampling_family, sigma_of_t,
+    simple_sigmas, slice_sigmas, timestep_of_sigma, validate_sigmas,
+)
 
-#: denoise_fn(x, sigma) -> denoised: the model (with CFG folded in) at noise level sigma
+__all__ = [
+    # schedules
+    "FAMILIES", "FamilySpec", "family_spec", "sampling_family", "ModelSampling", "model_sampling",
+    "model_sigmas", "sigma_of_t", "timestep_of_sigma", "flux_resolution_shift", "SCHEDULERS",
+    "simple_sigmas", "beta_sigmas", "compute_sigmas", "slice_sigmas", "validate_sigmas",
+    # latent and model space
+    "process_latent_in", "process_latent_out", "fix_empty_latent_channels", "prepare_latent",
+    "prepare_noise", "check_seed", "noise_scaling", "inverse_noise_scaling", "max_denoise",
+    "denoised_from_model_output", "cfg_skips_uncond", "cfg_combine",
+    # trajectories
+    "DenoiseFn", "RNG_KEY", "SAMPLER_OPTIONS", "SAMPLERS", "Trajectory", "start_trajectory", "step",
+    "step_batch", "num_model_calls", "finish_latent",
+]
+
+#: denoise_fn(x, sigma) -> denoised: the model (with CFG folded in) at noise level sigma ([B])
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """Per model family: latent format and the model-sampling object ComfyUI builds for it."""
-
-    name: str
-    latent_scale: float  # process_in: (x - shift) * scale
-    latent_shift: float
-    sampling: str  # "discrete_flow" (SD3) | "flux"
-    shift: float  # SD3: time-SNR shift alpha; FLUX: mu
-    multiplier: float  # timestep = sigma * multiplier
-    num_sampling_steps: int  # length of the model-sampling sigma table
+RNG_KEY = "rng_state"  # memory entry holding the noise generator's state (CPU uint8)
 
 
-FAMILIES: dict[str, FamilySpec] = {
-    "sd3": FamilySpec("sd3", 1.5305, 0.0609, "discrete_flow", 3.0, 1000.0, 1000),
-    "flux": FamilySpec("flux", 0.3611, 0.1159, "flux", 1.15, 1.0, 10000),
-}
-
-
-def family_spec(family: str) -> FamilySpec:
-    try:
-        return FAMILIES[family]
-    except KeyError:
-        raise InvalidRequest(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})") from None
-
+# ---------------------------------------------------------------- latent space and model space
 
 def process_latent_in(family: str, latent: torch.Tensor) -> torch.Tensor:
     f = family_spec(family)
@@ -56,66 +64,132 @@ def process_latent_in(family: str, latent: torch.Tensor) -> torch.Tensor:
 
 def process_latent_out(family: str, latent: torch.Tensor) -> torch.Tensor:
     f = family_spec(family)
-    return latent / f.latent_scale + f.latent_shift
+    return (latent / f.latent_scale) + f.latent_shift
 
 
-def sigma_of_t(spec: FamilySpec, t: torch.Tensor, shift: float | None = None) -> torch.Tensor:
-    """sigma for a normalised time t in (0, 1]."""
-    s = spec.shift if shift is None else shift
-    if spec.sampling == "discrete_flow":
-        return t if s == 1.0 else s * t / (1 + (s - 1) * t)
-    return math.exp(s) / (math.exp(s) + (1 / t - 1))
+def fix_empty_latent_channels(family: str, latent: torch.Tensor) -> torch.Tensor:
+    """An all-zero latent with another channel count (e.g. a 4-channel empty latent) becomes the
+    family's all-zero latent, as ComfyUI does before it draws noise; other mismatches are errors."""
+    channels = family_spec(family).latent_channels
+    if latent.dim() != 4:
+        raise InvalidRequest(f"latent must be [B, C, H, W], got shape {tuple(latent.shape)}")
+    if latent.shape[1] == channels:
+        return latent
+    if torch.count_nonzero(latent) == 0:
+        return latent.new_zeros((latent.shape[0], channels, *latent.shape[2:]))
+    raise InvalidRequest(f"{family} latents have {channels} channels, got {latent.shape[1]}")
 
 
-def model_sigmas(family: str, shift: float | None = None) -> torch.Tensor:
-    """The model-sampling sigma table (ascending), as ComfyUI registers it."""
-    spec = family_spec(family)
-    n = spec.num_sampling_steps
-    t = torch.arange(1, n + 1, 1) / n
-    return sigma_of_t(spec, t, shift)
+def prepare_latent(family: str, latent: torch.Tensor) -> torch.Tensor:
+    """A raw (VAE-space) LATENT as the sampler sees it: channels fixed for an empty latent, then
+    the latent format's process_in, applied only when the latent has a non-zero entry (an empty
+    text-to-image latent stays all zeros). Draw the noise from the result's shape."""
+    latent = fix_empty_latent_channels(family, latent)
+    if torch.count_nonzero(latent) > 0:
+        latent = process_latent_in(family, latent)
+    return latent
 
 
-def timestep_of_sigma(family: str, sigma: torch.Tensor) -> torch.Tensor:
-    return sigma * family_spec(family).multiplier
+def prepare_noise(latent: torch.Tensor, seed: int, batch_inds: Sequence[int] | None = None) -> torch.Tensor:
+    """ComfyUI's initial noise: a CPU generator seeded with ``seed``, randn of the latent's shape.
+
+    With ``batch_inds`` (a LATENT's "batch_index"), image k gets the noise of draw batch_inds[k]
+    from one generator making [1, C, H, W] draws, as ComfyUI does for latents split from a batch.
+    (ComfyUI seeds torch's global generator; a private one gives the same numbers.)
+    """
+    generator = torch.Generator().manual_seed(check_seed(seed))
+    kw = dict(dtype=latent.dtype, layout=latent.layout, generator=generator, device="cpu")
+    if batch_inds is None:
+        return torch.randn(latent.size(), **kw)
+    inds = [int(i) for i in batch_inds]
+    if len(inds) != latent.shape[0] or min(inds) < 0:
+        raise InvalidRequest("batch_index must give one non-negative index per image")
+    wanted = set(inds)
+    draws = {}
+    for i in range(max(inds) + 1):
+        noise = torch.randn([1] + list(latent.size())[1:], **kw)
+        if i in wanted:
+            draws[i] = noise
+    return torch.cat([draws[i] for i in inds], dim=0)
 
 
-def simple_sigmas(table: torch.Tensor, steps: int) -> torch.Tensor:
-    step_span = len(table) / steps
-    sigs = [float(table[-(1 + int(x * step_span))]) for x in range(steps)]
-    sigs.append(0.0)
-    return torch.FloatTensor(sigs)
+def check_seed(seed: int) -> int:
+    """Seeds are what ComfyUI's seed widgets allow: integers in [0, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        raise InvalidRequest(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return seed
 
 
-SCHEDULERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "simple": simple_sigmas,
+def _sigma_view(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    if sigma.numel() == 1:
+        return sigma.reshape(())
+    return sigma.reshape(sigma.shape[:1] + (1,) * (ndim - 1))
+
+
+def noise_scaling(sigma: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """Flow models' noising: ``sigma * noise + (1 - sigma) * latent``."""
+    sigma = _sigma_view(sigma, noise.dim())
+    return sigma * noise + (1.0 - sigma) * latent
+
+
+def inverse_noise_scaling(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Undo the flow scaling at the last sigma: ``x / (1 - sigma)`` (identity at sigma 0)."""
+    return x / (1.0 - _sigma_view(sigma, x.dim()))
+
+
+def max_denoise(family: str, sigmas: torch.Tensor, shift: float | None = None) -> bool:
+    """ComfyUI's max_denoise flag (the first sigma reaches the model's sigma_max, rel tol 1e-5).
+    Flow models' noise scaling ignores it; it is here for callers that report it."""
+    top = float(model_sampling(family, shift).sigma_max)
+    first = float(sigmas[0])
+    return math.isclose(top, first, rel_tol=1e-05) or first > top
+
+
+def denoised_from_model_output(x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Flow models' denoised estimate from the raw model output (velocity): ``x - v * sigma``.
+    ``x`` is the sampler's float32 latent (not the copy cast to the model's dtype), ``sigma`` a
+    scalar or one per batch row (cond and uncond rows batched)."""
+    return x - model_output.float() * _sigma_view(sigma, model_output.dim())
+
+
+def cfg_skips_uncond(cfg: float) -> bool:
+    """ComfyUI skips the uncond pass when cfg is 1 (math.isclose)."""
+    return math.isclose(cfg, 1.0)
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float) -> torch.Tensor:
+    """ComfyUI's classifier-free guidance on denoised estimates. A skipped uncond counts as zeros
+    (ComfyUI's result is then ``cond * cfg``: exactly ``cond`` for cfg 1)."""
+    if uncond is None:
+        uncond = torch.zeros_like(cond)
+    return uncond + (cond - uncond) * cfg
+
+
+# ---------------------------------------------------------------- trajectory
+
+#: per sampler: option -> default (ComfyUI's defaults for KSampler and the Sampler* nodes)
+SAMPLER_OPTIONS: dict[str, dict[str, float]] = {
+    "euler": {},
+    "euler_ancestral": {"eta": 1.0, "s_noise": 1.0},
+    "heun": {},
+    "dpmpp_2m": {},
+    "dpmpp_2s_ancestral": {"eta": 1.0, "s_noise": 1.0},
+    "lcm": {},
+    "ipndm": {},
+    "gradient_estimation": {},
 }
-
-
-def compute_sigmas(family: str, scheduler: str, steps: int, denoise: float = 1.0,
-                   shift: float | None = None) -> torch.Tensor:
-    """Sigmas for ``steps`` steps, as ComfyUI's KSampler computes them (``denoise < 1`` keeps the tail)."""
-    if scheduler not in SCHEDULERS:
-        raise InvalidRequest(f"unknown scheduler {scheduler!r} (known: {', '.join(SCHEDULERS)})")
-    if steps < 1:
-        raise InvalidRequest("steps must be >= 1")
-    if not 0.0 < denoise <= 1.0:
-        raise InvalidRequest("denoise must be in (0, 1]")
-    table = model_sigmas(family, shift)
-    if denoise >= 0.9999:
-        return SCHEDULERS[scheduler](table, steps)
-    total = int(steps / denoise)
-    return SCHEDULERS[scheduler](table, total)[-(steps + 1):]
-
-
-def prepare_noise(latent: torch.Tensor, seed: int) -> torch.Tensor:
-    """ComfyUI's initial noise: a CPU generator seeded with ``seed``, randn of the latent's shape."""
-    generator = torch.manual_seed(seed)
-    return torch.randn(latent.size(), dtype=latent.dtype, layout=latent.layout, generator=generator, device="cpu")
+_IPNDM_MAX_ORDER = 4  # ComfyUI's default (no node changes it)
+_GE_GAMMA = 2.0
 
 
 @dataclass(frozen=True)
 class Trajectory:
-    """One request's sampling state between steps; plain tensors, movable between devices."""
+    """One request's sampling state between steps; plain tensors, movable between devices.
+
+    ``noise_device`` is the device type of the sampler's noise generator ("cpu", "cuda"):
+    None until a step first draws noise, then the type of the device that step ran on (ComfyUI
+    seeds that generator on the sampling device). Its state is ``memory["rng_state"]``.
+    """
 
     x: torch.Tensor
     sigmas: torch.Tensor
@@ -123,6 +197,8 @@ class Trajectory:
     sampler: str
     seed: int = 0
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    options: Mapping[str, float] = field(default_factory=dict)
+    noise_device: str | None = None
 
     @property
     def num_steps(self) -> int:
@@ -132,34 +208,284 @@ class Trajectory:
     def done(self) -> bool:
         return self.step_index >= self.num_steps
 
+    def option(self, name: str) -> float:
+        return self.options.get(name, SAMPLER_OPTIONS[self.sampler][name])
+
     def to(self, device: torch.device | str) -> "Trajectory":
-        return replace(self, x=self.x.to(device), sigmas=self.sigmas.to(device),
-                       memory={k: v.to(device) for k, v in self.memory.items()})
+        memory = {k: v if k == RNG_KEY else v.to(device) for k, v in self.memory.items()}
+        return replace(self, x=self.x.to(device), sigmas=self.sigmas.to(device), memory=memory)
+
+
+def _check_options(sampler: str, options: Mapping[str, float] | None) -> dict[str, float]:
+    known = SAMPLER_OPTIONS[sampler]
+    out = {}
+    for name, value in (options or {}).items():
+        if name not in known:
+            raise InvalidRequest(f"sampler {sampler!r} has no option {name!r} (options: {', '.join(known) or 'none'})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise InvalidRequest(f"sampler option {name} must be a finite number >= 0, got {value!r}")
+        out[name] = value
+    return out
 
 
 def start_trajectory(latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str,
-                     seed: int = 0) -> Trajectory:
-    """Noise scaling at sigmas[0] (flow models), ready for step 0."""
+                     seed: int = 0, options: Mapping[str, float] | None = None,
+                     noise_device: str | None = None) -> Trajectory:
+    """Noise scaling at sigmas[0] (flow models), ready for step 0.
+
+    ``latent`` is in model space (``prepare_latent``); ``seed`` seeds the sampler's own noise
+    (ComfyUI passes the noise seed); ``options`` override SAMPLER_OPTIONS' defaults.
+    ``noise_device`` pins the generator's device type ("cpu" gives the same noise on any
+    hardware); None follows ComfyUI: the device the first noisy step runs on.
+    """
     if sampler not in SAMPLERS:
         raise InvalidRequest(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
-    sigma0 = sigmas[0]
-    x = sigma0 * noise + (1.0 - sigma0) * latent
-    return Trajectory(x=x, sigmas=sigmas, step_index=0, sampler=sampler, seed=seed)
+    check_seed(seed)
+    if noise.shape != latent.shape:
+        raise InvalidRequest(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(latent.shape)}")
+    opts = _check_options(sampler, options)
+    validate_sigmas(sigmas)
+    x = noise_scaling(sigmas[0], noise, latent)
+    if noise_device is not None and noise_device not in ("cpu", "cuda", "mps", "xpu"):
+        raise InvalidRequest(f"noise_device must be a device type such as 'cpu' or 'cuda', got {noise_device!r}")
+    return Trajectory(x=x, sigmas=sigmas, step_index=0, sampler=sampler, seed=seed, options=opts,
+                      noise_device=noise_device)
 
 
-def _euler(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
-    i = traj.step_index
-    sigma = traj.sigmas[i]
-    s_in = traj.x.new_ones([traj.x.shape[0]])
-    denoised = denoise_fn(traj.x, sigma * s_in)
-    d = (traj.x - denoised) / sigma
-    x = traj.x + d * (traj.sigmas[i + 1] - sigma)
-    return replace(traj, x=x, step_index=i + 1)
+# ---------------------------------------------------------------- sampler steps
+
+@dataclass
+class _Step:
+    """What one sampler step may use: the sigmas, the step index, the denoiser at a sigma, a
+    noise draw of x's shape, the options, and the memory it reads and rewrites."""
+
+    sigmas: torch.Tensor
+    i: int
+    model: Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
+    noise: Callable[[], torch.Tensor]
+    option: Callable[[str], float]
+    memory: dict[str, torch.Tensor]
 
 
-SAMPLERS: dict[str, Callable[[Trajectory, DenoiseFn], Trajectory]] = {
+def _euler(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    sigma = s.sigmas[s.i]
+    denoised = s.model(x, sigma)
+    d = (x - denoised) / sigma
+    return x + d * (s.sigmas[s.i + 1] - sigma)
+
+
+def _euler_ancestral(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    # the flow-model (CONST) form: step down to sigma_down, then re-noise to sigma_next
+    sigma, sigma_next = s.sigmas[s.i], s.sigmas[s.i + 1]
+    eta, s_noise = s.option("eta"), s.option("s_noise")
+    denoised = s.model(x, sigma)
+    if sigma_next == 0:
+        return denoised
+    sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+    alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
+    renoise = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2) ** 0.5
+    ratio = sigma_down / sigma
+    x = ratio * x + (1 - ratio) * denoised
+    if eta > 0:
+        x = (alpha_next / alpha_down) * x + s.noise() * s_noise * renoise
+    return x
+
+
+def _heun(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    sigma, sigma_next = s.sigmas[s.i], s.sigmas[s.i + 1]
+    denoised = s.model(x, sigma)
+    d = (x - denoised) / sigma
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return x + d * dt
+    x_2 = x + d * dt
+    d_2 = (x_2 - s.model(x_2, sigma_next)) / sigma_next
+    return x + ((d + d_2) / 2) * dt
+
+
+def _dpmpp_2m(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    sigma, sigma_next = s.sigmas[s.i], s.sigmas[s.i + 1]
+    denoised = s.model(x, sigma)
+    t, t_next = sigma.log().neg(), sigma_next.log().neg()
+    h = t_next - t
+    old = s.memory.get("old_denoised")
+    if old is not None and sigma_next != 0:
+        r = (t - s.sigmas[s.i - 1].log().neg()) / h
+        denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+    else:
+        denoised_d = denoised
+    s.memory["old_denoised"] = denoised
+    return (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_d
+
+
+def _dpmpp_2s_ancestral(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    # the flow-model (CONST) form: a midpoint evaluation in half-log-SNR, then re-noising
+    sigma, sigma_next = s.sigmas[s.i], s.sigmas[s.i + 1]
+    eta, s_noise = s.option("eta"), s.option("s_noise")
+    denoised = s.model(x, sigma)
+    sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+    alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
+    renoise = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2) ** 0.5
+    if sigma_next == 0:
+        x = x + ((x - denoised) / sigma) * (sigma_down - sigma)
+    else:
+        if sigma == 1.0:
+            sigma_s = 0.9999
+        else:
+            lam, lam_down = ((1 - sigma) / sigma).log(), ((1 - sigma_down) / sigma_down).log()
+            sigma_s = ((lam + (1 / 2) * (lam_down - lam)).exp() + 1) ** -1
+        ratio_s = sigma_s / sigma
+        d_mid = s.model(ratio_s * x + (1 - ratio_s) * denoised, sigma_s)
+        ratio = sigma_down / sigma
+        x = ratio * x + (1 - ratio) * d_mid
+    if sigma_next > 0 and eta > 0:
+        x = (alpha_next / alpha_down) * x + s.noise() * s_noise * renoise
+    return x
+
+
+def _lcm(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    sigma_next = s.sigmas[s.i + 1]
+    x = s.model(x, s.sigmas[s.i])
+    if sigma_next > 0:
+        x = noise_scaling(sigma_next, s.noise(), x)
+    return x
+
+
+_IPNDM_COEFFS = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
+
+
+def _ipndm(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    sigma, sigma_next = s.sigmas[s.i], s.sigmas[s.i + 1]
+    max_order = _IPNDM_MAX_ORDER
+    denoised = s.model(x, sigma)
+    d = (x - denoised) / sigma
+    history = [s.memory[f"d_{k}"] for k in range(1, max_order) if f"d_{k}" in s.memory]  # newest first
+    order = min(max_order, s.i + 1, len(history) + 1)
+    if sigma_next == 0:
+        x_next = denoised
+    elif order == 1:
+        x_next = x + (sigma_next - sigma) * d
+    else:
+        weights, divisor = _IPNDM_COEFFS[order]
+        combo = weights[0] * d
+        for w, h in zip(weights[1:], history):
+            combo = combo - (-w) * h if w < 0 else combo + w * h
+        x_next = x + (sigma_next - sigma) * combo / divisor
+    for k, h in enumerate([d] + history[:max_order - 2], start=1):
+        s.memory[f"d_{k}"] = h
+    return x_next
+
+
+def _gradient_estimation(x: torch.Tensor, s: _Step) -> torch.Tensor:
+    sigma, sigma_next = s.sigmas[s.i], s.sigmas[s.i + 1]
+    denoised = s.model(x, sigma)
+    d = (x - denoised) / sigma
+    dt = sigma_next - sigma
+    old_d = s.memory.get("old_d")
+    s.memory["old_d"] = d
+    if sigma_next == 0:
+        return denoised
+    x = x + d * dt
+    if old_d is not None and s.i >= 1:
+        x = x + ((_GE_GAMMA - 1) * (d - old_d)) * dt
+    return x
+
+
+_STEP_FNS: dict[str, Callable[[torch.Tensor, _Step], torch.Tensor]] = {
     "euler": _euler,
+    "euler_ancestral": _euler_ancestral,
+    "heun": _heun,
+    "dpmpp_2m": _dpmpp_2m,
+    "dpmpp_2s_ancestral": _dpmpp_2s_ancestral,
+    "lcm": _lcm,
+    "ipndm": _ipndm,
+    "gradient_estimation": _gradient_estimation,
 }
+
+_TWO_CALL_SAMPLERS = ("heun", "dpmpp_2s_ancestral")  # a second model call except on the last step
+
+
+def num_model_calls(sampler: str, sigmas: torch.Tensor, start: int = 0, stop: int | None = None) -> int:
+    """Denoiser evaluations of steps [start, stop) (what a step costs relative to euler)."""
+    if sampler not in SAMPLERS:
+        raise InvalidRequest(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+    stop = len(sigmas) - 1 if stop is None else stop
+    if sampler not in _TWO_CALL_SAMPLERS:
+        return stop - start
+    return sum(2 if float(sigmas[i + 1]) != 0 else 1 for i in range(start, stop))
+
+
+def _draw_noise(traj: Trajectory, state: torch.Tensor | None, kind: str | None,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One randn of x's shape from the trajectory's generator at ``state`` (None: freshly seeded
+    with the trajectory's seed); returns (noise, new state, generator device type)."""
+    kind = kind or device.type
+    if kind == device.type:
+        gen_device = device
+    elif kind == "cpu":
+        gen_device = torch.device("cpu")
+    else:
+        raise InvalidRequest(f"this trajectory's noise comes from a {kind} generator; step it on a {kind} device")
+    generator = torch.Generator(device=gen_device)
+    if state is None:
+        generator.manual_seed(traj.seed)
+    else:
+        generator.set_state(state.cpu())
+    noise = torch.randn(traj.x.size(), dtype=traj.x.dtype, layout=traj.x.layout, device=gen_device,
+                        generator=generator)
+    return noise.to(device), generator.get_state(), kind
+
+
+def step_batch(trajs: Sequence[Trajectory], denoise_fn: DenoiseFn) -> list[Trajectory]:
+    """Advance several trajectories one step with shared denoiser calls on their concatenation
+    (dim 0). They must share sampler, options, step index and sigmas; each keeps its own noise
+    stream, so the result equals stepping each alone given a row-wise denoiser."""
+    if not trajs:
+        return []
+    first = trajs[0]
+    for t in trajs:
+        if t.done:
+            raise InvalidRequest("trajectory already finished")
+        if (t.sampler, t.step_index, dict(t.options)) != (first.sampler, first.step_index, dict(first.options)) \
+                or not torch.equal(t.sigmas, first.sigmas):
+            raise InvalidRequest("trajectories stepped together must share sampler, options, step and sigmas")
+    if any(set(t.memory) - {RNG_KEY} != set(first.memory) - {RNG_KEY} for t in trajs):
+        raise InvalidRequest("trajectories stepped together must have the same sampler memory")
+    sizes = [int(t.x.shape[0]) for t in trajs]
+    x = trajs[0].x if len(trajs) == 1 else torch.cat([t.x for t in trajs])
+    memory = {k: (v if len(trajs) == 1 else torch.cat([t.memory[k] for t in trajs]))
+              for k, v in first.memory.items() if k != RNG_KEY}
+    states = [t.memory.get(RNG_KEY) for t in trajs]
+    kinds = [t.noise_device for t in trajs]
+
+    def noise() -> torch.Tensor:
+        draws = []
+        for k, t in enumerate(trajs):
+            n, states[k], kinds[k] = _draw_noise(t, states[k], kinds[k], x.device)
+            draws.append(n)
+        return draws[0] if len(draws) == 1 else torch.cat(draws)
+
+    s_in = x.new_ones([x.shape[0]])
+    ctx = _Step(first.sigmas, first.step_index, lambda v, sigma: denoise_fn(v, sigma * s_in), noise,
+                first.option, memory)
+    x_new = _STEP_FNS[first.sampler](x, ctx)
+    out = []
+    for k, t in enumerate(trajs):
+        lo, hi = sum(sizes[:k]), sum(sizes[:k + 1])
+        rows = x_new if len(trajs) == 1 else x_new[lo:hi].clone()  # own storage: cheap to send
+        mem = {key: v if len(trajs) == 1 else v[lo:hi].clone() for key, v in ctx.memory.items()}
+        if states[k] is not None:
+            mem[RNG_KEY] = states[k]
+        out.append(replace(t, x=rows, step_index=t.step_index + 1, memory=mem, noise_device=kinds[k]))
+    return out
+
+
+def _single(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
+    return step_batch([traj], denoise_fn)[0]
+
+
+#: sampler name -> fn(trajectory, denoise_fn) -> trajectory one step further
+SAMPLERS: dict[str, Callable[[Trajectory, DenoiseFn], Trajectory]] = {name: _single for name in _STEP_FNS}
 
 
 def step(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
@@ -170,11 +496,6 @@ def step(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
 
 
 def finish_latent(traj: Trajectory) -> torch.Tensor:
-    """The sampled latent in model space (inverse noise scaling at the last sigma)."""
-    sigma = traj.sigmas[-1]
-    return traj.x / (1.0 - sigma)
-
-
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, cfg: float) -> torch.Tensor:
-    """ComfyUI's classifier-free guidance on denoised estimates."""
-    return uncond + (cond - uncond) * cfg
+    """The sampled latent in model space (inverse noise scaling at the last sigma); apply
+    ``process_latent_out`` for ComfyUI's LATENT."""
+    return inverse_noise_scaling(traj.sigmas[-1], traj.x)
