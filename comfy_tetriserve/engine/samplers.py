@@ -351,7 +351,8 @@ def _lcm(x: torch.Tensor, s: _Step) -> torch.Tensor:
     return x
 
 
-_IPNDM_COEFFS = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
+#: order -> (weights of d, d_1, d_2, ...; divisor) of the multistep update
+_IPNDM_COEFFS = {2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 
 
 def _ipndm(x: torch.Tensor, s: _Step) -> torch.Tensor:
@@ -369,7 +370,7 @@ def _ipndm(x: torch.Tensor, s: _Step) -> torch.Tensor:
         weights, divisor = _IPNDM_COEFFS[order]
         combo = weights[0] * d
         for w, h in zip(weights[1:], history):
-            combo = combo - (-w) * h if w < 0 else combo + w * h
+            combo = combo + w * h
         x_next = x + (sigma_next - sigma) * combo / divisor
     for k, h in enumerate([d] + history[:max_order - 2], start=1):
         s.memory[f"d_{k}"] = h
