@@ -106,3 +106,19 @@ async def running_service(app: web.Application, port: int | None = None, host: s
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+async def submit_json(session, url: str, body: bytes, headers: dict | None = None):
+    async with session.post(url + "/v1/jobs", data=body, headers=headers or {}) as resp:
+        return resp.status, await resp.json()
+
+
+async def follow_events(session, url: str, job_id: str, after: int = 0) -> list[dict]:
+    out = []
+    async with session.get(f"{url}/v1/jobs/{job_id}/events?after={after}") as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+        async for line in resp.content:
+            if line.strip():
+                out.append(json.loads(line))
+    return out
