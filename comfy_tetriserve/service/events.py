@@ -94,6 +94,8 @@ async def stream_ndjson(request: web.Request, log: EventLog, after: int, ping_s:
                 return response
         if log.closed and not log.after(seq):
             break
+        if request.transport is None or request.transport.is_closing():
+            return response  # the reader went away
         if not events and not await log.wait(ping_s):
             await response.write(b'{"type": "ping"}\n')
     await response.write_eof()

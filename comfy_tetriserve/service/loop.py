@@ -56,6 +56,7 @@ class EngineLoop:
         self._finalizers: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self._forecast_failed = False
+        self._closed = False
 
     # ------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -91,6 +92,8 @@ class EngineLoop:
             _, late = await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)
             for task in late:
                 task.cancel()
+        self._closed = True
+        self.wake()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks + pending:
@@ -154,7 +157,9 @@ class EngineLoop:
 
     # -------------------------------------------------------------------- loop
     async def _run(self) -> None:
-        while True:
+        # A flag, not only task.cancel(): on Python 3.11 wait_for can swallow a cancel that
+        # coincides with the event it waits for, and the loop must end all the same.
+        while not self._closed:
             self._wake.clear()
             if self.accepting:
                 try:
@@ -280,7 +285,7 @@ class EngineLoop:
 
     # ------------------------------------------------------------ housekeeping
     async def _housekeeping(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.config.housekeeping_s)
             try:
                 await self.expire(self.clock.now())
