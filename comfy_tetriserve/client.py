@@ -327,7 +327,11 @@ class TetriServeClient:
                             maybe = on_event(event)
                             if inspect.isawaitable(maybe):
                                 await maybe
-                        if event["type"] in TERMINAL:
+                        if event["type"] == "failed":  # from the event: the service may be going away
+                            raise JobFailed(job_id, event.get("error") or "no reason given", event)
+                        if event["type"] == "cancelled":
+                            raise JobCancelled(job_id, event.get("reason"), event)
+                        if event["type"] == "finished":
                             return await self._final(job_id)
                 except ServiceUnavailable:
                     pass  # reconnect below, after checking the service is the same one

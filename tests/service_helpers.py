@@ -122,3 +122,16 @@ async def follow_events(session, url: str, job_id: str, after: int = 0) -> list[
             if line.strip():
                 out.append(json.loads(line))
     return out
+
+
+def fast_cost_factory():
+    """For ``serve --cost service_helpers:fast_cost_factory``: 10 ms per 512 px step at degree 1."""
+    return PowerLawCost(base_s=0.04)
+
+
+def serve_command(port: int, *extra: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "comfy_tetriserve", "serve", "--port", str(port), "--devices", "sim:2",
+            "--model", "flux-sim=sim:flux", "--policy", "service_helpers:fifo_policy_factory",
+            "--cost", "service_helpers:fast_cost_factory", "--profile-as", "flux=flux-sim", *extra]

@@ -86,7 +86,7 @@ def test_cancel_mid_job_frees_devices_within_one_round():
             freed_after = time.monotonic() - t0
             first_events = await follow_events(s, url, first["job_id"])
             second_events = await follow_events(s, url, second["job_id"])
-        assert freed_after < step_s + 0.05, (freed_after, step_s)
+        assert freed_after < step_s + 0.1, (freed_after, step_s)
         kinds = [e["type"] for e in first_events]
         assert kinds[-1] == "cancelled" and "cancelling" in kinds[-3:], kinds
         assert first_events[-1]["reason"] == "cancelled by client"

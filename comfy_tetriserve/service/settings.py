@@ -25,7 +25,7 @@ class ServiceConfig:
     model_dir: tuple[str, ...] = field((), help="folders clients may load model files from by name (e.g. ComfyUI's diffusion_models)")
     dtype: str = field("bf16", help="weight dtype of models loaded at start", choices=("bf16", "fp16", "fp32"))
     policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
-    cost: str = field("h200", help="cost model: 'h200' (shipped profile) or a profile JSON path")
+    cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
     profile_as: tuple[str, ...] = field(
         ("flux=flux-dev", "sd3=sd3-medium"),
         help="FAMILY=PROFILED_MODEL: price a loaded model the profile does not know like this one")

@@ -26,8 +26,22 @@ except ImportError:  # pragma: no cover - depends on which parts are installed
     _forecast_finish = None
 
 
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _from_factory(spec: str, what: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError) as exc:
+        raise InvalidRequest(f"cannot load {what} {spec!r}: {exc}") from None
+
+
 def build_cost(spec: str) -> CostModel:
-    """The base cost model named by ``--cost`` (the shipped 'h200' profile or a profile file)."""
+    """The base cost model named by ``--cost``: the shipped 'h200' profile, a profile file, or
+    ``package.module:factory`` for a cost model of your own."""
+    if _FACTORY_RE.match(spec):
+        return _from_factory(spec, "cost model")
     from .. import cost as cost_module
 
     load = getattr(cost_module, "load_cost_model", None)
@@ -52,12 +66,8 @@ def planning_cost(base: CostModel, config: ServiceConfig) -> ModelCost:
 
 def build_policy(name: str):
     """A registered policy by name, or ``package.module:factory`` for a policy of your own."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attr)()
-        except (ImportError, AttributeError) as exc:
-            raise InvalidRequest(f"cannot load policy {name!r}: {exc}") from None
+    if _FACTORY_RE.match(name):
+        return _from_factory(name, "policy")
     from ..policy import make_policy
 
     return make_policy(name)
