@@ -319,6 +319,7 @@ class TetriServeClient:
         """
         async def follow() -> dict:
             seq = 0
+            reconnects = 0
             while True:
                 try:
                     async for event in self.events(job_id, after=seq):
@@ -340,6 +341,8 @@ class TetriServeClient:
                 status = await self.status(job_id)  # retries; raises ServiceRestarted / ServiceUnavailable
                 if status["status"] in TERMINAL:
                     return await self._final(job_id, status)
+                await asyncio.sleep(min(self.backoff_s * 2 ** reconnects, 2.0))
+                reconnects += 1
 
         if timeout_s is None:
             return await follow()

@@ -268,3 +268,32 @@ def test_ensure_service_starts_one_detached_service_for_concurrent_callers(tmp_p
                     time.sleep(0.1)
             except (ProcessLookupError, ChildProcessError):
                 pass
+
+
+def test_a_cancelled_caller_cancels_its_job_at_the_service():
+    """ComfyUI cancels pending async nodes when a sibling fails: the job must not run on."""
+    async def body():
+        app, _ = make_service_app(num_gpus=1, cost=PowerLawCost(base_s=0.04))
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            import torch
+
+            tensors = {"latent": torch.zeros(1, 16, 64, 64), "context": torch.zeros(1, 4, 4096),
+                       "pooled": torch.zeros(1, 768)}
+            seen = []
+            task = asyncio.ensure_future(client.generate(tensors, {"model": "flux-sim", "steps": 1000},
+                                                         on_event=seen.append))
+            while not any(e["type"] == "step" for e in seen):
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            (job,) = svc.store.jobs.values()
+            for _ in range(100):
+                if job.status.value == "cancelled":
+                    break
+                await asyncio.sleep(0.02)
+            assert job.status.value == "cancelled" and job.steps_done < 1000
+            assert not svc.engine.busy_gpu_ids
+
+    asyncio.run(body())

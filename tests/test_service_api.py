@@ -7,6 +7,7 @@ import math
 import re
 
 import aiohttp
+import jsonschema
 import pytest
 import torch
 from safetensors.torch import load
@@ -306,7 +307,6 @@ def test_metrics_parse_and_count():
 
 
 def test_openapi_document_is_valid_and_covers_every_route():
-    jsonschema = pytest.importorskip("jsonschema")
 
     async def body():
         app, _ = make_service_app()
