@@ -104,7 +104,7 @@ def test_lease_expiry_cancels_its_jobs_and_heartbeats_keep_them():
         async with running_service(app) as url, TetriServeClient(url) as client:
             dead = await client.create_lease(tenant="gone", ttl_s=0.3)
             doomed = await client.submit(job_body({"steps": 300, "lease": dead["lease"]}, res=512))
-            async with client.lease(tenant="alive", ttl_s=0.3) as lease:
+            async with client.lease(tenant="alive", ttl_s=1.0) as lease:
                 kept = await client.submit(job_body({"steps": 80}, res=512), lease=lease)
                 with pytest.raises(JobCancelled, match="lease expired"):
                     await client.wait(doomed["job_id"])
@@ -226,8 +226,13 @@ def test_predicted_finish_comes_from_the_forecast_when_there_is_one(monkeypatch)
     asyncio.run(body())
 
 
-def test_simple_estimate_without_forecast(monkeypatch):
-    monkeypatch.setattr(wiring, "_forecast_finish", None)
+def broken_forecast(view, policy, cost):
+    raise RuntimeError("forecast bug")
+
+
+@pytest.mark.parametrize("forecast", [None, broken_forecast], ids=["no-forecast", "failing-forecast"])
+def test_simple_estimate_without_forecast(monkeypatch, forecast):
+    monkeypatch.setattr(wiring, "_forecast_finish", forecast)
 
     async def body():
         app, _ = make_service_app(cost=SLOW_COST, num_gpus=1)
@@ -235,8 +240,9 @@ def test_simple_estimate_without_forecast(monkeypatch):
             _, a = await submit_json(s, url, job_body({"steps": 100, "deadline_s": 100}, res=512))
             _, b = await submit_json(s, url, job_body({"steps": 100, "deadline_s": 1.5, "seed": 1}, res=512))
             # one device, 10 ms steps: a alone 1 s; b waits behind a: about 2 s, over its deadline
-            assert a["predicted_finish_at"] - a["submitted_at"] == pytest.approx(1.0, abs=0.1)
-            assert b["predicted_finish_at"] - b["submitted_at"] == pytest.approx(2.0, abs=0.15)
+            # (b is estimated a moment later, when a may have run a few steps)
+            assert 1.0 <= a["predicted_finish_at"] - a["submitted_at"] <= 1.3
+            assert 1.6 <= b["predicted_finish_at"] - b["submitted_at"] <= 2.3
             assert a["feasible"] is True and b["feasible"] is False
             for r in (a, b):
                 await follow_events(s, url, r["job_id"])

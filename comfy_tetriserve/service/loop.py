@@ -55,7 +55,8 @@ class EngineLoop:
         self._flight: dict[tuple[str, ...], asyncio.Task] = {}
         self._finalizers: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
-        self._forecast_failed = False
+        self._forecast_failures = 0
+        self._stopping = False
         self._closed = False
 
     # ------------------------------------------------------------ life cycle
@@ -69,8 +70,9 @@ class EngineLoop:
 
     async def begin_shutdown(self) -> None:
         """Stop accepting, end every unfinished job (reported failed) and stop the work in flight."""
-        if not self.accepting and not self._tasks:
+        if self._stopping:
             return
+        self._stopping = True
         self.accepting = False
         now = self.clock.now()
         for job in self.store.open_jobs():
@@ -122,17 +124,20 @@ class EngineLoop:
 
     def _refresh_predictions(self, job_id: str) -> None:
         view = self.engine.view(self.clock.now())
-        if self.forecast is not None and not self._forecast_failed:
+        if self.forecast is not None:
             try:
                 finish = self.forecast(view, self.engine.policy, self.cost)
             except Exception:  # noqa: BLE001 - a forecast is advice; never fail a submit over it
-                log.exception("forecast failed; using the simple estimate from now on")
-                self._forecast_failed = True
+                self._forecast_failures += 1
+                log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
+                        "forecast failed (%d times); using the simple estimate", self._forecast_failures,
+                        exc_info=self._forecast_failures == 1)
             else:
                 for rid, at in finish.items():
                     if rid in self.store.jobs:
                         self.store.jobs[rid].predicted_finish_at = at
-                return
+                if job_id in finish:
+                    return
         self.store.jobs[job_id].predicted_finish_at = estimate_finish(view, job_id, self.cost)
 
     # ------------------------------------------------------------------ cancel
