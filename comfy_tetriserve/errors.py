@@ -30,6 +30,20 @@ class Conflict(TetriServeError):
     code = "conflict"
 
 
+class Gone(NotFound):
+    """A job that existed but whose result has expired (or was forgotten)."""
+
+    http_status = 410
+    code = "gone"
+
+
+class RequestTimeout(InvalidRequest):
+    """A request body that did not arrive in time."""
+
+    http_status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(InvalidRequest):
     http_status = 413
     code = "payload_too_large"

@@ -1,0 +1,104 @@
+"""The application factory of the scheduler service.
+
+``create_app(config)`` builds every part from the settings (cost model, policy, executor,
+engine, job store, model catalog, engine loop) unless it is injected, and returns an aiohttp
+application whose ``cleanup_ctx`` starts the engine loop (and the configured model loads) and
+stops it; ``on_shutdown`` ends every unfinished job with a ``failed`` event first, so event
+streams finish before the server closes connections.
+
+Errors are mapped to HTTP here, once: every ``TetriServeError`` becomes its class's
+``http_status`` with a JSON body ``{"error": {"code", "message", "status"}}``; aiohttp's own
+HTTP errors (404 route, 405 method, 413 body) get the same JSON shape.
+"""
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from ..cost import CostModel
+from ..engine.engine import Engine
+from ..engine.executor import Executor
+from ..errors import TetriServeError
+from .auth import token_middleware
+from .catalog import ModelCatalog
+from .events import EventLog
+from .jobs import Clock, JobStore
+from .loop import EngineLoop
+from .metrics import ServiceMetrics
+from .routes import routes
+from .settings import ServiceConfig, parse_pairs
+from .state import SERVICE, Service
+from .wiring import build_cost, build_executor, build_policy, forecast_function, planning_cost
+
+log = logging.getLogger(__name__)
+
+HUB_EVENTS = 2000
+
+_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 410: "gone",
+               413: "payload_too_large", 415: "unsupported_media_type", 429: "too_many_requests"}
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, "status": status}}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except TetriServeError as exc:
+        if exc.http_status >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.path, exc.http_status, exc)
+        return error_response(exc.http_status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 413:
+            message = f"request body too large ({message})"
+        return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), message)
+    except Exception:  # noqa: BLE001 - never leak a traceback to a client; keep serving
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error (the service log has the details)")
+
+
+def create_app(config: ServiceConfig, *, executor: Executor | None = None, policy=None,
+               cost: CostModel | None = None) -> web.Application:
+    """The service as an aiohttp application (see the module docstring)."""
+    config.validate()
+    middlewares = [error_middleware] + ([token_middleware(config.token)] if config.token else [])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+
+    base_cost = cost if cost is not None else build_cost(config.cost)
+    model_cost = planning_cost(base_cost, config)
+    if executor is None:
+        executor = build_executor(config, model_cost.uncorrected())
+    if policy is None:
+        policy = build_policy(config.policy)
+    policy_name = getattr(policy, "name", config.policy)
+
+    clock = Clock()
+    hub = EventLog(limit=HUB_EVENTS, coalesce=())
+    store = JobStore(config, clock)
+    metrics = ServiceMetrics()
+    engine = Engine(policy, model_cost, executor.gpu_ids, executor.groups)
+    configured = parse_pairs(config.model, "model")
+    catalog = ModelCatalog(configured, config.model_dir, executor, model_cost, on_event=hub.append)
+    loop = EngineLoop(engine, executor, model_cost, store, metrics, hub, clock, config, forecast_function())
+    app[SERVICE] = Service(config=config, clock=clock, store=store, hub=hub, metrics=metrics, cost=model_cost,
+                           executor=executor, engine=engine, catalog=catalog, loop=loop, policy_name=policy_name)
+
+    async def lifecycle(app: web.Application):
+        await app[SERVICE].start(configured)
+        yield
+        await app[SERVICE].close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await app[SERVICE].loop.begin_shutdown()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(on_shutdown)
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,338 @@
+"""The engine loop: the service's background task that drives the round engine on the wall clock.
+
+Event driven, as the engine wants: it plans whenever something changed (a job arrived, an
+assignment ended, a job was cancelled) and devices are free, starts each assignment of the plan
+as its own task on the executor, and applies the result when it returns. It is also the one
+place that moves a job's API status and writes its events:
+
+    queued -> placed (k GPUs) -> step i/n ... -> waiting | placed ... -> finished | failed | cancelled
+
+Measured step times go to the cost model's ``observe`` (when it has one) and to the drift
+metrics. A housekeeping task expires leases (cancelling their jobs) and forgets ended jobs once
+their results expired. Shutdown ends every unfinished job with a ``failed`` event saying so
+(none stays silently pending), stops the work in flight and closes the executor.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ..engine.engine import Engine
+from ..engine.executor import Executor
+from ..errors import Conflict, ServiceUnavailable, TetriServeError
+from ..types import Assignment, AssignmentResult, RequestStatus
+from .catalog import ModelCost
+from .events import EventLog
+from .jobs import Clock, Job, JobStatus, JobStore
+from .metrics import ServiceMetrics
+from .schemas import encode_result
+from .settings import ServiceConfig
+from .wiring import ForecastFn, estimate_finish
+
+log = logging.getLogger(__name__)
+
+SAFETY_WAKE_S = 1.0  # plan at least this often even without events (policies waiting for time)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, executor: Executor, cost: ModelCost, store: JobStore,
+                 metrics: ServiceMetrics, hub: EventLog, clock: Clock, config: ServiceConfig,
+                 forecast: ForecastFn | None = None) -> None:
+        self.engine = engine
+        self.executor = executor
+        self.cost = cost
+        self.store = store
+        self.metrics = metrics
+        self.hub = hub
+        self.clock = clock
+        self.config = config
+        self.forecast = forecast
+        self.simulated = bool(getattr(executor, "simulated", False))
+        self.accepting = False
+        self._wake = asyncio.Event()
+        self._flight: dict[tuple[str, ...], asyncio.Task] = {}
+        self._finalizers: set[asyncio.Task] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._forecast_failures = 0
+        self._stopping = False
+        self._closed = False
+
+    # ------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        await self.executor.start()
+        self.accepting = True
+        self._tasks = [asyncio.ensure_future(self._run()), asyncio.ensure_future(self._housekeeping())]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def begin_shutdown(self) -> None:
+        """Stop accepting, end every unfinished job (reported failed) and stop the work in flight."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.accepting = False
+        now = self.clock.now()
+        for job in self.store.open_jobs():
+            with contextlib.suppress(TetriServeError):
+                self.engine.cancel(job.job_id, now)
+            self._end(job, JobStatus.FAILED, now,
+                      error="the service shut down before the job finished; submit it again")
+        inflight = tuple(rid for a in self.engine.inflight() for rid in a.request_ids)
+        if inflight:
+            with contextlib.suppress(Exception):
+                await self.executor.stop(inflight)
+        self.hub.append({"type": "service_stopping"})
+        self.hub.close()
+
+    async def close(self) -> None:
+        await self.begin_shutdown()
+        pending = list(self._flight.values()) + list(self._finalizers)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)
+            for task in late:
+                task.cancel()
+        self._closed = True
+        self.wake()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks + pending:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
+        await self.executor.close()
+
+    # -------------------------------------------------------------- admission
+    async def admit(self, job: Job, sampling_job) -> Job:
+        """Hand the job to the executor and the engine; the caller has validated everything."""
+        if not self.accepting:
+            raise ServiceUnavailable("the service is shutting down")
+        await self.executor.admit(sampling_job)
+        if not self.accepting:
+            await self.executor.release(job.job_id)
+            raise ServiceUnavailable("the service is shutting down")
+        self.engine.submit(job.request)
+        self.store.add(job)
+        self.metrics.on_submit(job.tenant)
+        self._refresh_predictions(job.job_id)
+        self._emit(job, "queued", predicted_finish_at=self.clock.to_wall(job.predicted_finish_at),
+                   deadline_at=self.clock.to_wall(job.deadline_at), feasible=job.feasible)
+        self.wake()
+        return job
+
+    def _refresh_predictions(self, job_id: str) -> None:
+        view = self.engine.view(self.clock.now())
+        if self.forecast is not None:
+            try:
+                finish = self.forecast(view, self.engine.policy, self.cost)
+            except Exception:  # noqa: BLE001 - a forecast is advice; never fail a submit over it
+                self._forecast_failures += 1
+                log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
+                        "forecast failed (%d times); using the simple estimate", self._forecast_failures,
+                        exc_info=self._forecast_failures == 1)
+            else:
+                for rid, at in finish.items():
+                    if rid in self.store.jobs:
+                        self.store.jobs[rid].predicted_finish_at = at
+                if job_id in finish:
+                    return
+        self.store.jobs[job_id].predicted_finish_at = estimate_finish(view, job_id, self.cost)
+
+    # ------------------------------------------------------------------ cancel
+    async def cancel(self, job: Job, reason: str) -> Job:
+        if job.status.is_terminal:
+            raise Conflict(f"job {job.job_id} already {job.status.value}")
+        if job.cancel_reason is not None:
+            raise Conflict(f"job {job.job_id} is being cancelled already")
+        now = self.clock.now()
+        state = self.engine.cancel(job.job_id, now)  # Conflict if it has just finished
+        job.cancel_reason = reason
+        if state.status is RequestStatus.CANCELLED:
+            self._end(job, JobStatus.CANCELLED, now)
+            await self.executor.release(job.job_id)
+        else:  # in flight: the executor stops it after the current step; the result ends the job
+            for a in self.engine.inflight():
+                if job.job_id in a.request_ids:
+                    await self.executor.stop(a.request_ids)
+            self._emit(job, "cancelling", reason=reason)
+        self.wake()
+        return job
+
+    # -------------------------------------------------------------------- loop
+    async def _run(self) -> None:
+        # A flag, not only task.cancel(): on Python 3.11 wait_for can swallow a cancel that
+        # coincides with the event it waits for, and the loop must end all the same.
+        while not self._closed:
+            self._wake.clear()
+            if self.accepting:
+                try:
+                    self._plan_once()
+                except Exception:  # noqa: BLE001 - the loop must survive anything a round throws
+                    log.exception("round failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SAFETY_WAKE_S)
+
+    def _plan_once(self) -> None:
+        now = self.clock.now()
+        t0 = time.perf_counter()
+        try:
+            plan = self.engine.plan(now)
+        except TetriServeError as exc:  # PlanError: a policy bug; fail what it could not plan, loudly
+            self.metrics.plan_errors_total += 1
+            log.error("policy produced an invalid plan: %s", exc)
+            for snap in self.engine.view(now).plannable:
+                job = self.store.jobs.get(snap.request_id)
+                with contextlib.suppress(TetriServeError):
+                    self.engine.cancel(snap.request_id, now)
+                if job is not None:
+                    self._end(job, JobStatus.FAILED, now, error=f"scheduler error: {exc}")
+                    asyncio.ensure_future(self.executor.release(snap.request_id))
+            return
+        if plan is None:
+            return
+        self.metrics.on_decision(time.perf_counter() - t0)
+        if plan.is_empty:
+            return
+        self.engine.apply_plan(plan, now)
+        for a in plan.assignments:
+            for rid in a.request_ids:
+                job = self.store.jobs[rid]
+                job.gpu_ids = a.gpu_ids
+                job.first_step_at = job.first_step_at or now
+                self._emit(job, "placed", gpu_ids=list(a.gpu_ids), sp_degree=a.sp_degree, num_steps=a.num_steps,
+                           round=plan.round_index, steps_done=job.steps_done)
+            self._flight[a.request_ids] = asyncio.ensure_future(self._run_assignment(a))
+
+    async def _run_assignment(self, a: Assignment) -> None:
+        first = self.engine.state(a.request_ids[0]).request
+        batch = first.batch * len(a.request_ids)
+        predicted_step_s = self.cost.step_time_s(first.model, first.height, first.width, batch, a.sp_degree)
+        started_at = self.clock.now()
+        start_steps = self.engine.state(a.request_ids[0]).steps_done
+        try:
+            result = await self.executor.execute(a, self._on_step)
+        except Exception as exc:  # noqa: BLE001 - an executor that raises still must not hang the job
+            log.exception("executor failed on %s", a)
+            done = max(self.store.jobs[a.request_ids[0]].steps_done - start_steps, 0) if a.request_ids[0] in self.store.jobs else 0
+            result = AssignmentResult(a, started_at, self.clock.now(), min(done, a.num_steps),
+                                      error=f"executor error: {type(exc).__name__}: {exc}")
+        finally:
+            self._flight.pop(a.request_ids, None)
+        self._apply(a, result, predicted_step_s, first)
+        self.wake()
+
+    def _on_step(self, request_id: str, step_index: int, step_s: float) -> None:
+        job = self.store.jobs.get(request_id)
+        if job is None or job.status.is_terminal:
+            return
+        job.steps_done = step_index
+        self._emit(job, "step", step=step_index, num_steps=job.request.num_steps, step_s=step_s)
+
+    def _apply(self, a: Assignment, result: AssignmentResult, predicted_step_s: float, first) -> None:
+        now = self.clock.now()
+        states = self.engine.apply_result(result, now)
+        self.metrics.on_assignment_end(a.gpu_ids, result.elapsed_s, result.steps_done)
+        observe = getattr(self.cost, "observe", None)
+        batch = first.batch * len(a.request_ids)
+        for measured in result.step_times_s:
+            self.metrics.on_step_time(first.model, a.sp_degree, measured, predicted_step_s)
+            if observe is not None and result.error is None:
+                observe(first.model, first.height, first.width, batch, a.sp_degree, measured)
+        for state in states:
+            job = self.store.jobs.get(state.request_id)
+            if job is None or job.status.is_terminal:
+                continue
+            job.steps_done = state.steps_done
+            if state.status is RequestStatus.FINISHED:
+                task = asyncio.ensure_future(self._finalize(job, state.finished_at))
+                self._finalizers.add(task)
+                task.add_done_callback(self._finalizers.discard)
+            elif state.status is RequestStatus.FAILED:
+                self._end(job, JobStatus.FAILED, now, error=state.error)
+                asyncio.ensure_future(self._release(job.job_id))
+            elif state.status is RequestStatus.CANCELLED:
+                self._end(job, JobStatus.CANCELLED, now)
+                asyncio.ensure_future(self._release(job.job_id))
+            else:
+                job.status = JobStatus.WAITING
+                self._emit(job, "waiting", steps_done=state.steps_done)
+
+    async def _finalize(self, job: Job, finished_at: float) -> None:
+        """Collect a finished job's latent, turn it into the result body, end the job."""
+        try:
+            latent = await self.executor.fetch_result(job.job_id)
+            from ..engine import samplers
+
+            space = job.settings.result_space or job.settings.latent_space
+            if space == "vae":
+                latent = samplers.process_latent_out(job.family, latent)
+            meta = {"job_id": job.job_id, "model": job.request.model, "space": space,
+                    "simulated": "true" if job.simulated else "false", "num_steps": str(job.request.num_steps)}
+            body = encode_result(latent.detach().to("cpu").float(), meta)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("collecting the result of %s failed", job.job_id)
+            if not job.status.is_terminal:
+                self._end(job, JobStatus.FAILED, self.clock.now(), error=f"collecting the result failed: {exc}")
+        else:
+            if not job.status.is_terminal:
+                job.result = body
+                self._end(job, JobStatus.FINISHED, finished_at)
+        finally:
+            await self._release(job.job_id)
+
+    async def _release(self, job_id: str) -> None:
+        try:
+            await self.executor.release(job_id)
+        except Exception:  # noqa: BLE001
+            log.warning("releasing %s on the executor failed", job_id, exc_info=True)
+
+    # ------------------------------------------------------------ housekeeping
+    async def _housekeeping(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.config.housekeeping_s)
+            try:
+                await self.expire(self.clock.now())
+            except Exception:  # noqa: BLE001
+                log.exception("housekeeping failed")
+
+    async def expire(self, now: float) -> None:
+        for lease in self.store.expired_leases(now):
+            self.store.drop_lease(lease.lease_id)
+            self.hub.append({"type": "lease_expired", "lease": lease.lease_id, "tenant": lease.tenant})
+            for job_id in sorted(lease.job_ids):
+                job = self.store.jobs.get(job_id)
+                if job is not None and not job.status.is_terminal and job.cancel_reason is None:
+                    with contextlib.suppress(Conflict):
+                        await self.cancel(job, "lease expired")
+        for job_id, reason in self.store.expired_jobs(now):
+            with contextlib.suppress(TetriServeError):
+                self.engine.forget(job_id)
+            self.store.forget(job_id, reason)
+
+    # ------------------------------------------------------------------ events
+    def _end(self, job: Job, status: JobStatus, at: float, error: str | None = None) -> None:
+        if job.status.is_terminal:
+            return
+        job.status = status
+        job.ended_at = at
+        job.error = error
+        fields: dict = {"ended_at": self.clock.to_wall(at), "steps_done": job.steps_done}
+        if status is JobStatus.FINISHED:
+            fields["met_deadline"] = job.met_deadline
+        elif status is JobStatus.FAILED:
+            fields["error"] = error
+        else:
+            fields["reason"] = job.cancel_reason
+        self._emit(job, status.value, **fields)
+        self.metrics.on_job_end(job.tenant, status.value, job.deadline_at is not None, job.met_deadline)
+
+    def _emit(self, job: Job, event_type: str, **fields) -> None:
+        if event_type == "placed":
+            job.status = JobStatus.RUNNING
+        event = job.events.append({"type": event_type, "job_id": job.job_id, **fields})
+        if event_type != "step":
+            self.hub.append({**{k: v for k, v in event.items() if k != "seq"}, "tenant": job.tenant})
+        if event_type in ("finished", "failed", "cancelled"):
+            job.events.close()

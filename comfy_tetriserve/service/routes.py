@@ -1,0 +1,291 @@
+"""HTTP handlers of API version 1 (docs/api.md; the OpenAPI document is openapi.py).
+
+Handlers validate, call the service's parts and shape JSON; they never pick HTTP statuses for
+errors: they raise the package's errors and app.py's middleware maps each class to its status.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from aiohttp import web
+
+from .. import __version__
+from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable
+from ..types import GenRequest
+from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json
+from .catalog import ModelStatus, check_model_name
+from .events import stream_ndjson
+from .jobs import Job, JobStatus
+from .openapi import openapi_document
+from .schemas import check_tensors, check_token, parse_body, resolve_job
+from .state import SERVICE, Service
+
+MAX_JSON_BYTES = 64 * 1024
+LEASE_HEADER = "X-TetriServe-Lease"
+KEY_HEADER = "Idempotency-Key"
+STATIC_DIR = Path(__file__).parent / "static"
+
+routes = web.RouteTableDef()
+
+
+# ----------------------------------------------------------------- helpers
+async def read_body(request: web.Request, svc: Service) -> bytes:
+    try:
+        return await asyncio.wait_for(request.read(), svc.config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"request body not received within {svc.config.body_timeout_s:g} s") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body larger than the limit of {svc.config.max_body_mb:g} MiB") from None
+
+
+async def read_json(request: web.Request, svc: Service, allowed: tuple[str, ...]) -> dict:
+    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
+        raise PayloadTooLarge(f"JSON body larger than {MAX_JSON_BYTES} bytes")
+    body = await read_body(request, svc)
+    if len(body) > MAX_JSON_BYTES:
+        raise PayloadTooLarge(f"JSON body larger than {MAX_JSON_BYTES} bytes")
+    if not body.strip():
+        data: object = {}
+    else:
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)} (known: {', '.join(allowed)})")
+    return data
+
+
+def query_number(request: web.Request, name: str, default: float, lo: float, hi: float, integer: bool = False) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise InvalidRequest(f"query parameter {name} must be {'an integer' if integer else 'a number'}") from None
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise InvalidRequest(f"query parameter {name} must be between {lo:g} and {hi:g}")
+    return value
+
+
+def job_json(svc: Service, job: Job) -> dict:
+    out = job.to_json(svc.clock, svc.store.boot_id)
+    out["links"] = {name: f"/v1/jobs/{job.job_id}{suffix}"
+                    for name, suffix in (("status", ""), ("events", "/events"), ("result", "/result"),
+                                         ("cancel", "/cancel"))}
+    return out
+
+
+# ------------------------------------------------------------------ service
+@routes.get("/v1/health")
+async def health(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    return web.json_response({
+        "status": "ok" if svc.loop.accepting else "stopping", "version": __version__, "api": "v1",
+        "boot_id": svc.store.boot_id, "simulated": svc.loop.simulated, "policy": svc.policy_name,
+        "num_gpus": len(svc.engine.all_gpu_ids), "auth": bool(svc.config.token),
+    })
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+@routes.get("/v1/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    text = svc.render_metrics()
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Format": "prometheus-text-0.0.4"})
+
+
+@routes.get("/v1/board")
+async def board(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    window = query_number(request, "window_s", DEFAULT_WINDOW_S, 1.0, MAX_WINDOW_S)
+    return web.json_response(board_json(svc.engine, svc.store, svc.metrics, svc.clock, window_s=window,
+                                        policy=svc.policy_name))
+
+
+@routes.get("/v1/events")
+async def service_events(request: web.Request) -> web.StreamResponse:
+    svc: Service = request.app[SERVICE]
+    after = int(query_number(request, "after", 0, 0, 2**62, integer=True))
+    return await stream_ndjson(request, svc.hub, after, svc.config.events_ping_s, done=lambda e: False)
+
+
+# ------------------------------------------------------------------- models
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    return web.json_response({"models": svc.catalog.listing()})
+
+
+@routes.post("/v1/models/load")
+async def load_model(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    data = await read_json(request, svc, ("model", "dtype"))
+    name = check_model_name(data.get("model"))
+    dtype = data.get("dtype", svc.config.dtype)
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise InvalidRequest("dtype must be one of bf16, fp16, fp32")
+    entry = svc.catalog.start_load(name, dtype)
+    return web.json_response(entry.to_json(), status=200 if entry.status is ModelStatus.LOADED else 202)
+
+
+@routes.get("/v1/models/{name:.+}")
+async def model_status(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    return web.json_response(svc.catalog.entry(request.match_info["name"]).to_json())
+
+
+# ------------------------------------------------------------------- leases
+@routes.post("/v1/leases")
+async def create_lease(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    data = await read_json(request, svc, ("tenant", "ttl_s"))
+    tenant = check_token(data.get("tenant", "default"), "tenant")
+    ttl = data.get("ttl_s")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                            or not 0.1 <= ttl <= 10 * svc.config.lease_s):
+        raise InvalidRequest(f"ttl_s must be a number between 0.1 and {10 * svc.config.lease_s:g}")
+    lease = svc.store.create_lease(tenant, ttl)
+    return web.json_response(lease.to_json(svc.clock), status=201)
+
+
+@routes.post("/v1/leases/{lease_id}/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    return web.json_response(svc.store.renew(request.match_info["lease_id"]).to_json(svc.clock))
+
+
+@routes.delete("/v1/leases/{lease_id}")
+async def release_lease(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    lease = svc.store.drop_lease(request.match_info["lease_id"])
+    cancelled = []
+    for job_id in sorted(lease.job_ids):
+        job = svc.store.jobs.get(job_id)
+        if job is not None and not job.status.is_terminal and job.cancel_reason is None:
+            try:
+                await svc.loop.cancel(job, "lease released")
+                cancelled.append(job_id)
+            except Conflict:
+                pass
+    return web.json_response({**lease.to_json(svc.clock), "cancelled": cancelled})
+
+
+# --------------------------------------------------------------------- jobs
+@routes.post("/v1/jobs")
+async def submit(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    if not svc.loop.accepting:
+        raise ServiceUnavailable("the service is shutting down")
+    body = await read_body(request, svc)
+    received_at = svc.clock.now()
+    digest = hashlib.sha256(body).hexdigest()
+    settings, tensors = await asyncio.get_running_loop().run_in_executor(None, parse_body, body, svc.config)
+    del body
+    if request.headers.get(KEY_HEADER) and settings.job_key is None:
+        settings = dataclasses.replace(settings, job_key=check_token(request.headers[KEY_HEADER], KEY_HEADER))
+    if request.headers.get(LEASE_HEADER) and settings.lease is None:
+        settings = dataclasses.replace(settings, lease=check_token(request.headers[LEASE_HEADER], LEASE_HEADER))
+    lease = svc.store.lease(settings.lease) if settings.lease else None
+    tenant = settings.tenant or (lease.tenant if lease else "default")
+    existing = svc.store.find_by_key(tenant, settings.job_key)
+    if existing is not None:
+        svc.store.check_key_reuse(existing, digest)
+        return web.json_response({**job_json(svc, existing), "existing": True}, status=200)
+    info = svc.catalog.info(settings.model)
+    check_tensors(settings, tensors, info, svc.config)
+    svc.store.check_capacity(tenant)
+    job_id = svc.store.new_job_id()
+    sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)
+    height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
+    gen = GenRequest(
+        request_id=job_id, model=settings.model, height=height, width=width, num_steps=sampling_job.num_steps,
+        arrival_at=received_at,
+        deadline_at=None if settings.deadline_s is None else received_at + settings.deadline_s,
+        batch=sampling_job.batch, sampler=settings.sampler, tenant=tenant, priority=settings.priority,
+    )
+    job = Job(job_id=job_id, settings=settings, request=gen, tenant=tenant,
+              lease_id=lease.lease_id if lease else None, body_digest=digest, submitted_at=received_at,
+              simulated=svc.loop.simulated, family=info.family)
+    existing = svc.store.find_by_key(tenant, settings.job_key)  # a twin may have landed while we parsed
+    if existing is not None:
+        svc.store.check_key_reuse(existing, digest)
+        return web.json_response({**job_json(svc, existing), "existing": True}, status=200)
+    if lease is not None and lease.lease_id not in svc.store.leases:
+        svc.store.lease(lease.lease_id)  # expired while we parsed: NotFound
+    await svc.loop.admit(job, sampling_job)
+    return web.json_response({**job_json(svc, job), "existing": False}, status=202,
+                             headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@routes.get("/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    tenant = request.query.get("tenant")
+    lease = request.query.get("lease")
+    jobs = [job_json(svc, j) for j in svc.store.jobs.values()
+            if (tenant is None or j.tenant == tenant) and (lease is None or j.lease_id == lease)]
+    return web.json_response({"jobs": jobs})
+
+
+@routes.get("/v1/jobs/{job_id}")
+async def job_status(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    return web.json_response(job_json(svc, svc.store.get(request.match_info["job_id"])))
+
+
+@routes.get("/v1/jobs/{job_id}/events")
+async def job_events(request: web.Request) -> web.StreamResponse:
+    svc: Service = request.app[SERVICE]
+    job = svc.store.get(request.match_info["job_id"])
+    after = int(query_number(request, "after", 0, 0, 2**62, integer=True))
+    return await stream_ndjson(request, job.events, after, svc.config.events_ping_s)
+
+
+@routes.get("/v1/jobs/{job_id}/result")
+async def job_result(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    job = svc.store.get(request.match_info["job_id"])
+    if job.status is not JobStatus.FINISHED or job.result is None:
+        detail = f": {job.error}" if job.error else ""
+        raise Conflict(f"job {job.job_id} is {job.status.value}{detail}; a result exists only once it finished")
+    if job.fetched_at is None:
+        job.fetched_at = svc.clock.now()
+    return web.Response(body=job.result, content_type="application/octet-stream",
+                        headers={"X-TetriServe-Simulated": "true" if job.simulated else "false"})
+
+
+@routes.post("/v1/jobs/{job_id}/cancel")
+async def cancel_job(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    job = svc.store.get(request.match_info["job_id"])
+    await svc.loop.cancel(job, "cancelled by client")
+    return web.json_response(job_json(svc, job), status=202)
+
+
+# -------------------------------------------------------------- dashboard
+@routes.get("/")
+async def root(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/dashboard")
+
+
+@routes.get("/dashboard")
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+routes.static("/static", STATIC_DIR)

@@ -1,0 +1,92 @@
+"""Settings of the scheduler service (``comfy-tetriserve serve``): one frozen dataclass.
+
+The same dataclass builds the command line (``config.add_arguments``), reads a JSON config
+file (``serve --config FILE``) and is what ``create_app`` takes. Limits here are the
+service's answer to hostile or mistaken input: every one of them turns into a 4xx.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ..config import field
+from ..errors import InvalidRequest
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    host: str = field("127.0.0.1", help="address to listen on; anything but loopback requires --token")
+    port: int = field(8189, help="TCP port")
+    token: str | None = field(None, help="bearer token clients must send (default: $TETRISERVE_TOKEN)")
+    devices: str = field("sim:4", help="cuda:0-7 | cuda:0,1,3 | cpu:N (real workers) | sim:N (simulated, no images)")
+    model: tuple[str, ...] = field((), help="models to load at start, NAME=PATH (PATH may be sim:flux or sim:sd3 with sim devices)")
+    model_dir: tuple[str, ...] = field((), help="folders clients may load model files from by name (e.g. ComfyUI's diffusion_models)")
+    dtype: str = field("bf16", help="weight dtype of models loaded at start", choices=("bf16", "fp16", "fp32"))
+    policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
+    cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
+    profile_as: tuple[str, ...] = field(
+        ("flux=flux-dev", "sd3=sd3-medium"),
+        help="FAMILY=PROFILED_MODEL: price a loaded model the profile does not know like this one")
+    sim_time_scale: float = field(1.0, help="sim devices: multiply the cost model's step times by this")
+    lease_s: float = field(30.0, help="a lease not renewed for this long expires and its jobs are cancelled")
+    result_ttl_s: float = field(600.0, help="an ended job (and its result) is forgotten this long after it ended")
+    fetched_ttl_s: float = field(60.0, help="... or this long after its result was fetched, whichever is first")
+    max_open_jobs: int = field(1000, help="unfinished jobs the service accepts in all (429 beyond)")
+    max_open_jobs_per_tenant: int = field(200, help="unfinished jobs per tenant (429 beyond)")
+    max_body_mb: float = field(256.0, help="largest accepted request body in MiB (413 beyond)")
+    body_timeout_s: float = field(60.0, help="time allowed to receive one request body (408 beyond)")
+    max_steps: int = field(1000, help="most denoising steps per job")
+    max_batch: int = field(16, help="most images per job")
+    max_image_tokens: int = field(65536, help="most image tokens per image, (H/16)*(W/16) (4096x4096 px = 65536)")
+    max_text_tokens: int = field(4096, help="most text tokens in a context tensor")
+    max_deadline_s: float = field(86400.0, help="largest deadline a job may ask for, in seconds")
+    events_ping_s: float = field(10.0, help="an event stream sends a ping line after this much silence")
+    shutdown_grace_s: float = field(10.0, help="on shutdown, time given to in-flight work to stop")
+    housekeeping_s: float = field(0.5, help="period of lease and result expiry checks")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def validate(self) -> None:
+        """Refuse settings the service must not run with (raises InvalidRequest)."""
+        if not is_loopback(self.host) and not self.token:
+            raise InvalidRequest(
+                f"refusing to listen on {self.host!r} without a token: set --token or TETRISERVE_TOKEN "
+                "(only loopback addresses may run without one)")
+        if not 0 < self.port < 65536:
+            raise InvalidRequest(f"port out of range: {self.port}")
+        for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s",
+                     "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale"):
+            if not getattr(self, name) > 0:
+                raise InvalidRequest(f"{name} must be > 0")
+        for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",
+                     "max_image_tokens", "max_text_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"{name} must be >= 1")
+        parse_pairs(self.model, "model")
+        parse_pairs(self.profile_as, "profile_as")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
+    """``("a=b", "c=d")`` -> {"a": "b", "c": "d"}; malformed items raise InvalidRequest."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InvalidRequest(f"--{what.replace('_', '-')} wants NAME=VALUE, got {item!r}")
+        if key.strip() in out:
+            raise InvalidRequest(f"--{what.replace('_', '-')}: {key.strip()!r} given twice")
+        out[key.strip()] = value.strip()
+    return out
