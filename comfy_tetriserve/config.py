@@ -85,8 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = tp if tp in (int, float, str) else str
-            if seq:
+            if seq:  # repeated flags add up: --model a=X --model b=Y (or --model a=X b=Y)
                 kwargs["nargs"] = "+" if not optional else "*"
+                kwargs["action"] = "extend"
             kwargs["metavar"] = f.name.upper()
         if default not in (None, (), [], "") and kwargs["help"] is not None:
             kwargs["help"] = f"{kwargs['help']} (default: {_fmt(default)})"
