@@ -125,8 +125,9 @@ class GroupComm:
         import torch.distributed as dist
 
         out = local.new_empty(self.degree * local.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         with self._staged(out, local) as (out_s, in_s):
-            dist.all_gather_into_tensor(out_s, in_s, group=self.group)
+            gather(out_s, in_s, group=self.group)
         return out.view(self.degree, -1)
 
     def broadcast(self, tensor: torch.Tensor, src_index: int) -> None:
