@@ -86,32 +86,35 @@ class GroupComm:
 
     ``group`` is the torch.distributed process group (None for a single device), ``ranks`` the
     global ranks of its members in group order and ``index`` this process's position among them.
-    ``stage_on_cpu`` runs each collective on a CPU copy: gloo with CUDA tensors (several ranks on
-    one GPU, for correctness checks) then works for every collective, at the price of the copies.
+    ``wire`` is the device the backend moves tensors from: the GPU under NCCL, the CPU under gloo.
+    A tensor elsewhere travels through a copy on the wire device: gloo with CUDA tensors (several
+    ranks on one GPU, for correctness checks) then works for every collective, and so does a
+    CPU-resident tensor (a sampler's generator state) under NCCL.
     """
 
-    def __init__(self, group, ranks: Sequence[int], index: int, stage_on_cpu: bool = False) -> None:
+    def __init__(self, group, ranks: Sequence[int], index: int, wire: torch.device | str = "cpu") -> None:
         self.group = group
         self.ranks = tuple(ranks)
         self.index = index
-        self.stage_on_cpu = stage_on_cpu
+        self.wire = torch.device(wire)
 
     @property
     def degree(self) -> int:
         return len(self.ranks)
 
     def __repr__(self) -> str:
-        return f"GroupComm(ranks={self.ranks}, index={self.index})"
+        return f"GroupComm(ranks={self.ranks}, index={self.index}, wire={self.wire})"
 
     @contextlib.contextmanager
     def _staged(self, *tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-        if not self.stage_on_cpu or all(t.device.type == "cpu" for t in tensors):
+        if all(t.device == self.wire for t in tensors):
             yield tensors
             return
-        host = tuple(t.cpu() for t in tensors)
-        yield host
-        for t, h in zip(tensors, host):
-            t.copy_(h)
+        staged = tuple(t if t.device == self.wire else t.to(self.wire) for t in tensors)
+        yield staged
+        for t, s in zip(tensors, staged):
+            if s is not t:
+                t.copy_(s)
 
     def all_to_all(self, output: torch.Tensor, inp: torch.Tensor, output_sizes: Sequence[int],
                    input_sizes: Sequence[int]) -> None:

@@ -113,11 +113,16 @@ def traj_rebuild(skeleton: Trajectory, tensors: list[torch.Tensor]) -> Trajector
 
 def broadcast_trajectory(comm: GroupComm, src_index: int, mine: Trajectory | None, skeleton: Trajectory,
                          device: torch.device) -> Trajectory:
-    """The source rank's trajectory on every rank of ``comm`` (one broadcast per tensor)."""
+    """The source rank's trajectory on every rank of ``comm`` (one broadcast per tensor).
+
+    Receivers lay out their buffers as ``Trajectory.to(device)`` places a trajectory (a sampler
+    may keep some memory, e.g. its generator state, on the CPU), so they match the sender's.
+    """
     if comm.index == src_index:
-        tensors = [t.contiguous() for t in traj_tensors(mine)]
+        tensors = traj_tensors(mine)
     else:
-        tensors = [torch.empty_like(t, device=device) for t in traj_tensors(skeleton)]
+        blank = [torch.empty(t.shape, dtype=t.dtype) for t in traj_tensors(skeleton)]
+        tensors = traj_tensors(traj_rebuild(skeleton, blank).to(device))
     for t in tensors:
         comm.broadcast(t, src_index)
     return mine if comm.index == src_index else traj_rebuild(skeleton, tensors)
@@ -292,7 +297,7 @@ class Worker:
         timeout = timedelta(seconds=cfg.collective_timeout_s)
         dist.init_process_group(cfg.backend, init_method=f"file://{cfg.store_path}", rank=cfg.rank,
                                 world_size=cfg.world_size, timeout=timeout, **kwargs)
-        stage = cfg.backend == "gloo" and self.device.type == "cuda"
+        wire = self.device if cfg.backend == "nccl" else torch.device("cpu")
         for g in cfg.groups:  # every rank, same order: new_group is collective over the world
             if len(g) == 1:
                 if cfg.rank in g:
@@ -300,7 +305,7 @@ class Worker:
                 continue
             pg = dist.new_group(list(g), timeout=timeout)
             if cfg.rank in g:
-                self.comms[g] = GroupComm(pg, g, g.index(cfg.rank), stage_on_cpu=stage)
+                self.comms[g] = GroupComm(pg, g, g.index(cfg.rank), wire=wire)
         for g in cfg.groups:  # warm: the first collective of a group is slow (lazy connection set-up)
             comm = self.comms.get(g)
             if comm is not None:
