@@ -205,7 +205,11 @@ def attention_backend(device: torch.device) -> Iterator[None]:
     if device.type != "cuda" or sdpa_kernel is None:
         yield
         return
-    with sdpa_kernel(_CUDA_PRIORITY, set_priority=True):
+    try:
+        ctx = sdpa_kernel(_CUDA_PRIORITY, set_priority=True)
+    except TypeError:  # torch before set_priority: the listed backends, in torch's own order
+        ctx = sdpa_kernel(_CUDA_PRIORITY)
+    with ctx:
         yield
 
 
