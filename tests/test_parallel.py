@@ -32,7 +32,8 @@ def test_seq_shard_joint_sizes():
 
 
 # ----------------------------------------------------------------- multi-process
-def _group_main(rank: int, world: int, store: str, family: str, ckpt: str, inputs: dict, queue) -> None:
+def _group_main(rank: int, world: int, store: str, cases: dict, queue) -> None:
+    """One rank: every family's sharded forward at every degree <= world; results to the queue."""
     import torch.distributed as dist
 
     from comfy_tetriserve.engine.models import load_transformer
@@ -41,31 +42,27 @@ def _group_main(rank: int, world: int, store: str, family: str, ckpt: str, input
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        model = load_transformer(ckpt, dtype="fp32")
+        groups = {k: dist.new_group(list(range(k))) for k in (2, 4) if k <= world}  # same order on every rank
         results = {}
-        for degree in (2, 4):
-            if degree > world:
-                continue
-            ranks = list(range(degree))
-            group = dist.new_group(ranks)  # every rank creates every group, in the same order
-            if rank >= degree:
-                continue
-            comm = GroupComm(group, ranks, rank)
-            out, votes = model.forward(inputs["x"], inputs["sigma"], inputs["context"], inputs["pooled"],
-                                       inputs.get("guidance"), comm=comm, vote=float(rank == 1))
-            results[degree] = (out, votes)
+        for family, (ckpt, inputs) in cases.items():
+            model = load_transformer(ckpt, dtype="fp32")
+            for degree, group in groups.items():
+                if rank < degree:
+                    comm = GroupComm(group, list(range(degree)), rank)
+                    results[family, degree] = model.forward(inputs["x"], inputs["sigma"], inputs["context"],
+                                                            inputs["pooled"], inputs.get("guidance"), comm=comm,
+                                                            vote=float(rank == 1))
         queue.put((rank, results))
     finally:
         dist.destroy_process_group()
 
 
-def run_sharded(family: str, ckpt: str, inputs: dict, world: int) -> dict:
+def run_sharded(cases: dict, world: int) -> dict:
     ctx = tmp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
-        procs = [ctx.Process(target=_group_main, args=(r, world, store, family, ckpt, inputs, queue))
-                 for r in range(world)]
+        procs = [ctx.Process(target=_group_main, args=(r, world, store, cases, queue)) for r in range(world)]
         for p in procs:
             p.start()
         results = dict(queue.get(timeout=300) for _ in procs)
@@ -74,35 +71,30 @@ def run_sharded(family: str, ckpt: str, inputs: dict, world: int) -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+@pytest.mark.slow
+def test_sharded_forward_equals_single_device(tmp_path):
+    """Odd token counts (7 text, 63 image: like 1008 px) over degrees 2 and 4, batch of 2, both families."""
+    from comfy_tetriserve.engine.models import load_transformer
     from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
 
-    d = tmp_path_factory.mktemp("parallel")
-    return {"flux": str(write_tiny_checkpoint("flux", "bfl", d / "flux")),
-            "sd3": str(write_tiny_checkpoint("sd3", "sd3_single", d / "sd3"))}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_sharded_forward_equals_single_device(family, checkpoints):
-    """Odd token counts (7 text, 63 image: like 1008 px) over degrees 2 and 4, batch of 2."""
-    from comfy_tetriserve.engine.models import load_transformer
-
-    g = torch.Generator().manual_seed(5)
-    inputs = {"x": torch.randn(2, 16, 14, 18, generator=g), "sigma": torch.tensor([0.9, 0.4]),
-              "context": torch.randn(2, 7, 32, generator=g), "pooled": torch.randn(2, 16, generator=g)}
-    if family == "flux":
-        inputs["guidance"] = torch.tensor([3.5, 1.0])
-    ref, votes = load_transformer(checkpoints[family], dtype="fp32").forward(
-        inputs["x"], inputs["sigma"], inputs["context"], inputs["pooled"], inputs.get("guidance"))
-    assert votes is None
-    results = run_sharded(family, checkpoints[family], inputs, world=4)
-    for degree in (2, 4):
-        outs = [results[r][degree][0] for r in range(degree)]
-        for r in range(1, degree):
-            assert torch.equal(outs[r], outs[0]), "every rank must hold the same gathered output"
-        rel = ((outs[0] - ref).norm() / ref.norm()).item()
-        assert rel <= 1e-6, (degree, rel)
-        # The piggy-backed vote: rank 1 voted 1, the others 0, and every rank sees all votes.
-        assert results[0][degree][1].tolist() == [0.0, 1.0] + [0.0] * (degree - 2)
+    cases = {}
+    for family, layout in (("flux", "bfl"), ("sd3", "sd3_single")):
+        g = torch.Generator().manual_seed(5)
+        inputs = {"x": torch.randn(2, 16, 14, 18, generator=g), "sigma": torch.tensor([0.9, 0.4]),
+                  "context": torch.randn(2, 7, 32, generator=g), "pooled": torch.randn(2, 16, generator=g)}
+        if family == "flux":
+            inputs["guidance"] = torch.tensor([3.5, 1.0])
+        cases[family] = (str(write_tiny_checkpoint(family, layout, tmp_path / family)), inputs)
+    results = run_sharded(cases, world=4)
+    for family, (ckpt, inputs) in cases.items():
+        ref, votes = load_transformer(ckpt, dtype="fp32").forward(
+            inputs["x"], inputs["sigma"], inputs["context"], inputs["pooled"], inputs.get("guidance"))
+        assert votes is None
+        for degree in (2, 4):
+            outs = [results[r][family, degree][0] for r in range(degree)]
+            for r in range(1, degree):
+                assert torch.equal(outs[r], outs[0]), "every rank must hold the same gathered output"
+            err = float((outs[0] - ref).norm() / ref.norm())
+            assert err <= 1e-6, (family, degree, err)
+            # The piggy-backed vote: rank 1 voted 1, the others 0, and every rank sees all votes.
+            assert results[0][family, degree][1].tolist() == [0.0, 1.0] + [0.0] * (degree - 2)

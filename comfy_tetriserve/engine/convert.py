@@ -143,14 +143,15 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def _move(src: StateDict, dst: StateDict, old: str, new: str, required: bool = True) -> None:
-    """Move ``old.weight``/``old.bias`` (or an exact key) from src to dst as ``new``."""
-    moved = False
-    for suffix in ("", ".weight", ".bias"):
-        if old + suffix in src and (suffix or not any(old + s in src for s in (".weight", ".bias"))):
+    """Move ``old.weight``/``old.bias`` (or the exact key ``old``) from src to dst as ``new``."""
+    if old in src:
+        dst[new] = src.pop(old)
+        return
+    if required and old + ".weight" not in src:
+        raise InvalidRequest(f"checkpoint lacks {old}.weight")
+    for suffix in (".weight", ".bias"):
+        if old + suffix in src:
             dst[new + suffix] = src.pop(old + suffix)
-            moved = True
-    if required and not moved:
-        raise InvalidRequest(f"checkpoint lacks {old}")
 
 
 def _split_qkv(src: StateDict, dst: StateDict, old: str, names: tuple[str, str, str], required: bool = True) -> None:
@@ -312,8 +313,11 @@ def _infer_sd3(sd: Mapping[str, torch.Tensor]) -> dict:
 
 # --------------------------------------------------------------------- back to original layouts
 def _unmove(src: StateDict, dst: StateDict, new: str, old: str) -> None:
-    for suffix in ("", ".weight", ".bias"):
-        if new + suffix in src and (suffix or not any(new + s in src for s in (".weight", ".bias"))):
+    if new in src:
+        dst[old] = src.pop(new)
+        return
+    for suffix in (".weight", ".bias"):
+        if new + suffix in src:
             dst[old + suffix] = src.pop(new + suffix)
 
 
