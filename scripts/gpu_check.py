@@ -145,9 +145,6 @@ def phase_a(report: Report, family: str, preset: str, device: torch.device, dtyp
     report.put(family, "engine_forward_ms", round(timed(engine, device, warmup=2, reps=reps) * 1e3, 3))
     report.put(family, "px", px)
     report.put(family, "text_tokens", tokens)
-    del model, module
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def job(rid: str, model: str, family: str, config: dict, px: int, tokens: int, steps: int):
@@ -255,6 +252,8 @@ def main() -> int:
     dt = torch.bfloat16
     for family, preset in presets.items():
         phase_a(report, family, preset, torch.device(device), dt, px, args.reps)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the model died with phase_a's frame
     if report.left_s() > 60:
         asyncio.run(phase_b(report, presets, device, "bf16", px, args.steps))
     if report.left_s() > 60:

@@ -152,6 +152,24 @@ def test_batched_assignment_equals_each_request_alone(h):
         h(pool.release(rid))
 
 
+def test_disjoint_groups_run_concurrently_and_exactly(h):
+    pool = h.pool
+    refs = {rid: h(sample(pool, make_job(rid + "-ref", "flux", steps=3, seed=i), [((0,), 3)]))
+            for i, rid in enumerate(("c1", "c2"))}
+    for i, rid in enumerate(("c1", "c2")):
+        h(pool.admit(make_job(rid, "flux", steps=3, seed=i)))
+
+    async def both():
+        return await asyncio.gather(pool.execute(Assignment(("c1",), (0, 1), 3)),
+                                    pool.execute(Assignment(("c2",), (2, 3), 3)))
+
+    results = h(both())
+    assert all(r.error is None and r.steps_done == 3 for r in results)
+    for rid in ("c1", "c2"):
+        assert rel(h(pool.fetch_result(rid)), refs[rid]) <= 1e-5
+        h(pool.release(rid))
+
+
 def test_stop_ends_after_the_current_step_on_every_rank(h):
     pool = h.pool
     steps = 30

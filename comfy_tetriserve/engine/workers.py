@@ -434,7 +434,10 @@ class WorkerPool:
             return
         if self.alive:
             for rank in sorted(req.cond_on | set(req.holders)):
-                self._send(rank, "release", request_id)
+                try:
+                    self._send(rank, "release", request_id)
+                except OSError:  # a dead worker forgets everything anyway
+                    pass
 
     # ------------------------------------------------------------ execution
     def _require_up(self) -> None:
@@ -469,7 +472,12 @@ class WorkerPool:
             msg = {"task_id": task_id, "gpu_ids": a.gpu_ids, "leader": rank == task.leader,
                    "request_ids": a.request_ids, "num_steps": a.num_steps, "model": reqs[0].job.model,
                    "conds": conds, "sources": {rid: src[rank] for rid, src in sources.items()}}
-            self._send(rank, "run", msg)
+            try:
+                self._send(rank, "run", msg)
+            except OSError as exc:  # the worker is gone and its sentinel not seen yet
+                self.broken = self.broken or f"worker {rank} ({self.devices[rank]}) unreachable: {exc}"
+                self._finish(task, error=self.broken)
+                break
         return await task.future
 
     def _precheck(self, a: Assignment, reqs: list[_Request]) -> str | None:
@@ -508,8 +516,10 @@ class WorkerPool:
         for task in list(self._tasks.values()):
             if wanted & set(task.assignment.request_ids):
                 for rank in task.assignment.gpu_ids:
-                    if self._procs[rank].is_alive():
+                    try:
                         self._send(rank, "stop", task.task_id)
+                    except OSError:  # a dead worker's assignment ends with an error anyway
+                        pass
 
 
 def _conditioning(job: SamplingJob) -> Conditioning:
