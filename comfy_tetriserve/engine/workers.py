@@ -388,7 +388,11 @@ class WorkerPool:
             raise NotFound(f"model {job.model!r} is not loaded")
         info = self._models[job.model][2]
         self._check_job(job, info)
-        traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed)
+        # Sampler settings beyond the name travel in ``extra`` ("sampler_options", "noise_device").
+        kwargs = {arg: job.extra[key] for key, arg in (("sampler_options", "options"), ("noise_device", "noise_device"))
+                  if key in job.extra}
+        traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed,
+                                **kwargs)
         self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj)
 
     @staticmethod
