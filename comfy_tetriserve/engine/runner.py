@@ -412,7 +412,9 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the assignment fails, the worker lives on
             log.exception("worker %d: task %d failed", self.cfg.rank, task_id)
             error = f"worker {self.cfg.rank} ({self.cfg.device}): {type(exc).__name__}: {exc}"
-        self.stop_task_ids.discard(task_id)
+        # Tasks reach a worker in increasing id order: flags of this task or earlier ones are spent.
+        for spent in [i for i in list(self.stop_task_ids) if i <= task_id]:
+            self.stop_task_ids.discard(spent)
         for rid, traj in zip(rids, trajs):
             self.trajs[rid] = traj
         checkpoints = {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)} if leader and trajs else None
