@@ -1,0 +1,180 @@
+"""``comfy-tetriserve profile``: measure T(resolution, batch, degree) on this machine's devices.
+
+For every model, resolution, batch and allowed degree, a synthetic text-to-image request runs
+``--warmup`` steps and then ``--steps`` measured steps on the first group of that degree, through
+the worker pool itself: each time is a whole sampler step as the engine runs it (Ulysses
+all-to-alls, the end-of-step gather, the stop flag), so the rows are written with
+``includes_comm: true``. The median step time becomes ``compute_s`` of the profile table row
+(cost.py's format), which the planner reads (``--cost PATH``).
+
+    comfy-tetriserve profile --devices cuda:0-7 --model flux-dev=/models/flux1-dev.safetensors \\
+        --res 512 768 1024 --batch 1 2 --out profiles/this-box.json
+
+``--model NAME=random:flux-dev`` profiles the architecture with random weights (no download).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import logging
+import statistics
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..cost import ModelProfile, ProfileRow, ProfileTable, save_profile
+from ..errors import InvalidRequest
+from ..types import Assignment
+from .executor import SamplingJob
+from .samplers import compute_sigmas, prepare_noise
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    resolutions: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024))
+    batches: tuple[int, ...] = (1,)
+    degrees: tuple[int, ...] | None = None  # None: every allowed degree that fits the devices
+    steps: int = 5
+    warmup: int = 2
+    text_tokens: int | None = None  # None: the family's usual count (FLUX 512, SD3 333)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """"1024" -> (1024, 1024); "768x1344" -> height 768, width 1344 (multiples of 16)."""
+    h, _, w = text.lower().partition("x")
+    try:
+        height, width = int(h), int(w or h)
+    except ValueError:
+        raise InvalidRequest(f"bad resolution {text!r} (use 1024 or 768x1344)") from None
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise InvalidRequest(f"resolution {text!r}: sides must be positive multiples of 16")
+    return height, width
+
+
+def synthetic_job(request_id: str, model: str, info, height: int, width: int, batch: int, tokens: int,
+                  num_steps: int) -> SamplingJob:
+    g = torch.Generator().manual_seed(0)
+    latent = torch.zeros(batch, info.in_channels, height // 8, width // 8)
+    return SamplingJob(request_id=request_id, model=model, latent=latent, noise=prepare_noise(latent, 0),
+                       sigmas=compute_sigmas(info.family, "simple", num_steps),
+                       context=torch.randn(1, tokens, info.context_dim, generator=g),
+                       pooled=torch.randn(1, info.pooled_dim, generator=g),
+                       guidance=3.5 if info.guidance_embeds else None)
+
+
+async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileSpec) -> tuple[ModelProfile, list[ProfileRow]]:
+    """Profile one model on a started pool."""
+    from .models import DEFAULT_TEXT_TOKENS, allowed_degrees, source_config
+
+    info = await pool.load_model(name, source, dtype)
+    config = source_config(source)
+    tokens = spec.text_tokens or DEFAULT_TEXT_TOKENS[info.family]
+    layers = (config["num_layers"] + config["num_single_layers"] if info.family == "flux"
+              else config["num_layers"] + len(config.get("dual_attention_layers") or ()))
+    profile = ModelProfile(num_heads=info.num_heads, num_attention_layers=int(layers),
+                           hidden_size=int(info.num_heads * config["attention_head_dim"]), num_text_tokens=tokens)
+    degrees = allowed_degrees(info.num_heads, len(pool.gpu_ids))
+    if spec.degrees is not None:
+        degrees = tuple(k for k in degrees if k in spec.degrees)
+    rows = []
+    for height, width in spec.resolutions:
+        for batch in spec.batches:
+            for k in degrees:
+                group = next(g for g in pool.groups if len(g) == k)
+                rid = f"profile-{name}-{height}x{width}-b{batch}-k{k}"
+                job = synthetic_job(rid, name, info, height, width, batch, tokens, spec.warmup + spec.steps)
+                await pool.admit(job)
+                try:
+                    times: list[float] = []
+                    for n, keep in ((spec.warmup, False), (spec.steps, True)):
+                        if n == 0:
+                            continue
+                        result = await pool.execute(Assignment((rid,), group, n))
+                        if result.error:
+                            raise RuntimeError(f"{rid}: {result.error}")
+                        if keep:
+                            times.extend(result.step_times_s)
+                finally:
+                    await pool.release(rid)
+                step_s = statistics.median(times)
+                rows.append(ProfileRow(model=name, height=height, width=width, batch=batch, sp_degree=k,
+                                       compute_s=step_s, includes_comm=True))
+                log.info("%s %dx%d batch %d degree %d: %.4f s/step", name, height, width, batch, k, step_s)
+    return profile, rows
+
+
+def device_description(pool) -> str:
+    dev = pool.devices[0]
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        return f"{len(pool.devices)} x {torch.cuda.get_device_name(torch.device(dev))} ({pool.backend})"
+    return f"{len(pool.devices)} x {dev} workers ({pool.backend})"
+
+
+async def profile(devices: str, models: dict[str, str], dtype: str, spec: ProfileSpec) -> ProfileTable:
+    from .workers import WorkerPool
+
+    pool = WorkerPool(devices)
+    await pool.start()
+    try:
+        profiles, rows = {}, []
+        for name, source in models.items():
+            profiles[name], model_rows = await profile_model(pool, name, source, dtype, spec)
+            rows.extend(model_rows)
+        return ProfileTable(
+            models=profiles, rows=tuple(rows), comm=None, device=device_description(pool),
+            measured_on=_dt.date.today().isoformat(),
+            how=(f"comfy-tetriserve profile: median of {spec.steps} sampler steps after {spec.warmup} warm-up steps, "
+                 f"measured by the group leader inside the worker pool ({dtype}, Ulysses all-to-alls and the "
+                 f"end-of-step gather included)"),
+        )
+    finally:
+        await pool.close()
+
+
+def parse_models(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for s in specs:
+        name, eq, source = s.partition("=")
+        if not eq or not name or not source:
+            raise InvalidRequest(f"--model {s!r}: expected NAME=PATH (or NAME=random:PRESET)")
+        out[name] = source
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", default="cuda:0" if torch.cuda.is_available() else "cpu:2",
+                        help="worker devices: cuda:0-7, cuda:0,1, cpu:N (default: cuda:0 with a GPU, else cpu:2)")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                        help="model to profile (repeatable); PATH a file, a diffusers folder, or random:PRESET")
+    parser.add_argument("--res", nargs="+", default=["512", "1024"], help="resolutions: 1024 or HxW (default: 512 1024)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (default: 1)")
+    parser.add_argument("--degrees", nargs="+", type=int, default=None,
+                        help="degrees to measure (default: every allowed degree that fits the devices)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per point (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per point (default: 2)")
+    parser.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: FLUX 512, SD3 333)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: bf16)")
+    parser.add_argument("--out", required=True, help="profile table file to write (JSON)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = ProfileSpec(resolutions=tuple(parse_resolution(r) for r in args.res), batches=tuple(args.batch),
+                           degrees=tuple(args.degrees) if args.degrees else None, steps=args.steps,
+                           warmup=args.warmup, text_tokens=args.text_tokens)
+        if spec.steps < 1 or spec.warmup < 0 or any(b < 1 for b in spec.batches):
+            raise InvalidRequest("--steps must be >= 1, --warmup >= 0, batches >= 1")
+        models = parse_models(args.model)
+    except InvalidRequest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = asyncio.run(profile(args.devices, models, args.dtype, spec))
+    save_profile(table, args.out)
+    for r in table.rows:
+        print(f"{r.model:20s} {r.height:5d}x{r.width:<5d} batch {r.batch}  degree {r.sp_degree}  {r.compute_s * 1000:9.2f} ms/step")
+    print(f"wrote {len(table.rows)} rows to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,534 @@
+"""The worker pool: the Executor that runs real DiT steps on one process per device.
+
+``WorkerPool("cuda:0-7")`` starts eight worker processes (runner.py) joined by NCCL; ``"cpu:4"``
+starts four CPU workers joined by gloo. All process groups the planner may name (``groups``,
+aligned power-of-two blocks by default) are created and warmed at start.
+
+What the pool keeps per request (the state a restart would resume from):
+
+- the job (conditioning and sampler settings) and the set of workers that already hold its
+  conditioning (sent once per worker, dropped at ``release``);
+- the latest checkpoint, a CPU ``Trajectory`` returned by the group leader after every
+  assignment (latent, sigmas, step index, sampler memory);
+- which workers hold which step of the trajectory on their device.
+
+When a request's next assignment runs on a group, each member gets the trajectory from the
+cheapest place: its own device (it ran the last assignment), a broadcast inside the new group
+from a member that holds the latest step (device to device over the pre-warmed group), or the
+pool's checkpoint when no member holds it.
+
+Failures: ``execute`` never raises for the work itself. A worker process that dies is noticed at
+once (its process sentinel), every assignment on it ends with an error, and the pool marks itself
+broken: torch.distributed cannot re-admit a rank into a running world, so recovery means a new
+world. ``restart()`` does exactly that: stops every worker, starts a fresh set, reloads the models,
+and forgets which worker held what, so the next assignment of each request resumes from the
+pool's checkpoint and re-sends its conditioning.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
+from ..plan import aligned_groups
+from ..types import Assignment, AssignmentResult
+from .executor import ModelInfo, SamplingJob, StepCallback
+from .runner import Conditioning, WorkerConfig, worker_main
+from .samplers import Trajectory, finish_latent, start_trajectory
+
+log = logging.getLogger(__name__)
+
+Group = tuple[int, ...]
+
+
+def parse_devices(spec: str) -> list[str]:
+    """"cpu:4" -> four CPU workers; "cuda:0-7", "cuda:0,1,3", "cuda:2" -> those GPUs; "cuda:0,0" repeats one."""
+    spec = spec.strip()
+    kind, _, rest = spec.partition(":")
+    if kind == "cpu":
+        count = int(rest) if rest else 1
+        if count < 1:
+            raise InvalidRequest(f"device spec {spec!r}: need at least one CPU worker")
+        return ["cpu"] * count
+    if kind != "cuda" or not rest:
+        raise InvalidRequest(f"device spec {spec!r}: expected cpu:N or cuda:IDS (e.g. cuda:0-7, cuda:0,1,3)")
+    out = []
+    for part in rest.split(","):
+        a, dash, b = part.partition("-")
+        if not a.isdigit() or (dash and not b.isdigit()):
+            raise InvalidRequest(f"device spec {spec!r}: bad GPU id {part!r}")
+        lo, hi = int(a), int(b) if dash else int(a)
+        if hi < lo:
+            raise InvalidRequest(f"device spec {spec!r}: empty range {part!r}")
+        out.extend(f"cuda:{i}" for i in range(lo, hi + 1))
+    return out
+
+
+@dataclass
+class _Request:
+    job: SamplingJob
+    family: str
+    checkpoint: Trajectory  # CPU, the latest completed step
+    cond_on: set[int] = field(default_factory=set)  # workers holding the conditioning
+    holders: dict[int, int] = field(default_factory=dict)  # worker -> step index it holds
+    task_id: int | None = None  # assignment in flight
+
+
+@dataclass
+class _Task:
+    task_id: int
+    assignment: Assignment
+    future: asyncio.Future
+    on_step: StepCallback | None
+    started_at: float
+    pending: set[int]
+    leader: int
+    steps_done: int | None = None
+    step_times_s: tuple[float, ...] = ()
+    checkpoints: dict[str, Trajectory] | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class WorkerPool:
+    """Executor over one worker process per device (see the module docstring)."""
+
+    def __init__(self, devices: str | Sequence[str] = "cpu:2", *, groups: Sequence[Sequence[int]] | None = None,
+                 backend: str | None = None, collective_timeout_s: float = 300.0, start_timeout_s: float = 600.0,
+                 num_threads: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
+        if not self.devices:
+            raise InvalidRequest("a worker pool needs at least one device")
+        n = len(self.devices)
+        self._gpu_ids = tuple(range(n))
+        self._groups = tuple(tuple(sorted(g)) for g in groups) if groups is not None else aligned_groups(self._gpu_ids)
+        for g in self._groups:
+            if not g or not set(g) <= set(self._gpu_ids) or len(set(g)) != len(g):
+                raise InvalidRequest(f"group {g} is not a set of worker ids 0..{n - 1}")
+        on_cuda = all(d.startswith("cuda") for d in self.devices)
+        distinct = len(set(self.devices)) == n
+        self.backend = backend or ("nccl" if on_cuda and distinct else "gloo")
+        if self.backend == "nccl" and not distinct:
+            raise InvalidRequest("NCCL cannot run two ranks on one GPU; use backend='gloo' for that")
+        self.collective_timeout_s = collective_timeout_s
+        self.start_timeout_s = start_timeout_s
+        cpu_workers = sum(d == "cpu" for d in self.devices)
+        self.num_threads = num_threads if num_threads is not None else (
+            max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0)
+        self.clock = clock
+        self._procs: list = []
+        self._cmd: list = []
+        self._res: list = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._closing = False
+        self._store_dir: str | None = None
+        self._ready: list[asyncio.Future] = []
+        self._loads: dict[int, tuple[asyncio.Future, dict[int, tuple]]] = {}
+        self._models: dict[str, tuple[str, str, ModelInfo]] = {}
+        self._requests: dict[str, _Request] = {}
+        self._tasks: dict[int, _Task] = {}
+        self._ids = itertools.count(1)
+        self.broken: str | None = None
+        self.worker_info: list[dict] = []
+        self.stats: dict[str, list[float]] = {"handoff_local_s": [], "handoff_bcast_s": [], "handoff_pool_s": []}
+
+    # ------------------------------------------------------------ protocol properties
+    @property
+    def gpu_ids(self) -> tuple[int, ...]:
+        return self._gpu_ids
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        return self._groups
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and self.broken is None
+
+    # ------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        if self._procs:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self.broken = None
+        self._store_dir = tempfile.mkdtemp(prefix="tetriserve-pool-")
+        ctx = mp.get_context("spawn")
+        n = len(self.devices)
+        self._ready = [self._loop.create_future() for _ in range(n)]
+        for rank, device in enumerate(self.devices):
+            cmd_r, cmd_w = ctx.Pipe(duplex=False)
+            res_r, res_w = ctx.Pipe(duplex=False)
+            cfg = WorkerConfig(rank=rank, world_size=n, device=device, backend=self.backend,
+                               store_path=os.path.join(self._store_dir, "store"), groups=self._groups,
+                               collective_timeout_s=self.collective_timeout_s, num_threads=self.num_threads,
+                               log_level=logging.getLogger().level or logging.WARNING)
+            proc = ctx.Process(target=worker_main, args=(cfg, cmd_r, res_w), name=f"tetriserve-worker{rank}",
+                               daemon=True)
+            proc.start()
+            cmd_r.close()
+            res_w.close()
+            self._procs.append(proc)
+            self._cmd.append(cmd_w)
+            self._res.append(res_r)
+        self._reader = threading.Thread(target=self._read_loop, name="tetriserve-pool-reader", daemon=True)
+        self._reader.start()
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*self._ready), self.start_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+        self.worker_info = list(infos)
+        log.info("worker pool up: %d workers (%s), %d groups", n, self.backend, len(self._groups))
+
+    async def close(self) -> None:
+        self._closing = True
+        for conn in self._cmd:
+            try:
+                conn.send_bytes(pickle.dumps(("exit",)))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 10.0
+        for proc in self._procs:
+            await asyncio.to_thread(proc.join, max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                await asyncio.to_thread(proc.join, 5.0)
+            if proc.is_alive():
+                proc.kill()
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 5.0)
+        for conn in self._cmd + self._res:
+            conn.close()
+        for task in list(self._tasks.values()):
+            self._finish(task, error="worker pool closed")
+        self._procs, self._cmd, self._res, self._reader = [], [], [], None
+        if self._store_dir:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None
+
+    async def restart(self) -> None:
+        """A fresh world after a failure: new workers, models reloaded, requests resume from checkpoints."""
+        models = dict(self._models)
+        await self.close()
+        for req in self._requests.values():
+            req.cond_on.clear()
+            req.holders.clear()
+            req.task_id = None
+        self._models.clear()
+        await self.start()
+        for name, (source, dtype, _) in models.items():
+            await self.load_model(name, source, dtype)
+
+    # ------------------------------------------------------------ messages
+    def _send(self, rank: int, *msg) -> None:
+        self._cmd[rank].send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _read_loop(self) -> None:
+        """Reader thread: worker messages and worker deaths, handed to the event loop."""
+        conns = {conn: rank for rank, conn in enumerate(self._res)}
+        sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs)}
+        loop = self._loop
+        while (conns or sentinels) and not (self._closing and not conns):
+            ready = mpc.wait(list(conns) + list(sentinels), timeout=0.5)
+            for obj in ready:
+                if obj in conns:
+                    try:
+                        msg = pickle.loads(obj.recv_bytes())
+                    except (EOFError, OSError):
+                        del conns[obj]
+                        continue
+                    loop.call_soon_threadsafe(self._on_message, conns[obj], msg)
+                else:
+                    rank = sentinels.pop(obj)
+                    loop.call_soon_threadsafe(self._on_death, rank)
+
+    def _on_message(self, rank: int, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            if not self._ready[rank].done():
+                self._ready[rank].set_result(msg[2])
+        elif kind == "loaded":
+            _, key, _, info, error = msg
+            if key in self._loads:
+                fut, replies = self._loads[key]
+                replies[rank] = (info, error)
+                if len(replies) == len(self.devices) and not fut.done():
+                    fut.set_result(replies)
+        elif kind == "step":
+            _, task_id, rid, step_index, seconds = msg
+            task = self._tasks.get(task_id)
+            if task is not None and task.on_step is not None:
+                try:
+                    task.on_step(rid, step_index, seconds)
+                except Exception:  # noqa: BLE001 - a progress callback must not break execution
+                    log.exception("on_step callback failed")
+        elif kind == "done":
+            try:
+                self._on_done(rank, msg[1], *msg[3:])
+            except Exception as exc:  # never leave execute() waiting on a bookkeeping bug
+                log.exception("bad done message from worker %d", rank)
+                task = self._tasks.get(msg[1])
+                if task is not None:
+                    self._finish(task, error=f"pool bookkeeping failed: {exc!r}")
+        elif kind == "fault":
+            log.error("worker %d fault during %s:\n%s", msg[1], msg[2], msg[3])
+            if msg[2] == "start" and not self._ready[rank].done():
+                self._ready[rank].set_exception(WorkerError(f"worker {rank} failed to start:\n{msg[3]}"))
+
+    def _on_death(self, rank: int) -> None:
+        if self._closing:
+            return
+        code = self._procs[rank].exitcode if rank < len(self._procs) else None
+        reason = f"worker {rank} ({self.devices[rank]}) died (exit code {code})"
+        log.error(reason)
+        self.broken = self.broken or reason
+        if rank < len(self._ready) and not self._ready[rank].done():
+            self._ready[rank].set_exception(WorkerError(reason))
+        for fut, _ in self._loads.values():
+            if not fut.done():
+                fut.set_exception(WorkerError(reason))
+        for task in list(self._tasks.values()):
+            if rank in task.assignment.gpu_ids:
+                self._finish(task, error=reason)
+
+    def _on_done(self, rank: int, task_id: int, steps_done: int, times: tuple, checkpoints, error, stats) -> None:
+        task = self._tasks.get(task_id)
+        if task is None:
+            return
+        task.pending.discard(rank)
+        if error:
+            task.errors.append(error)
+        if rank == task.leader:
+            task.steps_done, task.step_times_s, task.checkpoints = steps_done, times, checkpoints
+            kinds = stats.get("handoff_kinds") or []
+            if "handoff_s" in stats and len(kinds) == 1:
+                self.stats[f"handoff_{kinds[0]}_s"].append(stats["handoff_s"])
+        elif task.steps_done is not None and steps_done != task.steps_done and not error:
+            task.errors.append(f"ranks disagree on steps done ({steps_done} vs {task.steps_done})")
+        if not task.pending:
+            self._finish(task)
+
+    def _finish(self, task: _Task, error: str | None = None) -> None:
+        """Close a task: update the requests' checkpoints and holders, resolve execute()."""
+        if self._tasks.pop(task.task_id, None) is None:
+            return
+        a = task.assignment
+        errors = task.errors + ([error] if error else [])
+        steps = task.steps_done or 0
+        for rid in a.request_ids:
+            req = self._requests.get(rid)
+            if req is None:
+                continue
+            req.task_id = None
+            if task.checkpoints and rid in task.checkpoints:
+                req.checkpoint = task.checkpoints[rid]
+            if errors:  # members may hold anything now: trust only the pool's checkpoint
+                req.holders.clear()
+            else:
+                for g in a.gpu_ids:
+                    req.holders[g] = req.checkpoint.step_index
+        if not task.checkpoints:
+            steps = 0  # nothing came back: nothing was checkpointed
+        result = AssignmentResult(assignment=a, started_at=task.started_at, finished_at=self.clock(),
+                                  steps_done=steps, step_times_s=tuple(task.step_times_s[:steps]),
+                                  error="; ".join(errors) if errors else None)
+        if not task.future.done():
+            task.future.set_result(result)
+
+    # ------------------------------------------------------------ models
+    async def load_model(self, name: str, path: str, dtype: str = "bf16") -> ModelInfo:
+        """Load weights once on every worker; the same name and file again is a no-op."""
+        if name in self._models:
+            source, loaded_dtype, info = self._models[name]
+            if source == path and loaded_dtype == dtype:
+                return info
+            raise Conflict(f"model {name!r} is already loaded from {source} ({loaded_dtype})")
+        self._require_up()
+        from .models import model_info
+
+        model_info(path, name=name, dtype=dtype)  # fails fast on a bad file, before every worker reads it
+        key = next(self._ids)
+        fut = self._loop.create_future()
+        self._loads[key] = (fut, {})
+        try:
+            for rank in self._gpu_ids:
+                self._send(rank, "load", key, name, path, dtype)
+            replies = await fut
+        finally:
+            self._loads.pop(key, None)
+        errors = {r: e for r, (_, e) in replies.items() if e}
+        if errors:
+            raise WorkerError(f"loading {name!r} failed: {errors}")
+        info = replies[0][0]
+        self._models[name] = (path, dtype, info)
+        return info
+
+    def models(self) -> dict[str, ModelInfo]:
+        return {name: info for name, (_, _, info) in self._models.items()}
+
+    # ------------------------------------------------------------ requests
+    async def admit(self, job: SamplingJob) -> None:
+        if job.request_id in self._requests:
+            raise Conflict(f"request {job.request_id} is admitted already")
+        if job.model not in self._models:
+            raise NotFound(f"model {job.model!r} is not loaded")
+        info = self._models[job.model][2]
+        self._check_job(job, info)
+        # Sampler settings beyond the name travel in ``extra`` ("sampler_options", "noise_device").
+        kwargs = {arg: job.extra[key] for key, arg in (("sampler_options", "options"), ("noise_device", "noise_device"))
+                  if key in job.extra}
+        traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed,
+                                **kwargs)
+        self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj)
+
+    @staticmethod
+    def _check_job(job: SamplingJob, info: ModelInfo) -> None:
+        lat = job.latent
+        if lat.ndim != 4 or lat.shape[1] != info.in_channels:
+            raise InvalidRequest(f"latent must be [B, {info.in_channels}, H, W], got {list(lat.shape)}")
+        if lat.shape[2] % 2 or lat.shape[3] % 2:
+            raise InvalidRequest(f"latent size {lat.shape[2]}x{lat.shape[3]} must be even (pixel size a multiple of 16)")
+        if job.noise.shape != lat.shape:
+            raise InvalidRequest("noise and latent differ in shape")
+        if job.sigmas.ndim != 1 or job.sigmas.numel() < 2:
+            raise InvalidRequest("sigmas must be a 1-d tensor of num_steps + 1 values")
+        for name, ctx, pooled in (("context", job.context, job.pooled), ("neg_context", job.neg_context, job.neg_pooled)):
+            if ctx is None:
+                continue
+            if ctx.ndim != 3 or ctx.shape[2] != info.context_dim:
+                raise InvalidRequest(f"{name} must be [B, tokens, {info.context_dim}], got {list(ctx.shape)}")
+            if pooled is None or pooled.ndim != 2 or pooled.shape[1] != info.pooled_dim:
+                raise InvalidRequest(f"pooled output for {name} must be [B, {info.pooled_dim}]")
+            if lat.shape[0] % ctx.shape[0] or lat.shape[0] % pooled.shape[0]:
+                raise InvalidRequest(f"{name} batch does not divide the latent batch {lat.shape[0]}")
+
+    def checkpoint(self, request_id: str) -> Trajectory:
+        """The latest checkpointed trajectory of a request (CPU)."""
+        return self._request(request_id).checkpoint
+
+    def _request(self, request_id: str) -> _Request:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise NotFound(f"unknown request {request_id}") from None
+
+    async def fetch_result(self, request_id: str) -> torch.Tensor:
+        traj = self._request(request_id).checkpoint
+        if not traj.done:
+            raise Conflict(f"request {request_id} has {traj.num_steps - traj.step_index} steps left")
+        return finish_latent(traj)
+
+    async def release(self, request_id: str) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        if self.alive:
+            for rank in sorted(req.cond_on | set(req.holders)):
+                try:
+                    self._send(rank, "release", request_id)
+                except OSError:  # a dead worker forgets everything anyway
+                    pass
+
+    # ------------------------------------------------------------ execution
+    def _require_up(self) -> None:
+        if not self._procs:
+            raise WorkerError("the worker pool is not started")
+
+    async def execute(self, assignment: Assignment, on_step: StepCallback | None = None) -> AssignmentResult:
+        a = assignment
+        if a.gpu_ids not in self._groups:
+            raise InvalidRequest(f"placement {a.gpu_ids} is not one of the pool's groups")
+        reqs = [self._request(rid) for rid in a.request_ids]
+        for req in reqs:
+            if req.task_id is not None:
+                raise Conflict(f"request {req.job.request_id} is already running")
+        now = self.clock()
+        fail = self._precheck(a, reqs)
+        if fail:
+            return AssignmentResult(a, now, now, 0, error=fail)
+        task_id = next(self._ids)
+        task = _Task(task_id=task_id, assignment=a, future=self._loop.create_future(), on_step=on_step,
+                     started_at=now, pending=set(a.gpu_ids), leader=a.gpu_ids[0])
+        self._tasks[task_id] = task
+        sources = {req.job.request_id: self._sources(req, a.gpu_ids) for req in reqs}
+        for req in reqs:
+            req.task_id = task_id
+        for rank in a.gpu_ids:
+            conds = {}
+            for req in reqs:
+                if rank not in req.cond_on:
+                    conds[req.job.request_id] = _conditioning(req.job)
+                    req.cond_on.add(rank)
+            msg = {"task_id": task_id, "gpu_ids": a.gpu_ids, "leader": rank == task.leader,
+                   "request_ids": a.request_ids, "num_steps": a.num_steps, "model": reqs[0].job.model,
+                   "conds": conds, "sources": {rid: src[rank] for rid, src in sources.items()}}
+            try:
+                self._send(rank, "run", msg)
+            except OSError as exc:  # the worker is gone and its sentinel not seen yet
+                self.broken = self.broken or f"worker {rank} ({self.devices[rank]}) unreachable: {exc}"
+                self._finish(task, error=self.broken)
+                break
+        return await task.future
+
+    def _precheck(self, a: Assignment, reqs: list[_Request]) -> str | None:
+        """Why the assignment cannot run (a work failure, reported as a result), or None."""
+        if not self._procs:
+            return "the worker pool is not started"
+        if self.broken:
+            return f"worker pool broken: {self.broken} (restart needed)"
+        model = reqs[0].job.model
+        shape = tuple(reqs[0].job.latent.shape)
+        info = self._models[model][2]
+        if info.num_heads % a.sp_degree:
+            return f"degree {a.sp_degree} does not divide the {info.num_heads} heads of {model}"
+        for req in reqs:
+            if req.job.model != model or tuple(req.job.latent.shape) != shape:
+                return "batched requests must share model and latent shape"
+            left = req.checkpoint.num_steps - req.checkpoint.step_index
+            if a.num_steps > left:
+                return f"request {req.job.request_id}: {a.num_steps} steps asked, {left} left"
+        return None
+
+    def _sources(self, req: _Request, group: Group) -> dict[int, tuple]:
+        """Per member: where its copy of the request's latest trajectory comes from."""
+        latest = req.checkpoint.step_index
+        holders = [g for g in group if req.holders.get(g) == latest]
+        if len(holders) == len(group):
+            return {g: ("local", latest) for g in group}
+        if holders:
+            skeleton = req.checkpoint.to("meta")
+            src = group.index(holders[0])
+            return {g: ("bcast", src, skeleton) for g in group}
+        return {g: ("pool", req.checkpoint) for g in group}
+
+    async def stop(self, request_ids: tuple[str, ...]) -> None:
+        wanted = set(request_ids)
+        for task in list(self._tasks.values()):
+            if wanted & set(task.assignment.request_ids):
+                for rank in task.assignment.gpu_ids:
+                    try:
+                        self._send(rank, "stop", task.task_id)
+                    except OSError:  # a dead worker's assignment ends with an error anyway
+                        pass
+
+
+def _conditioning(job: SamplingJob) -> Conditioning:
+    return Conditioning(request_id=job.request_id, model=job.model, context=job.context, pooled=job.pooled,
+                        cfg=float(job.cfg), guidance=job.guidance, neg_context=job.neg_context,
+                        neg_pooled=job.neg_pooled)
+
+

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Measure the engine's per-step control costs on this machine (CPU by default).
+
+    python scripts/measure_overheads.py [--devices cpu:2] [--px 256 1024] [--reps 20] [--json FILE]
+
+1. The agreed stop: each rank's stop flag rides in the gather that ends the step. Timed in a
+   two-rank group: the end-of-step gather of a 1024 px FLUX-shaped output (4096 x 64 values per
+   sample) with and without the extra element, and, for comparison, the separate one-element
+   all-reduce a flag collective would add per step.
+2. The hand-off: wall time of a one-step assignment through the pool when the latent is already on
+   the group (local), when a member of the new group broadcasts it (bcast), and when the pool sends
+   its checkpoint (pool); the differences to "local" are what a group change costs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.multiprocessing as tmp  # noqa: E402
+
+
+def _flag_rank(rank: int, store: str, reps: int, queue) -> None:
+    import torch.distributed as dist
+
+    from comfy_tetriserve.engine.parallel import GroupComm, gather_tokens
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    comm = GroupComm(None, (0, 1), rank)
+    local = torch.randn(1, 2048, 64)
+    sizes = (2048, 2048)
+
+    def plain():  # gather_tokens' own work without the flag element
+        b, n, c = local.shape
+        width = b * max(sizes) * c
+        buf = local.new_zeros(width)
+        buf[: b * n * c] = local.reshape(-1)
+        out = comm.all_gather_flat(buf)
+        torch.cat([out[r, : b * sizes[r] * c].view(b, sizes[r], c) for r in range(2)], dim=1)
+
+    def piggyback():
+        gather_tokens(local, sizes, comm, vote=0.0)
+
+    def separate_flag():
+        comm.all_reduce_max(torch.zeros(1))
+
+    out = {}
+    for name, fn in (("gather_plain_us", plain), ("gather_with_flag_us", piggyback),
+                     ("separate_flag_allreduce_us", separate_flag)):
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) * 1e6, 1)
+    if rank == 0:
+        queue.put(out)
+    dist.destroy_process_group()
+
+
+def measure_flag(reps: int) -> dict:
+    ctx = tmp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as d:
+        procs = [ctx.Process(target=_flag_rank, args=(r, os.path.join(d, "store"), reps, queue)) for r in range(2)]
+        for p in procs:
+            p.start()
+        out = queue.get(timeout=300)
+        for p in procs:
+            p.join(timeout=60)
+    return out
+
+
+async def measure_handoff(devices: str, px: int, reps: int) -> dict:
+    from comfy_tetriserve.engine.executor import SamplingJob
+    from comfy_tetriserve.engine.samplers import compute_sigmas, prepare_noise
+    from comfy_tetriserve.engine.workers import WorkerPool
+    from comfy_tetriserve.types import Assignment
+
+    pool = WorkerPool(devices)
+    await pool.start()
+    try:
+        await pool.load_model("tiny", "random:tiny-flux", "fp32")
+        g = torch.Generator().manual_seed(0)
+        latent = torch.zeros(1, 16, px // 8, px // 8)
+        steps = 6 * reps + 2
+        job = SamplingJob(request_id="h", model="tiny", latent=latent, noise=prepare_noise(latent, 0),
+                          sigmas=compute_sigmas("flux", "simple", steps), context=torch.randn(1, 64, 32, generator=g),
+                          pooled=torch.randn(1, 16, generator=g), guidance=3.5)
+        await pool.admit(job)
+        times: dict[str, list[float]] = {"bcast": [], "local_k2": [], "pool": [], "local_k1": []}
+
+        async def one(group, kind=None):
+            t0 = time.perf_counter()
+            r = await pool.execute(Assignment(("h",), group, 1))
+            assert r.error is None, r.error
+            if kind:
+                times[kind].append(time.perf_counter() - t0)
+
+        await one((0, 1))  # warm both workers (conditioning sent)
+        for _ in range(reps):
+            await one((0,))                # worker 0 holds the latest step, worker 1 does not
+            await one((0, 1), "bcast")     # worker 0 broadcasts it within {0, 1}
+            await one((0, 1), "local_k2")  # both hold it
+            await one((0,))
+            await one((1,), "pool")        # worker 1 is stale: the pool sends its checkpoint
+            await one((1,), "local_k1")
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
+        stats = {k: round(statistics.median(v) * 1e3, 3) for k, v in pool.stats.items() if v}
+        return {"px": px, "latent_bytes": latent.numel() * 4,
+                "assignment_ms": {k: round(v, 3) for k, v in med.items()},
+                "bcast_extra_ms": round(med["bcast"] - med["local_k2"], 3),
+                "pool_extra_ms": round(med["pool"] - med["local_k1"], 3),
+                "worker_side_handoff_ms": stats}
+    finally:
+        await pool.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", default="cpu:2")
+    parser.add_argument("--px", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    report = {"stop_flag": measure_flag(args.reps * 5), "handoff": []}
+    for px in args.px:
+        report["handoff"].append(asyncio.run(measure_handoff(args.devices, px, args.reps)))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

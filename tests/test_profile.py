@@ -1,0 +1,37 @@
+"""``comfy-tetriserve profile``: argument parsing and the written table."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from comfy_tetriserve.cost import load_profile
+from comfy_tetriserve.engine.profile import parse_models, parse_resolution
+from comfy_tetriserve.errors import InvalidRequest
+
+
+def test_parse_resolution_and_models():
+    assert parse_resolution("1024") == (1024, 1024)
+    assert parse_resolution("768x1344") == (768, 1344)
+    for bad in ("1000", "abc", "0", "512xz", "-16"):
+        with pytest.raises(InvalidRequest):
+            parse_resolution(bad)
+    assert parse_models(["flux=/m/f.safetensors", "x=random:flux-dev"]) == {
+        "flux": "/m/f.safetensors", "x": "random:flux-dev"}
+    with pytest.raises(InvalidRequest, match="NAME=PATH"):
+        parse_models(["flux"])
+
+
+@pytest.mark.slow
+def test_profile_command_writes_a_planner_table(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-m", "comfy_tetriserve", "profile", "--devices", "cpu:2",
+                           "--model", "tiny=random:tiny-sd3", "--res", "64", "--steps", "2", "--warmup", "1",
+                           "--dtype", "fp32", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = load_profile(out)
+    assert set(table.models) == {"tiny"} and table.models["tiny"].num_text_tokens == 333
+    assert sorted(r.sp_degree for r in table.rows) == [1, 2]
+    assert all(r.includes_comm and r.height == r.width == 64 for r in table.rows)
+    assert "2 x cpu" in table.device

@@ -1,0 +1,261 @@
+"""The worker pool on four gloo CPU workers: one pool for the module (starting one costs ~20 s on 2 cores).
+
+The test that kills a worker runs last: it ends with a restarted pool.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from comfy_tetriserve.engine.executor import Executor, SamplingJob
+from comfy_tetriserve.engine.samplers import SAMPLERS, compute_sigmas, prepare_noise
+from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
+from comfy_tetriserve.engine.workers import WorkerPool, parse_devices
+from comfy_tetriserve.errors import Conflict, InvalidRequest, NotFound
+from comfy_tetriserve.plan import aligned_groups
+from comfy_tetriserve.types import Assignment
+
+pytestmark = pytest.mark.slow
+
+
+def test_parse_devices():
+    assert parse_devices("cpu:4") == ["cpu"] * 4
+    assert parse_devices("cuda:0-3") == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert parse_devices("cuda:0,1,3") == ["cuda:0", "cuda:1", "cuda:3"]
+    assert parse_devices("cuda:2") == ["cuda:2"]
+    assert parse_devices("cuda:0,0") == ["cuda:0", "cuda:0"]
+    for bad in ("gpu:1", "cuda:", "cuda:3-1", "cuda:a", "cpu:0"):
+        with pytest.raises(InvalidRequest):
+            parse_devices(bad)
+    with pytest.raises(InvalidRequest, match="NCCL"):
+        WorkerPool(["cuda:0", "cuda:0"], backend="nccl")
+    with pytest.raises(InvalidRequest, match="not a set of worker ids"):
+        WorkerPool("cpu:2", groups=[(0, 2)])
+
+
+class Harness:
+    """A pool on a private event loop (the loop runs while a test awaits the pool)."""
+
+    def __init__(self, tmp) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.pool = WorkerPool("cpu:4")
+        self.tmp = tmp
+
+    def __call__(self, coro):
+        return self.loop.run_until_complete(coro)
+
+
+@pytest.fixture(scope="module")
+def h(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pool")
+    harness = Harness(tmp)
+    harness(harness.pool.start())
+    harness(harness.pool.load_model("flux", str(write_tiny_checkpoint("flux", "comfy", tmp / "flux")), "fp32"))
+    harness(harness.pool.load_model("sd3", str(write_tiny_checkpoint("sd3", "diffusers", tmp / "sd3")), "fp32"))
+    yield harness
+    harness(harness.pool.close())
+    harness.loop.close()
+
+
+def make_job(rid: str, model: str, steps: int = 4, seed: int = 0, sampler: str = "euler", cfg: float = 1.0,
+             text_tokens: int = 7, neg_tokens: int = 7) -> SamplingJob:
+    g = torch.Generator().manual_seed(seed + 100)
+    latent = torch.zeros(1, 16, 14, 18)
+    family = "flux" if model == "flux" else "sd3"
+    return SamplingJob(request_id=rid, model=model, latent=latent, noise=prepare_noise(latent, seed),
+                       sigmas=compute_sigmas(family, "simple", steps), context=torch.randn(1, text_tokens, 32, generator=g),
+                       pooled=torch.randn(1, 16, generator=g), sampler=sampler, seed=seed, cfg=cfg,
+                       guidance=3.5 if family == "flux" else None,
+                       neg_context=torch.randn(1, neg_tokens, 32, generator=g) if cfg != 1.0 else None,
+                       neg_pooled=torch.randn(1, 16, generator=g) if cfg != 1.0 else None)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+async def sample(pool, job, plan) -> torch.Tensor:
+    await pool.admit(job)
+    for group, steps in plan:
+        result = await pool.execute(Assignment((job.request_id,), group, steps))
+        assert result.error is None and result.steps_done == steps, result
+    out = await pool.fetch_result(job.request_id)
+    await pool.release(job.request_id)
+    return out
+
+
+def test_pool_is_an_executor_with_warm_groups(h):
+    pool = h.pool
+    assert isinstance(pool, Executor)
+    assert pool.gpu_ids == (0, 1, 2, 3) and pool.groups == aligned_groups((0, 1, 2, 3)) and pool.backend == "gloo"
+    assert [w["device"] for w in pool.worker_info] == ["cpu"] * 4
+    assert len({w["pid"] for w in pool.worker_info}) == 4
+    assert set(pool.models()) == {"flux", "sd3"}
+    # Loading again is a no-op; the same name from another file is a conflict.
+    assert h(pool.load_model("flux", pool._models["flux"][0], "fp32")) == pool.models()["flux"]
+    with pytest.raises(Conflict):
+        h(pool.load_model("flux", "random:tiny-flux", "fp32"))
+
+
+def test_selfcheck_on_the_shared_pool(h):
+    from comfy_tetriserve.engine.selfcheck import run_checks
+
+    report = h(run_checks(h.pool, h.tmp / "selfcheck"))
+    assert set(report) == {"flux", "sd3"}
+    for family, checks in report.items():
+        assert set(checks) == {"k2", "k4", "switching", "handoff"}, family
+        assert all(0 <= v <= 1e-5 for v in checks.values()), report
+
+
+def test_progress_callback_and_step_times(h):
+    pool = h.pool
+    seen = []
+    h(pool.admit(make_job("progress", "flux", steps=5)))
+    result = h(pool.execute(Assignment(("progress",), (0, 1), 3), lambda rid, i, s: seen.append((rid, i, s))))
+    assert result.error is None and result.steps_done == 3 and len(result.step_times_s) == 3
+    assert [(r, i) for r, i, _ in seen] == [("progress", 1), ("progress", 2), ("progress", 3)]
+    assert all(s > 0 for _, _, s in seen) and result.finished_at >= result.started_at
+    assert pool.checkpoint("progress").step_index == 3
+    with pytest.raises(Conflict, match="steps left"):
+        h(pool.fetch_result("progress"))
+    result = h(pool.execute(Assignment(("progress",), (2, 3), 2), lambda rid, i, s: seen.append((rid, i, s))))
+    assert [i for _, i, _ in seen[3:]] == [4, 5]  # step indices count over the whole trajectory
+    assert h(pool.fetch_result("progress")).shape == (1, 16, 14, 18)
+    h(pool.release("progress"))
+    with pytest.raises(NotFound):
+        pool.checkpoint("progress")
+
+
+def test_batched_assignment_equals_each_request_alone(h):
+    """Requests at different steps, one with CFG whose halves differ in length, in one assignment."""
+    pool = h.pool
+    sampler = "heun" if "heun" in SAMPLERS else "euler"  # two model calls per step where available
+    jobs = {"b1": dict(seed=1, sampler=sampler), "b2": dict(seed=2, sampler=sampler, cfg=3.0, neg_tokens=5),
+            "b3": dict(seed=3, sampler=sampler, text_tokens=9)}
+    alone = {rid: h(sample(pool, make_job(rid + "-alone", "sd3", steps=4, **kw), [((0,), 4)])) for rid, kw in jobs.items()}
+    for rid, kw in jobs.items():
+        h(pool.admit(make_job(rid, "sd3", steps=4, **kw)))
+    r = h(pool.execute(Assignment(("b1",), (0,), 1)))  # b1 one step ahead of the others
+    assert r.error is None
+    r = h(pool.execute(Assignment(("b1", "b2", "b3"), (0, 1), 2)))
+    assert r.error is None and r.steps_done == 2
+    assert [pool.checkpoint(rid).step_index for rid in jobs] == [3, 2, 2]
+    h(pool.execute(Assignment(("b1",), (2, 3), 1)))
+    h(pool.execute(Assignment(("b2", "b3"), (0, 1, 2, 3), 2)))
+    for rid in jobs:
+        assert rel(h(pool.fetch_result(rid)), alone[rid]) <= 1e-5, rid
+        h(pool.release(rid))
+
+
+def test_disjoint_groups_run_concurrently_and_exactly(h):
+    pool = h.pool
+    refs = {rid: h(sample(pool, make_job(rid + "-ref", "flux", steps=3, seed=i), [((0,), 3)]))
+            for i, rid in enumerate(("c1", "c2"))}
+    for i, rid in enumerate(("c1", "c2")):
+        h(pool.admit(make_job(rid, "flux", steps=3, seed=i)))
+
+    async def both():
+        return await asyncio.gather(pool.execute(Assignment(("c1",), (0, 1), 3)),
+                                    pool.execute(Assignment(("c2",), (2, 3), 3)))
+
+    results = h(both())
+    assert all(r.error is None and r.steps_done == 3 for r in results)
+    for rid in ("c1", "c2"):
+        assert rel(h(pool.fetch_result(rid)), refs[rid]) <= 1e-5
+        h(pool.release(rid))
+
+
+def test_stop_ends_after_the_current_step_on_every_rank(h):
+    pool = h.pool
+    steps = 30
+    ref = h(sample(pool, make_job("stop-ref", "flux", steps=steps, seed=5), [((0,), steps)]))
+    h(pool.admit(make_job("stop", "flux", steps=steps, seed=5)))
+    loop = h.loop
+
+    def on_step(rid, index, seconds):
+        if index == 2:
+            loop.create_task(pool.stop(("stop",)))
+
+    result = h(pool.execute(Assignment(("stop",), (0, 1, 2, 3), steps), on_step))
+    assert result.error is None, result.error
+    assert 2 <= result.steps_done < steps, result.steps_done
+    assert pool.checkpoint("stop").step_index == result.steps_done
+    left = steps - result.steps_done
+    r = h(pool.execute(Assignment(("stop",), (2, 3), left)))  # resumes exactly where the group stopped
+    assert r.error is None and r.steps_done == left
+    assert rel(h(pool.fetch_result("stop")), ref) <= 1e-5
+    h(pool.release("stop"))
+
+
+def test_caller_errors_raise_and_work_errors_return(h):
+    pool = h.pool
+    with pytest.raises(NotFound):
+        h(pool.execute(Assignment(("nobody",), (0,), 1)))
+    h(pool.admit(make_job("err", "flux", steps=2)))
+    with pytest.raises(Conflict):
+        h(pool.admit(make_job("err", "flux", steps=2)))
+    with pytest.raises(InvalidRequest, match="not one of the pool's groups"):
+        h(pool.execute(Assignment(("err",), (1, 2), 1)))
+    result = h(pool.execute(Assignment(("err",), (0,), 3)))
+    assert result.error and "steps asked" in result.error and result.steps_done == 0
+    with pytest.raises(NotFound):
+        h(pool.admit(make_job("other", "sdxl")))
+    bad = make_job("bad", "flux")
+    with pytest.raises(InvalidRequest, match="context"):
+        h(pool.admit(SamplingJob(**{**bad.__dict__, "context": torch.zeros(1, 7, 31)})))
+    with pytest.raises(InvalidRequest, match="latent"):
+        h(pool.admit(SamplingJob(**{**bad.__dict__, "latent": torch.zeros(1, 4, 14, 18)})))
+    with pytest.raises(InvalidRequest):
+        h(pool.load_model("missing", str(h.tmp / "missing.safetensors"), "fp32"))
+    h(pool.release("err"))
+    h(pool.release("never-admitted"))  # releasing twice or never admitted is harmless
+
+
+def test_profile_rows_through_the_pool(h):
+    from comfy_tetriserve.cost import ProfileTable, load_profile, save_profile
+    from comfy_tetriserve.engine.profile import ProfileSpec, profile_model
+
+    spec = ProfileSpec(resolutions=((64, 64), (112, 144)), batches=(1, 2), steps=2, warmup=1, text_tokens=7)
+    model_profile, rows = h(profile_model(h.pool, "prof", "random:tiny-flux", "fp32", spec))
+    assert (model_profile.num_heads, model_profile.num_attention_layers, model_profile.hidden_size,
+            model_profile.num_text_tokens) == (4, 3, 64, 7)
+    assert {(r.height, r.width, r.batch, r.sp_degree) for r in rows} == {
+        (hh, ww, b, k) for hh, ww in ((64, 64), (112, 144)) for b in (1, 2) for k in (1, 2, 4)}
+    assert all(r.includes_comm and r.compute_s > 0 for r in rows)
+    path = h.tmp / "profile.json"
+    save_profile(ProfileTable(models={"prof": model_profile}, rows=tuple(rows)), path)
+    assert load_profile(path).rows == tuple(rows)
+
+
+def test_dead_worker_fails_fast_and_restart_resumes_from_checkpoint(h):
+    pool = h.pool
+    steps = 400
+    ref = h(sample(pool, make_job("death-ref", "sd3", steps=6, seed=9), [((0,), 6)]))
+    h(pool.admit(make_job("death", "sd3", steps=6, seed=9)))
+    assert h(pool.execute(Assignment(("death",), (0, 1), 2))).error is None
+    h(pool.admit(make_job("victim", "flux", steps=steps, seed=1)))
+    victim_pid = pool.worker_info[3]["pid"]
+
+    def on_step(rid, index, seconds):
+        if index == 1:
+            os.kill(victim_pid, signal.SIGKILL)
+
+    t0 = time.monotonic()
+    result = h(pool.execute(Assignment(("victim",), (2, 3), steps), on_step))
+    assert time.monotonic() - t0 < 60
+    assert result.error and "worker 3" in result.error and "died" in result.error
+    assert result.steps_done == 0  # nothing of this assignment was checkpointed
+    assert pool.broken and not pool.alive
+    quick = h(pool.execute(Assignment(("death",), (0,), 1)))
+    assert quick.error and "restart" in quick.error
+    h(pool.restart())
+    assert pool.alive and {"flux", "sd3"} <= set(pool.models())
+    assert pool.worker_info[3]["pid"] != victim_pid
+    r = h(pool.execute(Assignment(("death",), (2, 3), 4)))  # conditioning re-sent, latent from the checkpoint
+    assert r.error is None and r.steps_done == 4
+    assert rel(h(pool.fetch_result("death")), ref) <= 1e-5
