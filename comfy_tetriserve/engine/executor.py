@@ -98,8 +98,13 @@ class Executor(Protocol):
 
     async def start(self) -> None: ...
 
-    async def load_model(self, name: str, path: str, dtype: str = "bf16") -> ModelInfo:
-        """Load weights once on every worker (idempotent for the same name and file)."""
+    async def load_model(self, name: str, path: str, dtype: str = "bf16",
+                         on_progress: Callable[[int, int], None] | None = None) -> ModelInfo:
+        """Load weights once on every worker (idempotent for the same name and file).
+
+        ``on_progress(workers_loaded, num_workers)``, when given, is called on the event loop as
+        workers finish loading.
+        """
         ...
 
     async def admit(self, job: SamplingJob) -> None: ...

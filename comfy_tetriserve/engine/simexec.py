@@ -93,7 +93,8 @@ class SimulatedExecutor:
     async def start(self) -> None:
         self._closed = False
 
-    async def load_model(self, name: str, path: str, dtype: str = "bf16") -> ModelInfo:
+    async def load_model(self, name: str, path: str, dtype: str = "bf16",
+                         on_progress: Callable[[int, int], None] | None = None) -> ModelInfo:
         known = self._models.get(name)
         if known is not None:
             if known[0] != path:
@@ -106,6 +107,8 @@ class SimulatedExecutor:
             await asyncio.sleep(self.load_delay_s)
         info = replace(SIM_MODELS[family], name=name, dtype=dtype, source=os.path.basename(path))
         self._models[name] = (path, info)
+        if on_progress is not None:
+            on_progress(len(self._gpu_ids), len(self._gpu_ids))
         return info
 
     async def admit(self, job: SamplingJob) -> None:

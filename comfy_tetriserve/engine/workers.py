@@ -34,6 +34,7 @@ import multiprocessing.connection as mpc
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -52,6 +53,8 @@ from .samplers import Trajectory, finish_latent, start_trajectory
 log = logging.getLogger(__name__)
 
 Group = tuple[int, ...]
+#: on_progress(workers_loaded, num_workers) while a model loads
+LoadProgress = Callable[[int, int], None]
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -136,7 +139,7 @@ class WorkerPool:
         self._closing = False
         self._store_dir: str | None = None
         self._ready: list[asyncio.Future] = []
-        self._loads: dict[int, tuple[asyncio.Future, dict[int, tuple]]] = {}
+        self._loads: dict[int, tuple[asyncio.Future, dict[int, tuple], LoadProgress | None]] = {}
         self._models: dict[str, tuple[str, str, ModelInfo]] = {}
         self._requests: dict[str, _Request] = {}
         self._tasks: dict[int, _Task] = {}
@@ -264,8 +267,13 @@ class WorkerPool:
         elif kind == "loaded":
             _, key, _, info, error = msg
             if key in self._loads:
-                fut, replies = self._loads[key]
+                fut, replies, on_progress = self._loads[key]
                 replies[rank] = (info, error)
+                if on_progress is not None and not error:
+                    try:
+                        on_progress(sum(1 for _, e in replies.values() if not e), len(self.devices))
+                    except Exception:  # noqa: BLE001 - a progress callback must not break loading
+                        log.exception("load progress callback failed")
                 if len(replies) == len(self.devices) and not fut.done():
                     fut.set_result(replies)
         elif kind == "step":
@@ -292,13 +300,12 @@ class WorkerPool:
     def _on_death(self, rank: int) -> None:
         if self._closing:
             return
-        code = self._procs[rank].exitcode if rank < len(self._procs) else None
-        reason = f"worker {rank} ({self.devices[rank]}) died (exit code {code})"
+        reason = f"worker {rank} ({self.devices[rank]}) died ({_exit_description(self._procs[rank])})"
         log.error(reason)
         self.broken = self.broken or reason
         if rank < len(self._ready) and not self._ready[rank].done():
             self._ready[rank].set_exception(WorkerError(reason))
-        for fut, _ in self._loads.values():
+        for fut, _, _ in self._loads.values():
             if not fut.done():
                 fut.set_exception(WorkerError(reason))
         for task in list(self._tasks.values()):
@@ -350,8 +357,13 @@ class WorkerPool:
             task.future.set_result(result)
 
     # ------------------------------------------------------------ models
-    async def load_model(self, name: str, path: str, dtype: str = "bf16") -> ModelInfo:
-        """Load weights once on every worker; the same name and file again is a no-op."""
+    async def load_model(self, name: str, path: str, dtype: str = "bf16",
+                         on_progress: LoadProgress | None = None) -> ModelInfo:
+        """Load weights once on every worker; the same name and file again is a no-op.
+
+        ``on_progress(workers_loaded, num_workers)`` is called (on the event loop) each time a
+        worker has the weights.
+        """
         if name in self._models:
             source, loaded_dtype, info = self._models[name]
             if source == path and loaded_dtype == dtype:
@@ -363,7 +375,7 @@ class WorkerPool:
         model_info(path, name=name, dtype=dtype)  # fails fast on a bad file, before every worker reads it
         key = next(self._ids)
         fut = self._loop.create_future()
-        self._loads[key] = (fut, {})
+        self._loads[key] = (fut, {}, on_progress)
         try:
             for rank in self._gpu_ids:
                 self._send(rank, "load", key, name, path, dtype)
@@ -524,6 +536,20 @@ class WorkerPool:
                         self._send(rank, "stop", task.task_id)
                     except OSError:  # a dead worker's assignment ends with an error anyway
                         pass
+
+
+def _exit_description(proc) -> str:
+    """"killed by SIGKILL", "exit code 1": how a worker process ended (its sentinel fired)."""
+    proc.join(0.2)  # the sentinel can fire a moment before the exit status is there to read
+    code = proc.exitcode
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _conditioning(job: SamplingJob) -> Conditioning:

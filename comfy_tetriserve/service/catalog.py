@@ -144,6 +144,10 @@ class ModelCost:
                     f"the cost model has no profile for {info.name!r} (family {info.family}); "
                     f"profile it or map the family with --profile-as {info.family}=PROFILED_MODEL")
             self._alias[info.name] = ref
+            log.warning("model %s is priced as %s (the cost model has no profile for it): deadlines, forecasts "
+                        "and degree choices assume %s's step times; profile it "
+                        "(comfy-tetriserve profile) and pass the profile with --cost for real numbers",
+                        info.name, ref, ref)
         self._heads[info.name] = info.num_heads
 
     def priced_as(self, model: str) -> str:
@@ -239,7 +243,8 @@ class ModelCatalog:
         path, origin = self._path_of(name)
         entry = ModelEntry(name, origin, ModelStatus.LOADING)
         self._entries[name] = entry
-        self.on_event({"type": "model_loading", "model": name})
+        self.on_event({"type": "model_loading", "model": name, "workers_loaded": 0,
+                       "num_workers": len(self.executor.gpu_ids)})
         self._tasks[name] = asyncio.ensure_future(self._load(name, path, origin, dtype))
         return entry
 
@@ -251,7 +256,11 @@ class ModelCatalog:
 
     async def _load(self, name: str, path: str, origin: str, dtype: str) -> None:
         try:
-            info = await self.executor.load_model(name, path, dtype)
+            def progress(workers_loaded: int, num_workers: int) -> None:
+                self.on_event({"type": "model_loading", "model": name, "workers_loaded": workers_loaded,
+                               "num_workers": num_workers})
+
+            info = await self.executor.load_model(name, path, dtype, on_progress=progress)
             if info.name != name:
                 info = dataclasses.replace(info, name=name)
             self.cost.register(info)

@@ -105,10 +105,22 @@ class EngineLoop:
         await self.executor.close()
 
     # -------------------------------------------------------------- admission
+    def executor_fault(self) -> str | None:
+        """Why the executor cannot run work any more (a worker died), or None.
+
+        Until the executor can recover by itself, such a service fails the jobs it holds with
+        this reason and refuses new ones (503): nothing waits on devices that will not come back.
+        """
+        broken = getattr(self.executor, "broken", None)
+        return f"the worker pool is broken ({broken}); restart the service" if broken else None
+
     async def admit(self, job: Job, sampling_job) -> Job:
         """Hand the job to the executor and the engine; the caller has validated everything."""
         if not self.accepting:
             raise ServiceUnavailable("the service is shutting down")
+        fault = self.executor_fault()
+        if fault:
+            raise ServiceUnavailable(fault)
         await self.executor.admit(sampling_job)
         if not self.accepting:
             await self.executor.release(job.job_id)
@@ -176,19 +188,17 @@ class EngineLoop:
 
     def _plan_once(self) -> None:
         now = self.clock.now()
+        fault = self.executor_fault()
+        if fault:
+            self._fail_plannable(now, fault)
+            return
         t0 = time.perf_counter()
         try:
             plan = self.engine.plan(now)
         except TetriServeError as exc:  # PlanError: a policy bug; fail what it could not plan, loudly
             self.metrics.plan_errors_total += 1
             log.error("policy produced an invalid plan: %s", exc)
-            for snap in self.engine.view(now).plannable:
-                job = self.store.jobs.get(snap.request_id)
-                with contextlib.suppress(TetriServeError):
-                    self.engine.cancel(snap.request_id, now)
-                if job is not None:
-                    self._end(job, JobStatus.FAILED, now, error=f"scheduler error: {exc}")
-                    asyncio.ensure_future(self.executor.release(snap.request_id))
+            self._fail_plannable(now, f"scheduler error: {exc}")
             return
         if plan is None:
             return
@@ -204,6 +214,16 @@ class EngineLoop:
                 self._emit(job, "placed", gpu_ids=list(a.gpu_ids), sp_degree=a.sp_degree, num_steps=a.num_steps,
                            round=plan.round_index, steps_done=job.steps_done)
             self._flight[a.request_ids] = asyncio.ensure_future(self._run_assignment(a))
+
+    def _fail_plannable(self, now: float, error: str) -> None:
+        """End every job that waits for devices with ``error`` (jobs in flight end with their assignment)."""
+        for snap in self.engine.view(now).plannable:
+            job = self.store.jobs.get(snap.request_id)
+            with contextlib.suppress(TetriServeError):
+                self.engine.cancel(snap.request_id, now)
+            if job is not None:
+                self._end(job, JobStatus.FAILED, now, error=error)
+                asyncio.ensure_future(self._release(snap.request_id))
 
     async def _run_assignment(self, a: Assignment) -> None:
         first = self.engine.state(a.request_ids[0]).request

@@ -93,6 +93,7 @@ async def health(request: web.Request) -> web.Response:
         "status": "ok" if svc.loop.accepting else "stopping", "version": __version__, "api": "v1",
         "boot_id": svc.store.boot_id, "simulated": svc.loop.simulated, "policy": svc.policy_name,
         "num_gpus": len(svc.engine.all_gpu_ids), "auth": bool(svc.config.token),
+        "executor": type(svc.executor).__name__, "executor_error": svc.loop.executor_fault(),
     })
 
 
