@@ -1,0 +1,147 @@
+"""The demo's cached assets: tiny model files and the step-time profile measured on this machine.
+
+Both live under ``config.home_dir()/demo`` (``TETRISERVE_HOME``, default ~/.cache/comfy_tetriserve):
+
+- ``models/``: ``tiny-flux.safetensors`` (FLUX in ComfyUI's prefixed BFL layout) and
+  ``tiny-sd3.safetensors`` (SD3 single-file layout), written once by ``engine.tiny`` with fixed
+  seeds. The service loads them by file name from this folder (``--model-dir``), through the
+  same loaders as real checkpoints.
+- ``profiles/profile-<key>.json``: T(model, resolution, degree) measured through a worker pool
+  with ``engine.profile`` (the format ``--cost PATH`` reads). The key hashes the machine
+  (host name, CPU model and count, torch version), the devices, the dtype, what is measured, and
+  the model files' contents: another machine or another model gets its own profile.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .. import config as config_module
+from ..cost import ModelProfile, ProfileRow, ProfileTable, load_profile, save_profile
+
+log = logging.getLogger(__name__)
+
+#: family -> (file name in the model folder, checkpoint layout, weight seed)
+DEMO_MODELS: dict[str, tuple[str, str, int]] = {
+    "flux": ("tiny-flux.safetensors", "comfy", 1),
+    "sd3": ("tiny-sd3.safetensors", "sd3_single", 2),
+}
+PROFILE_STEPS = 6
+PROFILE_WARMUP = 2
+
+Say = Callable[[str], None]
+
+
+def demo_home() -> Path:
+    path = config_module.home_dir() / "demo"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ensure_models(home: Path, say: Say = print) -> dict[str, Path]:
+    """family -> model file; written on first use (atomically), reused afterwards."""
+    from ..engine.tiny import write_tiny_checkpoint
+
+    folder = home / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for family, (file_name, layout, seed) in DEMO_MODELS.items():
+        path = folder / file_name
+        if path.exists():
+            say(f"  {file_name}: cached ({path})")
+        else:
+            tmp = write_tiny_checkpoint(family, layout, folder / f".{file_name}.{os.getpid()}.tmp.safetensors", seed=seed)
+            os.replace(tmp, path)
+            say(f"  {file_name}: built (tiny {family.upper()}, {layout} layout, {path.stat().st_size // 1024} KiB)")
+        out[family] = path
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def machine_description() -> dict[str, str]:
+    import torch
+
+    return {"host": platform.node(), "machine": platform.machine(), "cpu": _cpu_model(),
+            "cpu_count": str(os.cpu_count()), "torch": torch.__version__}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def profile_key(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int, ...]], devices: str,
+                dtype: str, text_tokens: int) -> str:
+    parts = {"machine": machine_description(), "devices": devices, "dtype": dtype,
+             "steps": [PROFILE_STEPS, PROFILE_WARMUP], "text_tokens": text_tokens,
+             "models": {name: [file_digest(p), list(resolutions[name])] for name, p in sorted(models.items())}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+async def measure_profile(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int, ...]], devices: str,
+                          dtype: str, text_tokens: int, say: Say = print) -> ProfileTable:
+    """Every model at its resolutions and every allowed degree, through one worker pool."""
+    from ..engine.profile import ProfileSpec, device_description, profile_model
+    from ..engine.workers import WorkerPool
+
+    pool = WorkerPool(devices)
+    say(f"  starting {len(pool.devices)} workers for the profile ...")
+    await pool.start()
+    try:
+        profiles: dict[str, ModelProfile] = {}
+        rows: list[ProfileRow] = []
+        for name, path in models.items():
+            spec = ProfileSpec(resolutions=tuple((r, r) for r in resolutions[name]), steps=PROFILE_STEPS,
+                               warmup=PROFILE_WARMUP, text_tokens=text_tokens)
+            profiles[name], model_rows = await profile_model(pool, name, str(path), dtype, spec)
+            rows.extend(model_rows)
+            say("  " + name + ": " + ", ".join(f"{r.height}px k{r.sp_degree} {r.compute_s * 1000:.1f} ms"
+                                               for r in model_rows))
+        return ProfileTable(models=profiles, rows=tuple(rows), comm=None, device=device_description(pool),
+                            measured_on=datetime.date.today().isoformat(),
+                            how=f"comfy-tetriserve demo: median of {PROFILE_STEPS} sampler steps after "
+                                f"{PROFILE_WARMUP} warm-up steps per point, measured by the group leader in the "
+                                f"worker pool ({dtype}, {text_tokens} text tokens), one request at a time",
+                            extra={"machine": machine_description()})
+    finally:
+        await pool.close()
+
+
+def ensure_profile(home: Path, models: Mapping[str, Path], resolutions: Mapping[str, tuple[int, ...]], devices: str,
+                   dtype: str, text_tokens: int, say: Say = print,
+                   remeasure: bool = False) -> tuple[Path, ProfileTable, bool]:
+    """(profile file, table, measured now?) for these models on this machine; measured once, then cached."""
+    folder = home / "profiles"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"profile-{profile_key(models, resolutions, devices, dtype, text_tokens)}.json"
+    if path.exists() and not remeasure:
+        try:
+            table = load_profile(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            say(f"  cached profile {path} unreadable ({exc}); measuring again")
+        else:
+            say(f"  cached profile for this machine: {path}")
+            return path, table, False
+    table = asyncio.run(measure_profile(models, resolutions, devices, dtype, text_tokens, say))
+    save_profile(table, path)
+    say(f"  profile written to {path}")
+    return path, table, True
