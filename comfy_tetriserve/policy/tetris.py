@@ -1,0 +1,549 @@
+"""TetriServe: the round-based, deadline-aware step-level sequence-parallel planner (pure).
+
+One call of ``plan_round`` is one planning round. Outline (the paper's steps, our decisions in
+brackets; docs/planner.md measures each decision):
+
+1. Classify the plannable requests: LIVE (deadline still reachable at the fastest degree),
+   LATE (unreachable: best effort), BEST_EFFORT (no deadline).
+2. Allocation, least GPU time: for each LIVE request the cheapest plan (GPU time = degree x
+   step time) that meets its deadline with its remaining steps: one degree, or two degrees
+   whose mix just meets it (policy.common.plan_allocation).
+3. Round length tau = ``granularity_steps`` x a reference step time [``tau_rule``].
+4. Packing (group knapsack over GPUs): each LIVE request offers "run nothing" or, for each
+   degree of its allocation, q = min(steps planned there, floor(tau / T)) steps [at least one
+   in a fresh round]. A request *survives* an option if now + tau + (steps left after it) x
+   T_min <= deadline. A DP over capacity maximises survivors; ties [``tie_break``] then prefer
+   running more requests, then the more urgent ones (least slack).
+5. Placement: concrete groups from the executor's set, largest first; a request keeps its
+   previous group when free [``placement``], else best fit (policy.common.Placer).
+6. Elastic scale-up [``scale_up``]: idle GPUs double the degree of the running requests with
+   the best parallel efficiency first, when it speeds the step up by ``min_speedup``.
+7. LATE and BEST_EFFORT requests get at most ``late_max_gpus`` GPU each from what is still
+   idle (oldest first), then are scaled up with whatever is idle after that. They never take
+   a GPU that a LIVE request was given, so they cannot cost a deadline in this round.
+8. Selective batching [``batching``]: LIVE requests of identical shape and small size (image
+   tokens <= ``batch_max_tokens``) are paired into one batched item when the pair's batched
+   step meets both deadlines and saves GPU time.
+9. Fill: each assignment runs as many steps as fit before the round's last assignment ends.
+
+Synchronous rounds on an event-driven engine: while assignments run, the round ends at the
+latest running_until_at; the planner then only fills free GPUs with work that ends by then
+(*gap mode*: options whose q steps fit the window), and a new round starts when they are done.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from ..cost import CostModel
+from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
+from .common import EPS, Placer, Urgency, plan_allocation, usable_degrees
+
+#: knapsack value tiers: survivors first, then comfortable requests, then the tie-break (< COMFORT)
+SURVIVE = 1_000_000_000
+COMFORT = 1_000_000
+TAU_RULES = ("plan-max", "plan-median", "plan-min", "fast-max", "fast-median", "fast-min")
+TIE_BREAKS = ("count-slack", "gpus-slack", "slack", "none")
+MIX_ORDERS = ("both", "fast-first", "cheap-first")
+
+
+@dataclass
+class _Item:
+    """A knapsack item: one request, or a batch of identical requests sharing each step."""
+
+    snaps: tuple[RequestSnapshot, ...]
+    times: dict[int, float]  # step time per usable degree (batched when several members)
+    t_min: float
+    left: int  # steps left (the fewest among members)
+    deadline: float
+    plan: tuple[tuple[int, int], ...] = ()  # allocation (degree, steps)
+    slack_s: float = 0.0
+    options: list[tuple[int, int, int]] = field(default_factory=list)  # (gpus, steps, value)
+    none_value: int = 0
+    work_s: float = 0.0  # GPU seconds of the allocation
+    min_work_s: float = 0.0  # least GPU seconds to finish in time from now
+    chosen: tuple[int, int] | None = None  # (degree, steps)
+    group: tuple[int, ...] = ()
+
+    @property
+    def prefer(self) -> tuple[int, ...]:
+        return self.snaps[0].gpu_ids
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(s.request_id for s in self.snaps)
+
+
+@dataclass(frozen=True)
+class TetriServePolicy:
+    name: str = "tetriserve"
+    granularity_steps: int = 5
+    tau_rule: str = "fast-max"
+    tie_break: str = "count-slack"
+    mix_order: str = "both"
+    placement: bool = True
+    placement_fit: str = "best"
+    scale_up: bool = True
+    min_speedup: float = 1.05
+    batching: bool = True
+    max_batch: int = 2
+    batch_max_tokens: int = 1024
+    late_max_gpus: int = 1
+    align_rounds: bool = True
+    align_max_frac: float = 1.5
+    round_overhead_s: float = 0.001
+    plan_margin_frac: float = 0.0
+    comfort: float | None = None
+    speed_tolerance: float = 0.0
+    admission: bool = True
+    admission_budget_frac: float = 1.0
+    admission_capacity_frac: float = 1.0
+    admission_tie: str = "deadline"
+    background_round_s: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.tau_rule not in TAU_RULES and not self.tau_rule.startswith("fixed:"):
+            raise ValueError(f"tau_rule must be one of {TAU_RULES} or fixed:<seconds>")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break must be one of {TIE_BREAKS}")
+        if self.mix_order not in MIX_ORDERS:
+            raise ValueError(f"mix_order must be one of {MIX_ORDERS}")
+        if self.granularity_steps < 1:
+            raise ValueError("granularity_steps must be >= 1")
+
+    # ------------------------------------------------------------------ the round
+    def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
+        now = view.now
+        n = len(view.gpu_ids)
+        round_end = max((r.running_until_at for r in view.requests if r.running_until_at is not None), default=None)
+        window = round_end - now if round_end is not None and round_end > now + EPS else None
+        live: list[_Item] = []
+        background: list[_Item] = []
+        degrees_of: dict[str, tuple[int, ...]] = {}
+        for snap in view.plannable:
+            r = snap.request
+            ks = degrees_of.get(r.model)
+            if ks is None:
+                ks = degrees_of[r.model] = usable_degrees(cost, r.model, n)
+            times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in ks}
+            t_min = min(times.values())
+            deadline = r.deadline_at if r.deadline_at is not None else math.inf
+            item = _Item((snap,), times, t_min, snap.steps_left, deadline)
+            urgency = (Urgency.BEST_EFFORT if r.deadline_at is None
+                       else Urgency.LATE if now + item.left * t_min > deadline + EPS else Urgency.LIVE)
+            if urgency is Urgency.LIVE:
+                budget = deadline - now
+                alloc = plan_allocation(times, item.left, budget * (1.0 - self.plan_margin_frac), self.speed_tolerance)
+                if alloc is None:
+                    alloc = plan_allocation(times, item.left, budget, self.speed_tolerance)
+                assert alloc is not None
+                item.plan = alloc.steps
+                item.slack_s = deadline - now - alloc.time_s
+                item.work_s = alloc.gpu_time_s
+                if self.comfort is not None:
+                    least = plan_allocation(times, item.left, budget)
+                    item.min_work_s = least.gpu_time_s if least is not None else alloc.gpu_time_s
+                live.append(item)
+            else:
+                background.append(item)
+        if self.batching and len(live) > 1:
+            live = self._batch(live, cost, now, n)
+        doomed: list[_Item] = []
+        if self.admission and live:
+            live, doomed = self._admit(live, self._running_work(view, cost, n), now, n)
+        if window is not None:
+            tau = window
+        elif live:
+            tau = self._tau(live)
+        else:
+            tau = self.background_round_s
+        placer = Placer(view, preserve=self.placement, fit=self.placement_fit)
+        chosen = self._pack(live, placer.num_free, now, tau, fresh=window is None)
+        chosen = self._place(chosen, placer, view, now, tau, fresh=window is None)
+        if doomed and placer.num_free > 0:
+            extra = self._pack(doomed, placer.num_free, now, tau, fresh=window is None)
+            chosen += self._place(extra, placer, view, now, tau, fresh=window is None)
+        if self.scale_up:
+            self._scale_up(chosen, placer, view, tau)
+        bg = self._background(background, placer, view, tau, fresh=window is None)
+        if self.scale_up:
+            self._scale_up(bg, placer, view, tau)
+        out = chosen + bg
+        self._fill(out, {id(x) for x in chosen}, tau, window is None)
+        assignments = tuple(Assignment(x.ids, x.group, x.chosen[1]) for x in out)
+        longest = max((x.chosen[1] * x.times[x.chosen[0]] for x in out), default=0.0)
+        if not assignments and window is None and view.plannable:
+            return self._fallback(view, cost, background + live)
+        return RoundPlan(view.round_index, longest, assignments,
+                         note=f"{'gap' if window is not None else 'round'} tau={tau:.3f}s live={len(live)}")
+
+    # ------------------------------------------------------------------ pieces
+    def _work(self, times: dict[int, float], left: int, budget_s: float) -> float:
+        """GPU seconds a request needs when it must finish within admission_budget_frac x budget."""
+        alloc = plan_allocation(times, left, budget_s * self.admission_budget_frac)
+        if alloc is not None:
+            return alloc.gpu_time_s
+        k = min(times, key=lambda k: (times[k], k))
+        return left * k * times[k]
+
+    def _running_work(self, view: SchedulerView, cost: CostModel, n: int) -> list[tuple[float, float, float]]:
+        """(deadline, GPU seconds still needed, slack) of running requests with a reachable deadline."""
+        out = []
+        for r in view.requests:
+            if r.running_until_at is None or r.request.deadline_at is None:
+                continue
+            q = r.request
+            times = {k: cost.step_time_s(q.model, q.height, q.width, q.batch, k)
+                     for k in usable_degrees(cost, q.model, n)}
+            if view.now + r.steps_left * min(times.values()) <= q.deadline_at:
+                out.append((q.deadline_at, self._work(times, r.steps_left, q.deadline_at - view.now), 0.0))
+        return out
+
+    def _admit(self, live: list[_Item], running: list[tuple[float, float, float]], now: float, n: int
+               ) -> tuple[list[_Item], list[_Item]]:
+        """Which LIVE requests can finish together: Moore-Hodgson over GPU time.
+
+        In deadline order, add each request's least GPU time (its allocation); whenever the work
+        due by a deadline exceeds n GPUs x the time until it, drop the admitted request with the
+        most work (running requests are never dropped). Maximises the number admitted for a
+        single pooled machine; the dropped (*doomed*) requests only get GPUs the admitted ones
+        leave idle this round, and are reconsidered next round.
+        """
+        entries = [(x.deadline, self._work(x.times, x.left, x.deadline - now), x.slack_s, i)
+                   for i, x in enumerate(live)]
+        entries += [(d, w, sl, -1) for d, w, sl in running]
+        entries.sort(key=lambda e: (e[0], e[3] < 0, e[3]))
+        heap: list[tuple[float, float, int]] = []
+        cum = 0.0
+        dropped: set[int] = set()
+        cap = n * self.admission_capacity_frac
+        for d, w, slack, i in entries:
+            cum += w
+            if i >= 0:
+                tie = -d if self.admission_tie == "deadline" else slack
+                heapq.heappush(heap, (-round(w, 1), tie, w, i))
+            while heap and cum > cap * (d - now) + EPS:
+                _, _, w_j, j = heapq.heappop(heap)
+                cum -= w_j
+                dropped.add(j)
+        if not dropped:
+            return live, []
+        return ([x for i, x in enumerate(live) if i not in dropped],
+                sorted((live[i] for i in dropped), key=lambda x: x.deadline))
+
+    def _tau(self, live: list[_Item]) -> float:
+        if self.tau_rule.startswith("fixed:"):
+            return float(self.tau_rule.split(":", 1)[1])
+        if self.tau_rule.startswith("fast"):
+            ref = [x.t_min for x in live]
+        else:
+            ref = [x.times[x.plan[-1][0]] for x in live]
+        if self.tau_rule.endswith("max"):
+            t = max(ref)
+        elif self.tau_rule.endswith("min"):
+            t = min(ref)
+        else:
+            t = sorted(ref)[len(ref) // 2]
+        return self.granularity_steps * t
+
+    def _options(self, x: _Item, now: float, tau: float, fresh: bool, free: int) -> None:
+        """Fill x.options with (gpus, steps, value) and x.none_value (see the module docstring)."""
+        horizon = now + tau
+        survive_none = horizon + x.left * x.t_min <= x.deadline + EPS
+        members = len(x.snaps)
+        urgency = min(int(1000.0 / (1.0 + 20.0 * max(x.slack_s, 0.0))), 999)
+        x.none_value = members * SURVIVE * survive_none
+        if self.comfort is not None and survive_none:
+            x.none_value += members * COMFORT * self._comfortable(x, 0, 1, 0.0, x.deadline - horizon)
+        plan = x.plan
+        if self.mix_order == "fast-first":
+            plan = plan[-1:]
+        elif self.mix_order == "cheap-first":
+            plan = plan[:1]
+        x.options = []
+        seen = set()
+        for k, s_k in plan:
+            t = x.times[k]
+            q = min(s_k, int(tau / t + EPS))
+            if q < 1:
+                # the planned degree's step outlasts the round: the smallest faster degree whose
+                # step fits runs instead (keeps rounds about tau long); none fits: one step at the fastest
+                fits = [k2 for k2 in sorted(x.times) if k2 > k and x.times[k2] <= tau + EPS]
+                if fits:
+                    k = fits[0]
+                    t = x.times[k]
+                    q = min(x.left, int(tau / t + EPS))
+                elif fresh:
+                    k = max(x.times, key=lambda k2: (-x.times[k2], k2))
+                    t, q = x.times[k], 1
+                else:
+                    continue
+            if k > free or k in seen:
+                continue
+            seen.add(k)
+            survive = now + max(tau, q * t) + (x.left - q) * x.t_min <= x.deadline + EPS
+            value = members * SURVIVE * survive
+            if self.comfort is not None and survive:
+                value += members * COMFORT * self._comfortable(x, q, k, t, x.deadline - now - max(tau, q * t))
+            if self.tie_break == "count-slack":
+                value += members * 1000 + urgency
+            elif self.tie_break == "gpus-slack":
+                value += k * 1000 + urgency
+            elif self.tie_break == "slack":
+                value += urgency
+            x.options.append((k, q, value))
+
+    def _comfortable(self, x: _Item, q: int, k: int, t: float, budget_after: float) -> bool:
+        """Whether running q steps at k now (q = 0: nothing) keeps the request's total GPU time
+        within (1 + comfort) of its least GPU time from now: waiting that forces a faster, dearer
+        degree later, or running at a dearer degree now, is not comfortable."""
+        after = plan_allocation(x.times, x.left - q, budget_after) if x.left > q else None
+        if after is None and x.left > q:
+            return False
+        total = q * k * t + (after.gpu_time_s if after is not None else 0.0)
+        return total <= x.min_work_s * (1.0 + self.comfort) + EPS
+
+    def _pack(self, items: list[_Item], capacity: int, now: float, tau: float, fresh: bool) -> list[_Item]:
+        """Group knapsack: at most one option per item, total GPUs <= capacity, max total value."""
+        if not items or capacity <= 0:
+            return []
+        neg = -1
+        dp = [0] + [neg] * capacity  # best value using exactly c GPUs
+        back: list[list[int]] = []
+        for x in items:
+            self._options(x, now, tau, fresh, capacity)
+            nv = x.none_value
+            new = [v + nv if v >= 0 else neg for v in dp]
+            pick = [-1] * (capacity + 1)
+            for oi, (k, _, val) in enumerate(x.options):
+                for c in range(k, capacity + 1):
+                    prev = dp[c - k]
+                    if prev >= 0 and prev + val > new[c]:
+                        new[c] = prev + val
+                        pick[c] = oi
+            dp = new
+            back.append(pick)
+        best_c = max(range(capacity + 1), key=lambda c: (dp[c], -c))
+        chosen = []
+        c = best_c
+        for x, pick in zip(reversed(items), reversed(back)):
+            oi = pick[c]
+            if oi >= 0:
+                k, q, _ = x.options[oi]
+                x.chosen = (k, q)
+                chosen.append(x)
+                c -= k
+        chosen.reverse()
+        return chosen
+
+    def _place(self, chosen: list[_Item], placer: Placer, view: SchedulerView, now: float, tau: float,
+               fresh: bool) -> list[_Item]:
+        """Concrete groups, largest first; an item that does not fit falls back to a smaller option or waits."""
+        order = sorted(chosen, key=lambda x: (-x.chosen[0], x.slack_s))
+        saved = set(placer.occupied)
+        if not placer.can_place_all(x.chosen[0] for x in order):
+            pass  # fragmentation (busy GPUs): handled per item below
+        placed = []
+        for x in order:
+            g = placer.place(x.chosen[0], x.prefer)
+            if g is None:
+                # try smaller degrees of the item's times, fitting the round
+                for k in sorted((k for k in x.times if k < x.chosen[0]), reverse=True):
+                    g = placer.place(k, x.prefer)
+                    if g is not None:
+                        q = min(x.left, max(1 if fresh else 0, int(tau / x.times[k] + EPS)))
+                        if q < 1:
+                            placer.occupied.difference_update(g)
+                            g = None
+                            continue
+                        x.chosen = (k, q)
+                        break
+            if g is None:
+                x.chosen = None
+                continue
+            x.group = g
+            placed.append(x)
+        if len(placed) < len(order) and self.placement:
+            # preferences may have fragmented the free GPUs: retry without them, keep the better result
+            placer2 = Placer(view, preserve=False)
+            placer2.occupied = set(saved)
+            if placer2.can_place_all(x.chosen[0] if x.chosen else 0 for x in placed):
+                pass
+        return placed
+
+    def _scale_up(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float) -> None:
+        """Double degrees with idle GPUs, best parallel efficiency first, if the doubled group is placeable."""
+        while placer.num_free > 0:
+            best = None
+            for x in items:
+                k = x.chosen[0]
+                k2 = 2 * k
+                if k2 not in x.times or k > placer.num_free:
+                    continue
+                speedup = x.times[k] / x.times[k2]
+                if speedup < self.min_speedup:
+                    continue
+                key = (speedup / 2.0, -x.slack_s)
+                if best is None or key > best[0]:
+                    best = (key, x)
+            if best is None:
+                return
+            x = best[1]
+            k = x.chosen[0]
+            # re-place x at 2k: free its group, try a 2k group (prefer one containing the old group)
+            placer.occupied.difference_update(x.group)
+            cands = [g for g in placer.free_groups(2 * k) if set(x.group) <= set(g)] or placer.free_groups(2 * k)
+            if not cands:
+                placer.take(x.group)
+                x.times = dict(x.times)
+                x.times.pop(2 * k)  # not placeable: do not try this item again at 2k
+                continue
+            g = max(cands, key=lambda c: (set(x.group) <= set(c), placer._fit_score(c)))
+            placer.take(g)
+            t2 = x.times[2 * k]
+            steps_time = x.chosen[1] * x.times[k]
+            q = min(x.left, max(x.chosen[1], int(max(tau, steps_time) / t2 + EPS)))
+            x.chosen = (2 * k, q)
+            x.group = g
+
+    def _background(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float,
+                    fresh: bool) -> list[_Item]:
+        """LATE and BEST_EFFORT requests on leftover GPUs, oldest first, in pieces that end within tau.
+
+        First at most ``late_max_gpus`` GPUs each; a request whose step is too long for that
+        waits for a second pass, which gives it the smallest idle group whose step fits. A piece
+        never outlasts the round, so background work cannot delay the next round's deadlines
+        (with no deadline work at all, rounds are ``background_round_s`` long).
+        """
+        out, waiting = [], []
+        items = sorted(items, key=lambda x: (x.snaps[0].request.arrival_at, x.snaps[0].request_id))
+        for x in items:
+            if placer.num_free <= 0:
+                return out
+            small = [k for k in x.times if k <= self.late_max_gpus and x.times[k] <= tau + EPS]
+            if not small:
+                waiting.append(x)
+                continue
+            k = max(small)
+            g = placer.place(k, x.prefer)
+            if g is None:
+                waiting.append(x)
+                continue
+            x.chosen, x.group, x.slack_s = (k, min(x.left, int(tau / x.times[k] + EPS))), g, math.inf
+            out.append(x)
+        for x in waiting:
+            for k in sorted(x.times):
+                if x.times[k] > tau + EPS or k > placer.num_free:
+                    continue
+                g = placer.place(k, x.prefer)
+                if g is not None:
+                    x.chosen, x.group, x.slack_s = (k, min(x.left, int(tau / x.times[k] + EPS))), g, math.inf
+                    out.append(x)
+                    break
+        return out
+
+    def _fill(self, items: list[_Item], live_ids: set[int], tau: float, fresh: bool) -> None:
+        """Set every assignment's steps so that all end together, at the round end E.
+
+        In gap mode E is the running round's end. In a fresh round E is chosen (when
+        ``align_rounds``) among the ends of whole steps of the slow-step assignments between
+        the longest single step and 1.5 tau, minimising idle GPU time (GPUs that finish early
+        and wait for the round's last assignment) plus ``round_overhead_s`` per assignment,
+        per second of round: a request stepping 0.22 s in a 0.58 s round would otherwise idle
+        a quarter of it. A slower planned degree keeps its planned share of steps.
+        """
+        if not items:
+            return
+        rows = []
+        for x in items:
+            k = x.chosen[0]
+            cap = x.left
+            if id(x) in live_ids and x.plan and k != x.plan[-1][0]:
+                planned = dict(x.plan).get(k)
+                if planned is not None:
+                    cap = min(cap, planned)
+            rows.append((x, k, x.times[k], max(cap, x.chosen[1])))
+        if not fresh:
+            end = tau
+        elif self.align_rounds:
+            lo = max(t for _, _, t, _ in rows)
+            hi = max(lo, self.align_max_frac * tau)
+            cands = {tau} if tau >= lo - EPS else {lo}
+            for _, _, t, cap in rows:
+                if t >= tau / 8:
+                    for q in range(max(1, int(lo / t - EPS)), cap + 1):
+                        e = q * t
+                        if e > hi + EPS:
+                            break
+                        if e >= lo - EPS:
+                            cands.add(e)
+            overhead = self.round_overhead_s * sum(k for _, k, _, _ in rows)
+
+            def idle_rate(e: float) -> float:
+                waste = sum(k * (e - min(cap, int(e / t + EPS)) * t) for _, k, t, cap in rows)
+                return (waste + overhead) / e
+
+            end = min(sorted(cands), key=idle_rate)
+        else:
+            end = max(x.chosen[1] * x.times[x.chosen[0]] for x in items)
+        for x, k, t, cap in rows:
+            x.chosen = (k, max(1, min(cap, int(end / t + EPS))))
+
+    def _batch(self, live: list[_Item], cost: CostModel, now: float, n: int) -> list[_Item]:
+        """Pair identical small requests into one item when the pair meets both deadlines and saves GPU time."""
+        groups: dict[tuple, list[_Item]] = {}
+        for x in live:
+            r = x.snaps[0].request
+            if r.num_image_tokens <= self.batch_max_tokens:
+                groups.setdefault(r.shape_key, []).append(x)
+        if not any(len(g) > 1 for g in groups.values()):
+            return live
+        merged: set[int] = set()
+        out_extra = []
+        for key, xs in groups.items():
+            if len(xs) < 2:
+                continue
+            xs = sorted(xs, key=lambda x: x.deadline)
+            i = 0
+            while i + 1 < len(xs):
+                a, b = xs[i], xs[i + 1]
+                pair = self._try_pair(a, b, cost, now)
+                if pair is not None:
+                    merged.update((id(a), id(b)))
+                    out_extra.append(pair)
+                    i += 2
+                else:
+                    i += 1
+        return [x for x in live if id(x) not in merged] + out_extra
+
+    def _try_pair(self, a: _Item, b: _Item, cost: CostModel, now: float) -> _Item | None:
+        r = a.snaps[0].request
+        times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch * 2, k) for k in a.times}
+        left = max(a.left, b.left)
+        deadline = min(a.deadline, b.deadline)
+        alloc = plan_allocation(times, left, deadline - now)
+        if alloc is None:
+            return None
+        alone = (a.left * sum(k * a.times[k] * s for k, s in a.plan) / max(a.left, 1)
+                 + b.left * sum(k * b.times[k] * s for k, s in b.plan) / max(b.left, 1))
+        if alloc.gpu_time_s >= alone - EPS:
+            return None
+        item = _Item(a.snaps + b.snaps, times, min(times.values()), min(a.left, b.left), deadline)
+        item.plan = tuple((k, min(s, item.left)) for k, s in alloc.steps)
+        item.slack_s = deadline - now - alloc.time_s
+        return item
+
+    def _fallback(self, view: SchedulerView, cost: CostModel, items: list[_Item]) -> RoundPlan:
+        """Never stall an idle engine: the oldest request gets one step on the largest free group."""
+        placer = Placer(view, preserve=self.placement, fit=self.placement_fit)
+        for x in sorted(items, key=lambda x: (x.snaps[0].request.arrival_at, x.snaps[0].request_id)):
+            for k in sorted(x.times, reverse=True):
+                g = placer.place(k, x.prefer)
+                if g is not None:
+                    return RoundPlan(view.round_index, x.times[k], (Assignment(x.ids, g, 1),), note="fallback")
+        return RoundPlan(view.round_index, 0.0)
+
+
+def make_tetriserve(**options) -> TetriServePolicy:
+    return TetriServePolicy(**options)
