@@ -4,6 +4,7 @@ and placement of GPU-count demands onto the executor's groups. All pure, no torc
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,36 +58,51 @@ def plan_allocation(times: dict[int, float], steps_left: int, budget_s: float,
     GPU time is within (1 + speed_tolerance) of the least is chosen instead (large images scale
     almost linearly, so running them fast costs almost nothing and frees the GPUs sooner).
     """
-    best: Allocation | None = None
     degrees = sorted(times)
+    budget = budget_s + EPS
+    # single degree: least GPU time, ties to fewer GPUs
+    single = None  # (gpu, k)
+    cheapest = None  # degree of least per-step GPU time overall
     for k in degrees:
-        t = steps_left * times[k]
-        if t <= budget_s + EPS:
-            a = Allocation(((k, steps_left),), steps_left * k * times[k], t)
-            if best is None or (a.gpu_time_s, k) < (best.gpu_time_s, best.degrees[-1]):
-                best = a
-    for i, lo in enumerate(degrees):
-        for hi in degrees[i + 1:]:
-            t_lo, t_hi = times[lo], times[hi]
-            if t_hi >= t_lo or steps_left * t_hi > budget_s + EPS:
-                continue
-            s_lo = int((budget_s - steps_left * t_hi) / (t_lo - t_hi) + EPS)
-            s_lo = min(s_lo, steps_left - 1)
-            if s_lo <= 0:
-                continue
-            s_hi = steps_left - s_lo
-            gpu = s_lo * lo * t_lo + s_hi * hi * t_hi
-            a = Allocation(((lo, s_lo), (hi, s_hi)), gpu, s_lo * t_lo + s_hi * t_hi)
-            if best is None or (a.gpu_time_s, a.time_s) < (best.gpu_time_s - EPS, best.time_s):
-                best = a
-    if best is not None and speed_tolerance > 0:
-        limit = best.gpu_time_s * (1.0 + speed_tolerance) + EPS
+        g = k * times[k]
+        if cheapest is None or g < cheapest[0] - EPS:
+            cheapest = (g, k)
+        if steps_left * times[k] <= budget and (single is None or g < single[0] - EPS):
+            single = (g, k)
+    if single is not None and single[1] == cheapest[1]:
+        best = ((single[1], steps_left),)  # nothing beats the cheapest degree when it is fast enough
+        best_gpu, best_time = steps_left * single[0], steps_left * times[single[1]]
+    else:
+        best = None
+        best_gpu = best_time = math.inf
+        if single is not None:
+            best = ((single[1], steps_left),)
+            best_gpu, best_time = steps_left * single[0], steps_left * times[single[1]]
+        for i, lo in enumerate(degrees):
+            t_lo = times[lo]
+            if steps_left * t_lo <= budget:
+                continue  # lo alone fits: a mix with a faster degree only costs more
+            for hi in degrees[i + 1:]:
+                t_hi = times[hi]
+                if t_hi >= t_lo or steps_left * t_hi > budget or hi * t_hi <= lo * t_lo:
+                    continue
+                s_lo = min(int((budget_s - steps_left * t_hi) / (t_lo - t_hi) + EPS), steps_left - 1)
+                if s_lo <= 0:
+                    continue
+                s_hi = steps_left - s_lo
+                gpu = s_lo * lo * t_lo + s_hi * hi * t_hi
+                dur = s_lo * t_lo + s_hi * t_hi
+                if gpu < best_gpu - EPS or (gpu <= best_gpu + EPS and dur < best_time):
+                    best, best_gpu, best_time = ((lo, s_lo), (hi, s_hi)), gpu, dur
+        if best is None:
+            return None
+    if speed_tolerance > 0:
+        limit = best_gpu * (1.0 + speed_tolerance) + EPS
         for k in degrees:
-            t = steps_left * times[k]
-            gpu = t * k
-            if t <= budget_s + EPS and gpu <= limit and t < best.time_s - EPS:
-                best = Allocation(((k, steps_left),), gpu, t)
-    return best
+            dur = steps_left * times[k]
+            if dur <= budget and dur * k <= limit and dur < best_time - EPS:
+                best, best_gpu, best_time = ((k, steps_left),), dur * k, dur
+    return Allocation(best, best_gpu, best_time)
 
 
 # ------------------------------------------------------------------------------ placement

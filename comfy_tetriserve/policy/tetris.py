@@ -32,13 +32,14 @@ latest running_until_at; the planner then only fills free GPUs with work that en
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
 
 from ..cost import CostModel
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
-from .common import EPS, Placer, Urgency, plan_allocation, usable_degrees
+from .common import EPS, Placer, plan_allocation, usable_degrees
 
 #: knapsack value tiers: survivors first, then comfortable requests, then the tie-break (< COMFORT)
 SURVIVE = 1_000_000_000
@@ -112,6 +113,11 @@ class TetriServePolicy:
         if self.granularity_steps < 1:
             raise ValueError("granularity_steps must be >= 1")
 
+    def for_forecast(self) -> "TetriServePolicy":
+        """The same planner for a world without further arrivals (sim.forecast): background work
+        (late or without deadline) runs in long pieces, as no arrival can need its GPUs."""
+        return dataclasses.replace(self, background_round_s=max(self.background_round_s, 2.0))
+
     # ------------------------------------------------------------------ the round
     def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
         now = view.now
@@ -121,31 +127,32 @@ class TetriServePolicy:
         live: list[_Item] = []
         background: list[_Item] = []
         degrees_of: dict[str, tuple[int, ...]] = {}
+        shapes: dict[tuple, tuple[dict[int, float], float]] = {}
         for snap in view.plannable:
             r = snap.request
-            ks = degrees_of.get(r.model)
-            if ks is None:
-                ks = degrees_of[r.model] = usable_degrees(cost, r.model, n)
-            times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in ks}
-            t_min = min(times.values())
+            shape = shapes.get(r.shape_key)
+            if shape is None:
+                ks = degrees_of.get(r.model)
+                if ks is None:
+                    ks = degrees_of[r.model] = usable_degrees(cost, r.model, n)
+                times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in ks}
+                shape = shapes[r.shape_key] = (times, min(times.values()))
+            times, t_min = shape
             deadline = r.deadline_at if r.deadline_at is not None else math.inf
             item = _Item((snap,), times, t_min, snap.steps_left, deadline)
-            urgency = (Urgency.BEST_EFFORT if r.deadline_at is None
-                       else Urgency.LATE if now + item.left * t_min > deadline + EPS else Urgency.LIVE)
-            if urgency is Urgency.LIVE:
+            if r.deadline_at is not None and now + item.left * t_min <= deadline + EPS:  # LIVE
                 budget = deadline - now
-                alloc = plan_allocation(times, item.left, budget * (1.0 - self.plan_margin_frac), self.speed_tolerance)
-                if alloc is None:
-                    alloc = plan_allocation(times, item.left, budget, self.speed_tolerance)
-                assert alloc is not None
+                least = plan_allocation(times, item.left, budget)
+                alloc = least
+                if self.plan_margin_frac > 0 or self.speed_tolerance > 0:
+                    alloc = plan_allocation(times, item.left, budget * (1.0 - self.plan_margin_frac),
+                                            self.speed_tolerance) or least
                 item.plan = alloc.steps
-                item.slack_s = deadline - now - alloc.time_s
+                item.slack_s = budget - alloc.time_s
                 item.work_s = alloc.gpu_time_s
-                if self.comfort is not None:
-                    least = plan_allocation(times, item.left, budget)
-                    item.min_work_s = least.gpu_time_s if least is not None else alloc.gpu_time_s
+                item.min_work_s = least.gpu_time_s
                 live.append(item)
-            else:
+            else:  # LATE or BEST_EFFORT
                 background.append(item)
         if self.batching and len(live) > 1:
             live = self._batch(live, cost, now, n)
@@ -179,8 +186,10 @@ class TetriServePolicy:
                          note=f"{'gap' if window is not None else 'round'} tau={tau:.3f}s live={len(live)}")
 
     # ------------------------------------------------------------------ pieces
-    def _work(self, times: dict[int, float], left: int, budget_s: float) -> float:
+    def _work(self, times: dict[int, float], left: int, budget_s: float, least: float | None = None) -> float:
         """GPU seconds a request needs when it must finish within admission_budget_frac x budget."""
+        if least is not None and self.admission_budget_frac == 1.0:
+            return least
         alloc = plan_allocation(times, left, budget_s * self.admission_budget_frac)
         if alloc is not None:
             return alloc.gpu_time_s
@@ -210,7 +219,7 @@ class TetriServePolicy:
         single pooled machine; the dropped (*doomed*) requests only get GPUs the admitted ones
         leave idle this round, and are reconsidered next round.
         """
-        entries = [(x.deadline, self._work(x.times, x.left, x.deadline - now), x.slack_s, i)
+        entries = [(x.deadline, self._work(x.times, x.left, x.deadline - now, x.min_work_s), x.slack_s, i)
                    for i, x in enumerate(live)]
         entries += [(d, w, sl, -1) for d, w, sl in running]
         entries.sort(key=lambda e: (e[0], e[3] < 0, e[3]))
@@ -305,71 +314,66 @@ class TetriServePolicy:
         return total <= x.min_work_s * (1.0 + self.comfort) + EPS
 
     def _pack(self, items: list[_Item], capacity: int, now: float, tau: float, fresh: bool) -> list[_Item]:
-        """Group knapsack: at most one option per item, total GPUs <= capacity, max total value."""
+        """The round's group knapsack over this round's options of ``items``; returns the chosen ones."""
         if not items or capacity <= 0:
             return []
-        neg = -1
-        dp = [0] + [neg] * capacity  # best value using exactly c GPUs
-        back: list[list[int]] = []
         for x in items:
             self._options(x, now, tau, fresh, capacity)
-            nv = x.none_value
-            new = [v + nv if v >= 0 else neg for v in dp]
-            pick = [-1] * (capacity + 1)
-            for oi, (k, _, val) in enumerate(x.options):
-                for c in range(k, capacity + 1):
-                    prev = dp[c - k]
-                    if prev >= 0 and prev + val > new[c]:
-                        new[c] = prev + val
-                        pick[c] = oi
-            dp = new
-            back.append(pick)
-        best_c = max(range(capacity + 1), key=lambda c: (dp[c], -c))
+        picks = group_knapsack([(x.none_value, [(k, v) for k, _, v in x.options]) for x in items], capacity)
         chosen = []
-        c = best_c
-        for x, pick in zip(reversed(items), reversed(back)):
-            oi = pick[c]
+        for x, oi in zip(items, picks):
             if oi >= 0:
                 k, q, _ = x.options[oi]
                 x.chosen = (k, q)
                 chosen.append(x)
-                c -= k
-        chosen.reverse()
         return chosen
 
     def _place(self, chosen: list[_Item], placer: Placer, view: SchedulerView, now: float, tau: float,
                fresh: bool) -> list[_Item]:
-        """Concrete groups, largest first; an item that does not fit falls back to a smaller option or waits."""
+        """Concrete groups, largest first (then least slack). An item whose group size is not free
+        (busy GPUs fragment the aligned blocks) falls back to the largest smaller free group whose
+        steps fit the round, else waits. If keeping previous groups placed fewer items than
+        ignoring them would, previous groups are ignored this round."""
         order = sorted(chosen, key=lambda x: (-x.chosen[0], x.slack_s))
+        wanted = [x.chosen for x in order]
         saved = set(placer.occupied)
-        if not placer.can_place_all(x.chosen[0] for x in order):
-            pass  # fragmentation (busy GPUs): handled per item below
+        placed = self._place_in_order(order, placer, tau, fresh, prefer=True)
+        if len(placed) < len(order) and self.placement:
+            first = [(x, x.chosen, x.group) for x in placed]
+            used = set(placer.occupied)
+            placer.occupied = set(saved)
+            for x, w in zip(order, wanted):
+                x.chosen = w
+            again = self._place_in_order(order, placer, tau, fresh, prefer=False)
+            if len(again) > len(placed):
+                return again
+            placer.occupied = used
+            for x in order:
+                x.chosen = None
+            for x, c, g in first:
+                x.chosen, x.group = c, g
+        return placed
+
+    def _place_in_order(self, order: list[_Item], placer: Placer, tau: float, fresh: bool,
+                        prefer: bool) -> list[_Item]:
         placed = []
         for x in order:
-            g = placer.place(x.chosen[0], x.prefer)
+            pref = x.prefer if prefer else ()
+            g = placer.place(x.chosen[0], pref)
             if g is None:
-                # try smaller degrees of the item's times, fitting the round
                 for k in sorted((k for k in x.times if k < x.chosen[0]), reverse=True):
-                    g = placer.place(k, x.prefer)
+                    q = min(x.left, int(tau / x.times[k] + EPS))
+                    if q < 1 and not fresh:
+                        continue
+                    g = placer.place(k, pref)
                     if g is not None:
-                        q = min(x.left, max(1 if fresh else 0, int(tau / x.times[k] + EPS)))
-                        if q < 1:
-                            placer.occupied.difference_update(g)
-                            g = None
-                            continue
-                        x.chosen = (k, q)
+                        x.chosen = (k, max(q, 1))
                         break
             if g is None:
                 x.chosen = None
                 continue
             x.group = g
             placed.append(x)
-        if len(placed) < len(order) and self.placement:
-            # preferences may have fragmented the free GPUs: retry without them, keep the better result
-            placer2 = Placer(view, preserve=False)
-            placer2.occupied = set(saved)
-            if placer2.can_place_all(x.chosen[0] if x.chosen else 0 for x in placed):
-                pass
         return placed
 
     def _scale_up(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float) -> None:
@@ -532,6 +536,7 @@ class TetriServePolicy:
         item = _Item(a.snaps + b.snaps, times, min(times.values()), min(a.left, b.left), deadline)
         item.plan = tuple((k, min(s, item.left)) for k, s in alloc.steps)
         item.slack_s = deadline - now - alloc.time_s
+        item.work_s = item.min_work_s = alloc.gpu_time_s
         return item
 
     def _fallback(self, view: SchedulerView, cost: CostModel, items: list[_Item]) -> RoundPlan:
@@ -543,6 +548,39 @@ class TetriServePolicy:
                 if g is not None:
                     return RoundPlan(view.round_index, x.times[k], (Assignment(x.ids, g, 1),), note="fallback")
         return RoundPlan(view.round_index, 0.0)
+
+
+def group_knapsack(items: list[tuple[int, list[tuple[int, int]]]], capacity: int) -> list[int]:
+    """Pick at most one option per item, total GPUs <= capacity, maximising total value.
+
+    ``items``: (value of running nothing, [(gpus, value), ...]) each, values non-negative ints.
+    Returns, per item, the index of its chosen option or -1 for nothing. Dynamic programme over
+    "exactly c GPUs used" (the paper's Algorithm 1), O(items x capacity x options), plan rebuilt
+    from back-pointers. Ties: the first item order that reaches the value wins, and among equal
+    values the fewest GPUs (idle GPUs then go to scale-up).
+    """
+    neg = -1
+    dp = [0] + [neg] * capacity
+    back: list[list[int]] = []
+    for none_value, options in items:
+        new = [v + none_value if v >= 0 else neg for v in dp]
+        pick = [-1] * (capacity + 1)
+        for oi, (k, val) in enumerate(options):
+            for c in range(k, capacity + 1):
+                prev = dp[c - k]
+                if prev >= 0 and prev + val > new[c]:
+                    new[c] = prev + val
+                    pick[c] = oi
+        dp = new
+        back.append(pick)
+    c = max(range(capacity + 1), key=lambda c: (dp[c], -c))
+    out = [-1] * len(items)
+    for i in range(len(items) - 1, -1, -1):
+        oi = back[i][c]
+        out[i] = oi
+        if oi >= 0:
+            c -= items[i][1][oi][0]
+    return out
 
 
 def make_tetriserve(**options) -> TetriServePolicy:

@@ -69,9 +69,9 @@ class BenchConfig:
         if not self.quick:
             return self
         return dataclasses.replace(
-            self, num_requests=min(self.num_requests, 40), seeds=1, scales=(1.0, 1.5), rates=(6.0, 18.0),
-            granularities=(1, 5), bound_requests=min(self.bound_requests, 16), bound_seeds=1,
-            decision_sizes=(16, 64), decision_samples=20, step_counts=(28, 50))
+            self, num_requests=min(self.num_requests, 24), seeds=1, scales=(1.0, 1.5), rates=(6.0, 18.0),
+            granularities=(1, 5), bound_requests=min(self.bound_requests, 12), bound_seeds=1,
+            decision_sizes=(16, 64), decision_samples=20, step_counts=(28,))
 
 
 # ------------------------------------------------------------------------------ running sims
@@ -283,7 +283,8 @@ class Bench:
                 "sar": _mean(r["sar"] for r in runs), "latency_mean_s": _mean(r["latency_mean_s"] for r in runs),
                 "latency_p95_s": _mean(r["latency_p95_s"] for r in runs)}
         decisions = self._decision_variants()
-        dsettings = [(f"{m} {s}x", m, s) for m in c.mixes for s in (c.scales[0], c.sweep_scale, c.scales[-1])]
+        dsettings = [(f"{m} {s}x", m, s) for m in c.mixes
+                     for s in ((c.scales[0], c.scales[-1]) if c.quick else (c.scales[0], c.sweep_scale, c.scales[-1]))]
         keys, tasks = [], []
         for name, (policy, opts, sim, extra) in decisions.items():
             for label, mix, scale in dsettings:

@@ -108,74 +108,101 @@ def make_groups(config: SimConfig) -> tuple[tuple[int, ...], ...]:
     raise ValueError(f"unknown group set {config.groups!r} (aligned | all)")
 
 
-def simulate(trace: Sequence[GenRequest], policy, cost: CostModel, config: SimConfig = SimConfig(), *,
-             true_cost: CostModel | None = None, cost_name: str = "") -> SimResult:
-    """Run ``trace`` through ``policy`` on a virtual clock; every request runs to its end."""
-    true_cost = true_cost or cost
-    engine = Engine(policy, cost, range(config.num_gpus), make_groups(config))
-    rng = random.Random(config.seed)
-    arrivals = sorted(trace, key=lambda r: (r.arrival_at, r.request_id))
-    ends: list[tuple[float, int, Assignment, float]] = []  # (end_at, seq, assignment, started_at)
-    seq = 0
-    i = 0
-    num_plans = num_assignments = 0
-    busy = 0.0
-    degree_s: dict[int, float] = {}
-    last_gpus: dict[str, tuple[int, ...]] = {}
-    now = arrivals[0].arrival_at if arrivals else 0.0
-    for _ in range(config.max_events):
-        if i >= len(arrivals) and not ends:
-            break
-        t_arr = arrivals[i].arrival_at if i < len(arrivals) else math.inf
-        t_end = ends[0][0] if ends else math.inf
-        now = min(t_arr, t_end)
-        while ends and ends[0][0] <= now:
-            end_at, _, a, started = heapq.heappop(ends)
+class Simulation:
+    """A resumable run: ``run(until)`` processes every event up to ``until`` (virtual seconds)."""
+
+    def __init__(self, trace: Sequence[GenRequest], policy, cost: CostModel, config: SimConfig = SimConfig(), *,
+                 true_cost: CostModel | None = None) -> None:
+        self.config = config
+        self.cost = cost
+        self.true_cost = true_cost or cost
+        self.policy = policy
+        self.engine = Engine(policy, cost, range(config.num_gpus), make_groups(config))
+        self._rng = random.Random(config.seed)
+        self._arrivals = sorted(trace, key=lambda r: (r.arrival_at, r.request_id))
+        self._ends: list[tuple[float, int, Assignment, float]] = []  # (end_at, seq, assignment, started_at)
+        self._seq = 0
+        self._next = 0
+        self._last_gpus: dict[str, tuple[int, ...]] = {}
+        self.num_plans = self.num_assignments = 0
+        self.busy_gpu_seconds = 0.0
+        self.degree_seconds: dict[int, float] = {}
+        self.start_at = self._arrivals[0].arrival_at if self._arrivals else 0.0
+        self.now = self.start_at
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self._arrivals) and not self._ends
+
+    def run(self, until: float = math.inf) -> "Simulation":
+        for _ in range(self.config.max_events):
+            if self.done:
+                return self
+            t_arr = self._arrivals[self._next].arrival_at if self._next < len(self._arrivals) else math.inf
+            t_end = self._ends[0][0] if self._ends else math.inf
+            t = min(t_arr, t_end)
+            if t > until:
+                return self
+            self.now = t
+            self._step(t)
+        raise RuntimeError("simulation did not finish within max_events")
+
+    def _step(self, now: float) -> None:
+        engine, config = self.engine, self.config
+        while self._ends and self._ends[0][0] <= now:
+            end_at, _, a, started = heapq.heappop(self._ends)
             engine.apply_result(AssignmentResult(a, started, end_at, a.num_steps), end_at)
-        while i < len(arrivals) and arrivals[i].arrival_at <= now:
-            engine.submit(arrivals[i])
-            i += 1
+        while self._next < len(self._arrivals) and self._arrivals[self._next].arrival_at <= now:
+            engine.submit(self._arrivals[self._next])
+            self._next += 1
         plan = engine.plan(now)
         if plan is None:
-            continue
-        num_plans += 1
+            return
+        self.num_plans += 1
         if plan.is_empty:
-            continue
+            return
         expected: dict[tuple[str, ...], float] = {}
         actual: list[tuple[Assignment, float]] = []
         for a in plan.assignments:
             r = engine.state(a.request_ids[0]).request
-            members = len(a.request_ids)
-            overhead = config.dispatch_overhead_s + _migration_s(config, r, members, a, last_gpus)
-            predicted = a.num_steps * cost.step_time_s(r.model, r.height, r.width, r.batch * members, a.sp_degree)
-            t_step = true_cost.step_time_s(r.model, r.height, r.width, r.batch * members, a.sp_degree)
+            batch = r.batch * len(a.request_ids)
+            overhead = config.dispatch_overhead_s + _migration_s(config, r, a, self._last_gpus)
+            predicted = a.num_steps * self.cost.step_time_s(r.model, r.height, r.width, batch, a.sp_degree)
+            t_step = self.true_cost.step_time_s(r.model, r.height, r.width, batch, a.sp_degree)
             if config.step_jitter_cv > 0:
-                run = sum(max(t_step * (1 + rng.gauss(0.0, config.step_jitter_cv)), 0.0) for _ in range(a.num_steps))
+                cv = config.step_jitter_cv
+                run = sum(max(t_step * (1 + self._rng.gauss(0.0, cv)), 0.0) for _ in range(a.num_steps))
             else:
                 run = a.num_steps * t_step
             expected[a.request_ids] = now + overhead + predicted
             actual.append((a, overhead + run))
             for rid in a.request_ids:
-                last_gpus[rid] = a.gpu_ids
+                self._last_gpus[rid] = a.gpu_ids
         engine.apply_plan(plan, now, expected)
         for a, dur in actual:
-            heapq.heappush(ends, (now + dur, seq, a, now))
-            seq += 1
-            busy += dur * a.sp_degree
-            degree_s[a.sp_degree] = degree_s.get(a.sp_degree, 0.0) + dur
-            num_assignments += 1
-    else:
-        raise RuntimeError("simulation did not finish within max_events")
-    outcomes = tuple(_outcome(st) for st in engine.states())
-    return SimResult(
-        policy=getattr(policy, "name", type(policy).__name__), cost_name=cost_name, outcomes=outcomes,
-        decision_times_s=tuple(engine.decision_times_s), num_plans=num_plans, num_assignments=num_assignments,
-        makespan_s=now - (arrivals[0].arrival_at if arrivals else 0.0), busy_gpu_seconds=busy,
-        degree_seconds=degree_s,
-    )
+            heapq.heappush(self._ends, (now + dur, self._seq, a, now))
+            self._seq += 1
+            self.busy_gpu_seconds += dur * a.sp_degree
+            self.degree_seconds[a.sp_degree] = self.degree_seconds.get(a.sp_degree, 0.0) + dur
+            self.num_assignments += 1
+
+    def result(self, cost_name: str = "") -> SimResult:
+        return SimResult(
+            policy=getattr(self.policy, "name", type(self.policy).__name__), cost_name=cost_name,
+            outcomes=tuple(_outcome(st) for st in self.engine.states()),
+            decision_times_s=tuple(self.engine.decision_times_s), num_plans=self.num_plans,
+            num_assignments=self.num_assignments, makespan_s=self.now - self.start_at,
+            busy_gpu_seconds=self.busy_gpu_seconds, degree_seconds=dict(self.degree_seconds),
+        )
 
 
-def _migration_s(config: SimConfig, r: GenRequest, members: int, a: Assignment,
+def simulate(trace: Sequence[GenRequest], policy, cost: CostModel, config: SimConfig = SimConfig(), *,
+             true_cost: CostModel | None = None, cost_name: str = "") -> SimResult:
+    """Run ``trace`` through ``policy`` on a virtual clock; every request runs to its end."""
+    return Simulation(trace, policy, cost, config, true_cost=true_cost).run().result(cost_name)
+
+
+def _migration_s(config: SimConfig, r: GenRequest, a: Assignment,
                  last_gpus: dict[str, tuple[int, ...]]) -> float:
     """Moving the latent point to point when a request's group changes (the paper: under 0.05% of a step)."""
     moved = [rid for rid in a.request_ids if last_gpus.get(rid) not in (None, a.gpu_ids)]

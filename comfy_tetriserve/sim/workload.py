@@ -79,11 +79,12 @@ def make_trace(spec: WorkloadSpec) -> tuple[GenRequest, ...]:
 
 def make_random_view(num_active: int, *, seed: int = 0, num_gpus: int = 8, model: str = "flux-dev",
                      mix: str = "uniform", num_steps: int = 50, running: bool | None = None,
-                     now: float = 1000.0) -> SchedulerView:
+                     now: float = 1000.0, best_effort_fraction: float = 0.0) -> SchedulerView:
     """A planner's-eye snapshot with ``num_active`` open requests, for timing decisions.
 
     Resolutions follow ``mix``; each request has done 0-45 steps and has between -0.2 and 1.5 times
-    its resolution's base deadline left (so some are late, some comfortable). With ``running``
+    its resolution's base deadline left (so some are late, some comfortable), or no deadline at all
+    with probability ``best_effort_fraction``. With ``running``
     (default: every other seed) a random set of requests holds disjoint aligned groups on about
     half the GPUs, as in the middle of a round.
     """
@@ -96,7 +97,7 @@ def make_random_view(num_active: int, *, seed: int = 0, num_gpus: int = 8, model
         done = rng.randint(0, min(45, num_steps - 1))
         left_s = rng.uniform(-0.2, 1.5) * base[res]
         arrival = now - rng.uniform(0.0, 1.5) * base[res]
-        deadline = max(now + left_s, arrival)
+        deadline = None if rng.random() < best_effort_fraction else max(now + left_s, arrival)
         requests.append(RequestSnapshot(GenRequest(
             request_id=f"v{i:04d}", model=model, height=res, width=res, num_steps=num_steps,
             arrival_at=arrival, deadline_at=deadline), steps_done=done))
