@@ -88,7 +88,7 @@ def test_late_requests_get_one_gpu_while_deadlines_need_the_rest():
 
 
 def test_best_effort_never_takes_what_deadlines_need():
-    tight = [make_request(res=1024, deadline_s=2.0, request_id=f"t{i}") for i in range(2)]  # k4 each, 8 GPUs
+    tight = [make_request(res=1024, deadline_s=2.9, request_id=f"t{i}") for i in range(2)]  # k4 each, 8 GPUs
     best_effort = make_request(res=256, deadline_s=None, request_id="be")
     out = run(make_view(tight + [best_effort]))
     assert {a.request_ids[0] for a in out.assignments} == {"t0", "t1"}

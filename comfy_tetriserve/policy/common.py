@@ -46,17 +46,12 @@ class Allocation:
         return tuple(k for k, _ in self.steps)
 
 
-def plan_allocation(times: dict[int, float], steps_left: int, budget_s: float,
-                    speed_tolerance: float = 0.0) -> Allocation | None:
+def plan_allocation(times: dict[int, float], steps_left: int, budget_s: float) -> Allocation | None:
     """The plan of least GPU time (degree x step time, summed) that finishes ``steps_left`` steps
     within ``budget_s``: one degree, or two degrees whose mix just meets the budget (the
     fractional optimum of this two-constraint LP uses at most two degrees; all pairs are tried,
     so non-adjacent pairs are covered when a degree is dominated). None when even the fastest
     degree cannot make it. Ties: fewer GPUs, then the shorter plan.
-
-    ``speed_tolerance`` > 0 trades a little GPU time for speed: the fastest single degree whose
-    GPU time is within (1 + speed_tolerance) of the least is chosen instead (large images scale
-    almost linearly, so running them fast costs almost nothing and frees the GPUs sooner).
     """
     degrees = sorted(times)
     budget = budget_s + EPS
@@ -96,12 +91,6 @@ def plan_allocation(times: dict[int, float], steps_left: int, budget_s: float,
                     best, best_gpu, best_time = ((lo, s_lo), (hi, s_hi)), gpu, dur
         if best is None:
             return None
-    if speed_tolerance > 0:
-        limit = best_gpu * (1.0 + speed_tolerance) + EPS
-        for k in degrees:
-            dur = steps_left * times[k]
-            if dur <= budget and dur * k <= limit and dur < best_time - EPS:
-                best, best_gpu, best_time = ((k, steps_left),), dur * k, dur
     return Allocation(best, best_gpu, best_time)
 
 

@@ -41,9 +41,8 @@ from ..cost import CostModel
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
 from .common import EPS, Placer, plan_allocation, usable_degrees
 
-#: knapsack value tiers: survivors first, then comfortable requests, then the tie-break (< COMFORT)
+#: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
 SURVIVE = 1_000_000_000
-COMFORT = 1_000_000
 TAU_RULES = ("plan-max", "plan-median", "plan-min", "fast-max", "fast-median", "fast-min")
 TIE_BREAKS = ("count-slack", "gpus-slack", "slack", "none")
 MIX_ORDERS = ("both", "fast-first", "cheap-first")
@@ -63,7 +62,6 @@ class _Item:
     options: list[tuple[int, int, int]] = field(default_factory=list)  # (gpus, steps, value)
     none_value: int = 0
     work_s: float = 0.0  # GPU seconds of the allocation
-    min_work_s: float = 0.0  # least GPU seconds to finish in time from now
     chosen: tuple[int, int] | None = None  # (degree, steps)
     group: tuple[int, ...] = ()
 
@@ -82,7 +80,7 @@ class TetriServePolicy:
     granularity_steps: int = 5
     tau_rule: str = "fast-max"
     tie_break: str = "count-slack"
-    mix_order: str = "both"
+    mix_order: str = "cheap-first"
     placement: bool = True
     placement_fit: str = "best"
     scale_up: bool = True
@@ -94,13 +92,7 @@ class TetriServePolicy:
     align_rounds: bool = True
     align_max_frac: float = 1.5
     round_overhead_s: float = 0.001
-    plan_margin_frac: float = 0.0
-    comfort: float | None = None
-    speed_tolerance: float = 0.0
     admission: bool = True
-    admission_budget_frac: float = 1.0
-    admission_capacity_frac: float = 1.0
-    admission_tie: str = "deadline"
     background_round_s: float = 0.15
 
     def __post_init__(self) -> None:
@@ -142,15 +134,10 @@ class TetriServePolicy:
             item = _Item((snap,), times, t_min, snap.steps_left, deadline)
             if r.deadline_at is not None and now + item.left * t_min <= deadline + EPS:  # LIVE
                 budget = deadline - now
-                least = plan_allocation(times, item.left, budget)
-                alloc = least
-                if self.plan_margin_frac > 0 or self.speed_tolerance > 0:
-                    alloc = plan_allocation(times, item.left, budget * (1.0 - self.plan_margin_frac),
-                                            self.speed_tolerance) or least
+                alloc = plan_allocation(times, item.left, budget)
                 item.plan = alloc.steps
                 item.slack_s = budget - alloc.time_s
                 item.work_s = alloc.gpu_time_s
-                item.min_work_s = least.gpu_time_s
                 live.append(item)
             else:  # LATE or BEST_EFFORT
                 background.append(item)
@@ -168,11 +155,14 @@ class TetriServePolicy:
         placer = Placer(view, preserve=self.placement, fit=self.placement_fit)
         chosen = self._pack(live, placer.num_free, now, tau, fresh=window is None)
         chosen = self._place(chosen, placer, view, now, tau, fresh=window is None)
-        if doomed and placer.num_free > 0:
-            extra = self._pack(doomed, placer.num_free, now, tau, fresh=window is None)
-            chosen += self._place(extra, placer, view, now, tau, fresh=window is None)
         if self.scale_up:
             self._scale_up(chosen, placer, view, tau)
+        if doomed and placer.num_free > 0:  # after scale-up: GPUs go to the admitted first
+            extra = self._pack(doomed, placer.num_free, now, tau, fresh=window is None)
+            extra = self._place(extra, placer, view, now, tau, fresh=window is None)
+            if self.scale_up:
+                self._scale_up(extra, placer, view, tau)
+            chosen += extra
         bg = self._background(background, placer, view, tau, fresh=window is None)
         if self.scale_up:
             self._scale_up(bg, placer, view, tau)
@@ -186,18 +176,9 @@ class TetriServePolicy:
                          note=f"{'gap' if window is not None else 'round'} tau={tau:.3f}s live={len(live)}")
 
     # ------------------------------------------------------------------ pieces
-    def _work(self, times: dict[int, float], left: int, budget_s: float, least: float | None = None) -> float:
-        """GPU seconds a request needs when it must finish within admission_budget_frac x budget."""
-        if least is not None and self.admission_budget_frac == 1.0:
-            return least
-        alloc = plan_allocation(times, left, budget_s * self.admission_budget_frac)
-        if alloc is not None:
-            return alloc.gpu_time_s
-        k = min(times, key=lambda k: (times[k], k))
-        return left * k * times[k]
-
-    def _running_work(self, view: SchedulerView, cost: CostModel, n: int) -> list[tuple[float, float, float]]:
-        """(deadline, GPU seconds still needed, slack) of running requests with a reachable deadline."""
+    def _running_work(self, view: SchedulerView, cost: CostModel, n: int) -> list[tuple[float, float]]:
+        """(deadline, GPU seconds still needed) of running requests that can still make it:
+        the rest of the assignment in flight plus the least GPU time of the steps after it."""
         out = []
         for r in view.requests:
             if r.running_until_at is None or r.request.deadline_at is None:
@@ -205,11 +186,17 @@ class TetriServePolicy:
             q = r.request
             times = {k: cost.step_time_s(q.model, q.height, q.width, q.batch, k)
                      for k in usable_degrees(cost, q.model, n)}
-            if view.now + r.steps_left * min(times.values()) <= q.deadline_at:
-                out.append((q.deadline_at, self._work(times, r.steps_left, q.deadline_at - view.now), 0.0))
+            after = max(r.steps_left - r.steps_in_flight, 0)
+            start = max(r.running_until_at, view.now)
+            if start + after * min(times.values()) > q.deadline_at + EPS:
+                continue
+            busy = len(r.gpu_ids) * (start - view.now)
+            alloc = plan_allocation(times, after, q.deadline_at - start) if after else None
+            rest = alloc.gpu_time_s if alloc is not None else 0.0
+            out.append((q.deadline_at, busy + rest))
         return out
 
-    def _admit(self, live: list[_Item], running: list[tuple[float, float, float]], now: float, n: int
+    def _admit(self, live: list[_Item], running: list[tuple[float, float]], now: float, n: int
                ) -> tuple[list[_Item], list[_Item]]:
         """Which LIVE requests can finish together: Moore-Hodgson over GPU time.
 
@@ -219,20 +206,17 @@ class TetriServePolicy:
         single pooled machine; the dropped (*doomed*) requests only get GPUs the admitted ones
         leave idle this round, and are reconsidered next round.
         """
-        entries = [(x.deadline, self._work(x.times, x.left, x.deadline - now, x.min_work_s), x.slack_s, i)
-                   for i, x in enumerate(live)]
-        entries += [(d, w, sl, -1) for d, w, sl in running]
-        entries.sort(key=lambda e: (e[0], e[3] < 0, e[3]))
+        entries = [(x.deadline, x.work_s, i) for i, x in enumerate(live)]
+        entries += [(d, w, -1) for d, w in running]
+        entries.sort(key=lambda e: (e[0], e[2] < 0, e[2]))
         heap: list[tuple[float, float, int]] = []
         cum = 0.0
         dropped: set[int] = set()
-        cap = n * self.admission_capacity_frac
-        for d, w, slack, i in entries:
+        for d, w, i in entries:
             cum += w
-            if i >= 0:
-                tie = -d if self.admission_tie == "deadline" else slack
-                heapq.heappush(heap, (-round(w, 1), tie, w, i))
-            while heap and cum > cap * (d - now) + EPS:
+            if i >= 0:  # most work first; equal work (to 0.1 GPU s): the later deadline goes first
+                heapq.heappush(heap, (-round(w, 1), -d, w, i))
+            while heap and cum > n * (d - now) + EPS:
                 _, _, w_j, j = heapq.heappop(heap)
                 cum -= w_j
                 dropped.add(j)
@@ -263,8 +247,6 @@ class TetriServePolicy:
         members = len(x.snaps)
         urgency = min(int(1000.0 / (1.0 + 20.0 * max(x.slack_s, 0.0))), 999)
         x.none_value = members * SURVIVE * survive_none
-        if self.comfort is not None and survive_none:
-            x.none_value += members * COMFORT * self._comfortable(x, 0, 1, 0.0, x.deadline - horizon)
         plan = x.plan
         if self.mix_order == "fast-first":
             plan = plan[-1:]
@@ -291,10 +273,11 @@ class TetriServePolicy:
             if k > free or k in seen:
                 continue
             seen.add(k)
-            survive = now + max(tau, q * t) + (x.left - q) * x.t_min <= x.deadline + EPS
+            if q >= x.left:  # finishes in this round: judged by its own end, not the round's
+                survive = now + q * t <= x.deadline + EPS
+            else:
+                survive = now + max(tau, q * t) + (x.left - q) * x.t_min <= x.deadline + EPS
             value = members * SURVIVE * survive
-            if self.comfort is not None and survive:
-                value += members * COMFORT * self._comfortable(x, q, k, t, x.deadline - now - max(tau, q * t))
             if self.tie_break == "count-slack":
                 value += members * 1000 + urgency
             elif self.tie_break == "gpus-slack":
@@ -302,16 +285,6 @@ class TetriServePolicy:
             elif self.tie_break == "slack":
                 value += urgency
             x.options.append((k, q, value))
-
-    def _comfortable(self, x: _Item, q: int, k: int, t: float, budget_after: float) -> bool:
-        """Whether running q steps at k now (q = 0: nothing) keeps the request's total GPU time
-        within (1 + comfort) of its least GPU time from now: waiting that forces a faster, dearer
-        degree later, or running at a dearer degree now, is not comfortable."""
-        after = plan_allocation(x.times, x.left - q, budget_after) if x.left > q else None
-        if after is None and x.left > q:
-            return False
-        total = q * k * t + (after.gpu_time_s if after is not None else 0.0)
-        return total <= x.min_work_s * (1.0 + self.comfort) + EPS
 
     def _pack(self, items: list[_Item], capacity: int, now: float, tau: float, fresh: bool) -> list[_Item]:
         """The round's group knapsack over this round's options of ``items``; returns the chosen ones."""
@@ -536,7 +509,7 @@ class TetriServePolicy:
         item = _Item(a.snaps + b.snaps, times, min(times.values()), min(a.left, b.left), deadline)
         item.plan = tuple((k, min(s, item.left)) for k, s in alloc.steps)
         item.slack_s = deadline - now - alloc.time_s
-        item.work_s = item.min_work_s = alloc.gpu_time_s
+        item.work_s = alloc.gpu_time_s
         return item
 
     def _fallback(self, view: SchedulerView, cost: CostModel, items: list[_Item]) -> RoundPlan:
