@@ -1,34 +1,48 @@
 """TetriServe: the round-based, deadline-aware step-level sequence-parallel planner (pure).
 
-One call of ``plan_round`` is one planning round. Outline (the paper's steps, our decisions in
-brackets; docs/planner.md measures each decision):
+One call of ``plan_round`` is one planning round. The paper's steps, with our decisions (the
+option that controls each is in brackets; docs/planner.md measures them):
 
-1. Classify the plannable requests: LIVE (deadline still reachable at the fastest degree),
-   LATE (unreachable: best effort), BEST_EFFORT (no deadline).
-2. Allocation, least GPU time: for each LIVE request the cheapest plan (GPU time = degree x
-   step time) that meets its deadline with its remaining steps: one degree, or two degrees
-   whose mix just meets it (policy.common.plan_allocation).
-3. Round length tau = ``granularity_steps`` x a reference step time [``tau_rule``].
-4. Packing (group knapsack over GPUs): each LIVE request offers "run nothing" or, for each
-   degree of its allocation, q = min(steps planned there, floor(tau / T)) steps [at least one
-   in a fresh round]. A request *survives* an option if now + tau + (steps left after it) x
-   T_min <= deadline. A DP over capacity maximises survivors; ties [``tie_break``] then prefer
-   running more requests, then the more urgent ones (least slack).
-5. Placement: concrete groups from the executor's set, largest first; a request keeps its
-   previous group when free [``placement``], else best fit (policy.common.Placer).
-6. Elastic scale-up [``scale_up``]: idle GPUs double the degree of the running requests with
-   the best parallel efficiency first, when it speeds the step up by ``min_speedup``.
-7. LATE and BEST_EFFORT requests get at most ``late_max_gpus`` GPU each from what is still
-   idle (oldest first), then are scaled up with whatever is idle after that. They never take
-   a GPU that a LIVE request was given, so they cannot cost a deadline in this round.
-8. Selective batching [``batching``]: LIVE requests of identical shape and small size (image
-   tokens <= ``batch_max_tokens``) are paired into one batched item when the pair's batched
-   step meets both deadlines and saves GPU time.
-9. Fill: each assignment runs as many steps as fit before the round's last assignment ends.
+1. Classify the plannable requests: LIVE (the fastest degree can still meet the deadline),
+   LATE (no schedule can: best effort), BEST_EFFORT (no deadline).
+2. Allocation, least GPU time: for each LIVE request the cheapest plan (GPU time = degree x step
+   time) that meets its deadline with its remaining steps: one degree, or two degrees whose mix
+   just meets it (policy.common.plan_allocation). Re-planned every round from the budget left.
+3. Admission [``admission``]: Moore-Hodgson over GPU time decides which LIVE requests can finish
+   *together* (deadline order; when the work due by a deadline exceeds N GPUs x the time to it,
+   the request with the most work is *doomed* for this round). Doomed requests only get GPUs the
+   admitted ones leave idle, and are reconsidered next round. Not in the paper; without it the
+   per-request survival test below lets the box chase requests that cannot all finish.
+4. Round length tau = ``granularity_steps`` x the fastest step of the slowest LIVE request
+   [``tau_rule``]: a 2048 px request runs about 5 steps per round at 8 GPUs, smaller ones more.
+5. Packing (the paper's group knapsack over GPUs): each admitted request offers "run nothing" or
+   q = min(steps planned at k, floor(tau / T_k)) steps at a degree k of its allocation
+   [``mix_order``: only the slower, cheaper degree of a two-degree plan first; the re-plan moves
+   steps to the faster degree as the budget shrinks]. When a step at k outlasts the round, the
+   smallest faster degree whose step fits is offered instead. A request *survives* an option if
+   it can still finish at its fastest degree from the round's end (a request that finishes within
+   the option is judged by its own end). A DP over capacity maximises survivors; ties
+   [``tie_break``] prefer running more requests, then the more urgent (least slack).
+6. Placement: concrete groups from the executor's set, largest first; a request keeps its previous
+   group when free [``placement``], else best fit: the block whose enclosing larger blocks are
+   most occupied, keeping large blocks whole [``placement_fit``] (policy.common.Placer).
+7. Elastic scale-up [``scale_up``]: idle GPUs double the degree of admitted requests, best
+   parallel efficiency first, when the step gets ``min_speedup`` faster; then doomed requests
+   get what is still idle.
+8. LATE and BEST_EFFORT requests get at most ``late_max_gpus`` GPU each from what is still idle
+   (oldest first), in pieces that end within the round, then are scaled up with whatever is idle
+   after that: they never take a GPU a deadline request was given. With no deadline work at all
+   rounds are ``background_round_s`` long, so an arrival waits at most that (or one step).
+9. Selective batching [``batching``]: LIVE requests of identical shape and at most
+   ``batch_max_tokens`` image tokens are paired into one item (one batched step) when the pair
+   meets the earlier deadline and needs less GPU time than the two apart.
+10. Round alignment [``align_rounds``]: every assignment runs as many steps as end by a common
+   round end E, chosen among whole-step ends between the longest single step and
+   ``align_max_frac`` x tau to minimise idle GPU time (plus ``round_overhead_s`` per assignment).
 
-Synchronous rounds on an event-driven engine: while assignments run, the round ends at the
-latest running_until_at; the planner then only fills free GPUs with work that ends by then
-(*gap mode*: options whose q steps fit the window), and a new round starts when they are done.
+Synchronous rounds on an event-driven engine: while assignments run, the round ends at the latest
+running_until_at; the planner then only fills free GPUs with work that ends by then (*gap mode*),
+and the next round starts when all are done. Busy GPUs are simply not offered.
 """
 from __future__ import annotations
 
@@ -76,6 +90,8 @@ class _Item:
 
 @dataclass(frozen=True)
 class TetriServePolicy:
+    """The planner's configuration (see the module docstring for what each option decides)."""
+
     name: str = "tetriserve"
     granularity_steps: int = 5
     tau_rule: str = "fast-max"
@@ -86,7 +102,6 @@ class TetriServePolicy:
     scale_up: bool = True
     min_speedup: float = 1.05
     batching: bool = True
-    max_batch: int = 2
     batch_max_tokens: int = 1024
     late_max_gpus: int = 1
     align_rounds: bool = True
