@@ -7,7 +7,10 @@ option that controls each is in brackets; docs/planner.md measures them):
    LATE (no schedule can: best effort), BEST_EFFORT (no deadline).
 2. Allocation, least GPU time: for each LIVE request the cheapest plan (GPU time = degree x step
    time) that meets its deadline with its remaining steps: one degree, or two degrees whose mix
-   just meets it (policy.common.plan_allocation). Re-planned every round from the budget left.
+   just meets it (policy.common.plan_allocation). Re-planned every round from the budget left,
+   keeping ``plan_margin_frac`` x min(1, (live requests - ``margin_free_live``) / GPUs) of the
+   budget in reserve: under contention a plan that just meets its deadline breaks at the first
+   delay (our addition; zero with up to two live requests, as in most rounds of the paper's load).
 3. Admission [``admission``]: Moore-Hodgson over GPU time decides which LIVE requests can finish
    *together* (deadline order; when the work due by a deadline exceeds N GPUs x the time to it,
    the request with the most work is *doomed* for this round). Doomed requests only get GPUs the
@@ -22,7 +25,8 @@ option that controls each is in brackets; docs/planner.md measures them):
    smallest faster degree whose step fits is offered instead. A request *survives* an option if
    it can still finish at its fastest degree from the round's end (a request that finishes within
    the option is judged by its own end). A DP over capacity maximises survivors; ties
-   [``tie_break``] prefer running more requests, then the more urgent (least slack).
+   [``tie_break``] go to the earliest deadlines, lexicographically (the option of the request of
+   deadline rank r is worth 2^(n - r), less than one survivor in total).
 6. Placement: concrete groups from the executor's set, largest first; a request keeps its previous
    group when free [``placement``], else best fit: the block whose enclosing larger blocks are
    most occupied, keeping large blocks whole [``placement_fit``] (policy.common.Placer).
@@ -58,7 +62,7 @@ from .common import EPS, Placer, plan_allocation, usable_degrees
 #: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
 SURVIVE = 1_000_000_000
 TAU_RULES = ("plan-max", "plan-median", "plan-min", "fast-max", "fast-median", "fast-min")
-TIE_BREAKS = ("count-slack", "gpus-slack", "slack", "none")
+TIE_BREAKS = ("count-slack", "gpus-slack", "slack", "edf", "none")
 MIX_ORDERS = ("both", "fast-first", "cheap-first")
 
 
@@ -76,6 +80,7 @@ class _Item:
     options: list[tuple[int, int, int]] = field(default_factory=list)  # (gpus, steps, value)
     none_value: int = 0
     work_s: float = 0.0  # GPU seconds of the allocation
+    rank: int = 0
     chosen: tuple[int, int] | None = None  # (degree, steps)
     group: tuple[int, ...] = ()
 
@@ -95,7 +100,7 @@ class TetriServePolicy:
     name: str = "tetriserve"
     granularity_steps: int = 5
     tau_rule: str = "fast-max"
-    tie_break: str = "count-slack"
+    tie_break: str = "edf"
     mix_order: str = "cheap-first"
     placement: bool = True
     placement_fit: str = "best"
@@ -108,6 +113,8 @@ class TetriServePolicy:
     align_max_frac: float = 1.5
     round_overhead_s: float = 0.001
     admission: bool = True
+    plan_margin_frac: float = 0.15
+    margin_free_live: int = 2
     background_round_s: float = 0.15
 
     def __post_init__(self) -> None:
@@ -148,14 +155,19 @@ class TetriServePolicy:
             deadline = r.deadline_at if r.deadline_at is not None else math.inf
             item = _Item((snap,), times, t_min, snap.steps_left, deadline)
             if r.deadline_at is not None and now + item.left * t_min <= deadline + EPS:  # LIVE
-                budget = deadline - now
-                alloc = plan_allocation(times, item.left, budget)
-                item.plan = alloc.steps
-                item.slack_s = budget - alloc.time_s
-                item.work_s = alloc.gpu_time_s
                 live.append(item)
             else:  # LATE or BEST_EFFORT
                 background.append(item)
+        # plan margin: a share of each budget kept in reserve, growing with contention (live
+        # requests per GPU): a plan that just meets its deadline breaks at the first delay
+        margin = self.plan_margin_frac * min(1.0, max(len(live) - self.margin_free_live, 0) / max(n, 1))
+        for item in live:
+            budget = item.deadline - now
+            alloc = plan_allocation(item.times, item.left, budget * (1.0 - margin)) or \
+                plan_allocation(item.times, item.left, budget)
+            item.plan = alloc.steps
+            item.slack_s = budget - alloc.time_s
+            item.work_s = alloc.gpu_time_s
         if self.batching and len(live) > 1:
             live = self._batch(live, cost, now, n)
         doomed: list[_Item] = []
@@ -255,13 +267,15 @@ class TetriServePolicy:
             t = sorted(ref)[len(ref) // 2]
         return self.granularity_steps * t
 
-    def _options(self, x: _Item, now: float, tau: float, fresh: bool, free: int) -> None:
+    def _options(self, x: _Item, now: float, tau: float, fresh: bool, free: int, num_items: int) -> None:
         """Fill x.options with (gpus, steps, value) and x.none_value (see the module docstring)."""
         horizon = now + tau
         survive_none = horizon + x.left * x.t_min <= x.deadline + EPS
         members = len(x.snaps)
         urgency = min(int(1000.0 / (1.0 + 20.0 * max(x.slack_s, 0.0))), 999)
-        x.none_value = members * SURVIVE * survive_none
+        # the tie-break must never outweigh one survivor: "edf" weighs rank r by 2^(num_items - r)
+        unit = SURVIVE if self.tie_break != "edf" else 1 << (num_items + 4)
+        x.none_value = members * unit * survive_none
         plan = x.plan
         if self.mix_order == "fast-first":
             plan = plan[-1:]
@@ -292,21 +306,26 @@ class TetriServePolicy:
                 survive = now + q * t <= x.deadline + EPS
             else:
                 survive = now + max(tau, q * t) + (x.left - q) * x.t_min <= x.deadline + EPS
-            value = members * SURVIVE * survive
+            value = members * unit * survive
             if self.tie_break == "count-slack":
                 value += members * 1000 + urgency
             elif self.tie_break == "gpus-slack":
                 value += k * 1000 + urgency
             elif self.tie_break == "slack":
                 value += urgency
+            elif self.tie_break == "edf":
+                value += 1 << (num_items - x.rank)
             x.options.append((k, q, value))
 
     def _pack(self, items: list[_Item], capacity: int, now: float, tau: float, fresh: bool) -> list[_Item]:
         """The round's group knapsack over this round's options of ``items``; returns the chosen ones."""
         if not items or capacity <= 0:
             return []
+        if self.tie_break == "edf":
+            for rank, x in enumerate(sorted(items, key=lambda x: (x.deadline, x.ids))):
+                x.rank = rank
         for x in items:
-            self._options(x, now, tau, fresh, capacity)
+            self._options(x, now, tau, fresh, capacity, len(items))
         picks = group_knapsack([(x.none_value, [(k, v) for k, _, v in x.options]) for x in items], capacity)
         chosen = []
         for x, oi in zip(items, picks):

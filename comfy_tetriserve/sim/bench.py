@@ -5,10 +5,11 @@ gains), ``rate`` (arrival-rate sweep), ``ablation`` (planner only -> + placement
 + batching, and the open decisions: tie-break, round length rule, two-degree order, admission,
 round alignment, GPU-id choice, aligned blocks vs all subsets, late cap, best-effort load),
 ``granularity`` (round length in steps), ``bound`` (offline MILP upper bound on small traces),
-``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps).
+``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
+``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat).
 Every simulated number comes from the cost model named in the report (``cost_model``).
 
-    comfy-tetriserve bench                      # the full run (about 5 minutes on 2 cores)
+    comfy-tetriserve bench                      # the full run (about 4 minutes on 2 busy cores)
     comfy-tetriserve bench --quick              # a smoke run in seconds
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .workload import MIXES, WorkloadSpec, make_random_view, make_trace
 log = logging.getLogger(__name__)
 
 ALL_POLICIES = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "rssp-paper", "edf")
-SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps")
+SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class BenchConfig:
     decision_sizes: tuple[int, ...] = cfg.field((16, 64, 256), help="active requests for decision timing")
     decision_samples: int = cfg.field(300, help="views timed per size")
     step_counts: tuple[int, ...] = cfg.field((20, 28, 50), help="steps per request for the sensitivity section")
+    overload_rates: tuple[float, ...] = cfg.field((60.0, 120.0, 180.0),
+                                                  help="overload section: rates of 256/512 px requests, per minute")
     sections: tuple[str, ...] = cfg.field(SECTIONS, help=f"sections to run ({' '.join(SECTIONS)})")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
     jobs: int = cfg.field(0, help="worker processes (0: one per CPU core)")
@@ -72,7 +75,7 @@ class BenchConfig:
         return dataclasses.replace(
             self, num_requests=min(self.num_requests, 24), seeds=1, scales=(1.0, 1.5), rates=(6.0, 18.0),
             granularities=(1, 5), bound_requests=min(self.bound_requests, 12), bound_seeds=1,
-            decision_sizes=(16, 64), decision_samples=20, step_counts=(28,))
+            decision_sizes=(16, 64), decision_samples=20, step_counts=(28,), overload_rates=(120.0,))
 
 
 # ------------------------------------------------------------------------------ running sims
@@ -320,7 +323,8 @@ class Bench:
         be_rate = self.c.rate_per_min / 4
         return {
             "default": ("tetriserve", {}, None, 0.0),
-            "tie-break: gpus, slack": ("tetriserve", {"tie_break": "gpus-slack"}, None, 0.0),
+            "tie-break: count, then slack": ("tetriserve", {"tie_break": "count-slack"}, None, 0.0),
+            "tie-break: gpus, then slack": ("tetriserve", {"tie_break": "gpus-slack"}, None, 0.0),
             "tie-break: slack only": ("tetriserve", {"tie_break": "slack"}, None, 0.0),
             "tie-break: none": ("tetriserve", {"tie_break": "none"}, None, 0.0),
             "tau: 5 x median fastest step": ("tetriserve", {"tau_rule": "fast-median"}, None, 0.0),
@@ -329,6 +333,7 @@ class Bench:
             "two degrees: knapsack picks": ("tetriserve", {"mix_order": "both"}, None, 0.0),
             "two degrees: fast first": ("tetriserve", {"mix_order": "fast-first"}, None, 0.0),
             "no admission control": ("tetriserve", {"admission": False}, None, 0.0),
+            "no plan margin": ("tetriserve", {"plan_margin_frac": 0.0}, None, 0.0),
             "no round alignment": ("tetriserve", {"align_rounds": False}, None, 0.0),
             "GPU ids: lowest free": ("tetriserve", {"placement_fit": "first"}, None, 0.0),
             "groups: all subsets": ("tetriserve", {}, all_groups, 0.0),
@@ -463,6 +468,30 @@ class Bench:
             for mix in c.mixes:
                 text.append(f"SAR with {steps} steps, {mix} mix\n" + rep.sar_table(sar[str(steps)][mix], c.policies))
         return "\n\n".join(text)
+
+    # -- overload of small images (not in the paper: where EDF is hardest to beat)
+    def section_overload(self) -> str:
+        c = self.c
+        policies = [p for p in ("tetriserve", "edf", "rssp", "sp2", "sp4") if p in c.policies or p == "tetriserve"]
+        scales = (c.scales[0], c.scales[-1])
+        keys, tasks = [], []
+        for rate in c.overload_rates:
+            for scale in scales:
+                for p in policies:
+                    for seed in range(c.seeds):
+                        keys.append((rate, scale, p))
+                        tasks.append(self.task(p, self.spec(mix="small", slo_scale=scale, seed=seed, rate_per_min=rate)))
+        grid = self.run_grid(keys, tasks)
+        sar: dict = {}
+        util: dict = {}
+        for (rate, scale, p), runs in grid.items():
+            key = f"{rate:g}/min {scale}x"
+            sar.setdefault(key, {})[p] = _mean(r["sar"] for r in runs)
+            util.setdefault(key, {})[p] = _mean(r["utilisation"] for r in runs)
+        self.report["overload"] = {"mix": "small (256/512 px, half each)", "sar": sar, "utilisation": util}
+        rows = [[k] + [f"{sar[k][p]:.3f} ({util[k][p]:.0%})" for p in policies] for k in sar]
+        return ("Overload of small images (256/512 px only): SAR (GPU utilisation)\n"
+                + rep.format_table(["setting"] + policies, rows))
 
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -29,6 +29,7 @@ def skewed_weights(resolutions: Sequence[int] = RESOLUTIONS) -> tuple[float, ...
 MIXES: dict[str, tuple[float, ...]] = {
     "uniform": tuple(1 / len(RESOLUTIONS) for _ in RESOLUTIONS),
     "skewed": skewed_weights(),
+    "small": (0.5, 0.5, 0.0, 0.0),  # 256 and 512 px only: where selective batching can matter
 }
 
 
