@@ -103,7 +103,7 @@ def plot_sar_vs_scale(report: dict, path: Path) -> None:
         ax.set_xlabel("SLO scale")
         ax.set_ylim(0, 1.02)
     axes[0].set_ylabel("SLO attainment ratio (SAR)")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    _legend_outside(fig, axes[-1])
     _save(fig, path, report)
 
 
@@ -121,7 +121,7 @@ def plot_rate_sweep(report: dict, path: Path) -> None:
         ax.set_xlabel("arrival rate (requests / min)")
         ax.set_ylim(0, 1.02)
     axes[0].set_ylabel("SAR")
-    axes[-1].legend(fontsize=8)
+    _legend_outside(fig, axes[-1])
     _save(fig, path, report)
 
 
@@ -144,7 +144,7 @@ def plot_per_resolution(report: dict, path: Path) -> None:
         ax.set_title(f"{mix.capitalize()} mix, SLO scale {scale}")
         ax.set_ylim(0, 1.05)
     axes[0].set_ylabel("SAR per resolution")
-    axes[-1].legend(fontsize=7, ncol=2)
+    _legend_outside(fig, axes[-1])
     _save(fig, path, report)
 
 
@@ -216,12 +216,17 @@ def plot_decision_time(report: dict, path: Path) -> None:
     _save(fig, path, report)
 
 
+def _legend_outside(fig, ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+
+
 def _save(fig, path: Path, report: dict) -> None:
     fig.text(0.99, 0.005, f"cost model: {report.get('cost_model', {}).get('name', '?')} (simulated)",
              ha="right", va="bottom", fontsize=6, color="grey")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
