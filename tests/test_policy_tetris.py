@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from comfy_tetriserve.cost import load_cost_model
 from comfy_tetriserve.plan import all_subset_groups, validate_plan
 from comfy_tetriserve.policy import make_policy, policy_names
-from comfy_tetriserve.policy.tetris import TetriServePolicy, group_knapsack
+from comfy_tetriserve.policy.packing import choose_round_end, group_knapsack
+from comfy_tetriserve.policy.tetris import TetriServePolicy
 from comfy_tetriserve.sim.workload import make_random_view
 from comfy_tetriserve.types import RequestSnapshot, SchedulerView
 
@@ -147,3 +148,14 @@ def test_bad_options_are_rejected():
     for bad in ({"tau_rule": "x"}, {"tie_break": "x"}, {"mix_order": "x"}, {"granularity_steps": 0}):
         with pytest.raises(ValueError):
             TetriServePolicy(**bad)
+
+
+def test_round_end_avoids_idle_gpus():
+    # a 4-GPU request stepping 0.22 s and a 4-GPU one stepping 0.055 s, tau 0.58 s: ending at 0.58 s
+    # would idle the first for 0.14 s; 0.44 s (2 steps) or 0.66 s (3 steps) waste almost nothing
+    end = choose_round_end([(4, 0.22, 50), (4, 0.055, 50)], 0.58)
+    assert min(abs(end - 0.44), abs(end - 0.66)) < 1e-9
+    # one step longer than tau: the round is that step
+    assert choose_round_end([(8, 0.9, 50), (1, 0.03, 50)], 0.2) == pytest.approx(0.9)
+    # a request with one step left ends the round with it rather than idling 8 GPUs to tau
+    assert choose_round_end([(8, 0.1, 1)], 0.5) == pytest.approx(0.1)

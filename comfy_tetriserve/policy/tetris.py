@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from ..cost import CostModel
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
 from .common import EPS, Placer, plan_allocation, usable_degrees
+from .packing import choose_round_end, group_knapsack
 
 #: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
 SURVIVE = 1_000_000_000
@@ -478,24 +479,8 @@ class TetriServePolicy:
         if not fresh:
             end = tau
         elif self.align_rounds:
-            lo = max(t for _, _, t, _ in rows)
-            hi = max(lo, self.align_max_frac * tau)
-            cands = {tau} if tau >= lo - EPS else {lo}
-            for _, _, t, cap in rows:
-                if t >= tau / 8:
-                    for q in range(max(1, int(lo / t - EPS)), cap + 1):
-                        e = q * t
-                        if e > hi + EPS:
-                            break
-                        if e >= lo - EPS:
-                            cands.add(e)
-            overhead = self.round_overhead_s * sum(k for _, k, _, _ in rows)
-
-            def idle_rate(e: float) -> float:
-                waste = sum(k * (e - min(cap, int(e / t + EPS)) * t) for _, k, t, cap in rows)
-                return (waste + overhead) / e
-
-            end = min(sorted(cands), key=idle_rate)
+            end = choose_round_end([(k, t, cap) for _, k, t, cap in rows], tau, self.align_max_frac,
+                                   self.round_overhead_s)
         else:
             end = max(x.chosen[1] * x.times[x.chosen[0]] for x in items)
         for x, k, t, cap in rows:
@@ -555,39 +540,6 @@ class TetriServePolicy:
                 if g is not None:
                     return RoundPlan(view.round_index, x.times[k], (Assignment(x.ids, g, 1),), note="fallback")
         return RoundPlan(view.round_index, 0.0)
-
-
-def group_knapsack(items: list[tuple[int, list[tuple[int, int]]]], capacity: int) -> list[int]:
-    """Pick at most one option per item, total GPUs <= capacity, maximising total value.
-
-    ``items``: (value of running nothing, [(gpus, value), ...]) each, values non-negative ints.
-    Returns, per item, the index of its chosen option or -1 for nothing. Dynamic programme over
-    "exactly c GPUs used" (the paper's Algorithm 1), O(items x capacity x options), plan rebuilt
-    from back-pointers. Ties: the first item order that reaches the value wins, and among equal
-    values the fewest GPUs (idle GPUs then go to scale-up).
-    """
-    neg = -1
-    dp = [0] + [neg] * capacity
-    back: list[list[int]] = []
-    for none_value, options in items:
-        new = [v + none_value if v >= 0 else neg for v in dp]
-        pick = [-1] * (capacity + 1)
-        for oi, (k, val) in enumerate(options):
-            for c in range(k, capacity + 1):
-                prev = dp[c - k]
-                if prev >= 0 and prev + val > new[c]:
-                    new[c] = prev + val
-                    pick[c] = oi
-        dp = new
-        back.append(pick)
-    c = max(range(capacity + 1), key=lambda c: (dp[c], -c))
-    out = [-1] * len(items)
-    for i in range(len(items) - 1, -1, -1):
-        oi = back[i][c]
-        out[i] = oi
-        if oi >= 0:
-            c -= items[i][1][oi][0]
-    return out
 
 
 def make_tetriserve(**options) -> TetriServePolicy:
