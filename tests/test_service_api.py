@@ -355,3 +355,25 @@ def test_openapi_document_is_valid_and_covers_every_route():
     validator = jsonschema.Draft202012Validator(doc["components"]["schemas"]["JobSettings"])
     validator.validate({"model": "flux-sim", "steps": 8, "deadline_s": 3.5, "job_key": "k1"})
     assert list(validator.iter_errors({"model": "m", "bogus": 1}))
+
+
+def test_a_reader_that_leaves_an_event_stream_is_not_an_error(caplog):
+    async def body():
+        app, _ = make_service_app()
+        async with running_service(app) as url:
+            for _ in range(3):
+                async with aiohttp.ClientSession() as s:
+                    resp = await s.get(f"{url}/v1/events?after=0")
+                    await resp.content.readline()
+                    resp.close()  # leave while the service may still be writing
+                async with aiohttp.ClientSession() as s:
+                    # events keep coming (model loads are idempotent but each submit writes some)
+                    status, _ = await submit_json(s, url, job_body({"steps": 2}))
+                    assert status == 202
+            await asyncio.sleep(0.2)
+            async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/health") as resp:
+                assert resp.status == 200
+
+    with caplog.at_level("ERROR", logger="comfy_tetriserve"):
+        asyncio.run(body())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]

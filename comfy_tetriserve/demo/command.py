@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     summary.update(runtime_s=round(elapsed, 1), board_png=str(board_png), profile=str(profile_path),
                    devices=args.devices, workload={"num_jobs": spec.num_jobs, "steps": spec.steps, "load": spec.load,
                                                    "slo_scales": list(spec.slo_scales), "margin_s": spec.margin_s,
+                                                   "min_deadline_s": spec.min_deadline_s,
                                                    "best_effort_fraction": spec.best_effort_fraction,
                                                    "clients": spec.num_clients, "seed": spec.seed})
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

@@ -2,16 +2,18 @@
 
 Both policies replay the same list (same seed, same arrivals, same deadlines, same tensors).
 
-- Shapes: tiny FLUX at 256, 512 and 768 px and tiny SD3 at 128, 256 and 384 px (the tiny SD3's
+- Shapes: tiny FLUX at 256, 512 and 768 px and tiny SD3 at 256 and 384 px (the tiny SD3's
   positional table ends at 384 px), equally likely, ``steps`` denoising steps each.
 - Arrivals: Poisson. The rate follows from ``load``: the mean work of a job at degree 1 (steps x
   the profiled degree-1 step time) times the rate, over the number of workers. load 1.0 would
   keep every worker busy if the profile held under contention (on a CPU box it does not: the
   workers share the cores; see the README).
-- Deadlines: ``scale x steps x T_fast + margin_s`` after arrival, T_fast the fastest profiled
-  step of the shape (any degree), ``scale`` drawn from ``slo_scales``: every deadline can be met
-  by the job alone on an idle box; the small scales only at the job's fastest degree.
-  ``margin_s`` covers the per-job cost outside the steps (HTTP, admission, result). A share
+- Deadlines: ``max(scale x steps x T_fast + margin_s, min_deadline_s)`` after arrival, T_fast
+  the fastest profiled step of the shape (any degree), ``scale`` drawn from ``slo_scales``: every
+  deadline can be met by the job alone on an idle box; the small scales only at the job's
+  fastest degree. ``margin_s`` covers the per-job cost outside the steps (HTTP, admission, the
+  result); ``min_deadline_s`` keeps the smallest jobs' deadlines above a planning round (a job of
+  a few milliseconds of work is not given a deadline no scheduler with rounds can see). A share
   ``best_effort_fraction`` of the jobs has no deadline.
 - Clients: jobs are dealt round-robin to ``num_clients`` tenants, each a concurrent client with
   its own lease.
@@ -57,9 +59,10 @@ class DemoJob:
 class WorkloadSpec:
     num_jobs: int = 40
     steps: int = 20
-    load: float = 0.35
+    load: float = 0.3
     slo_scales: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0)
-    margin_s: float = 0.25
+    margin_s: float = 0.1
+    min_deadline_s: float = 0.5
     best_effort_fraction: float = 0.2
     num_clients: int = 3
     num_workers: int = 4
@@ -78,7 +81,7 @@ class WorkloadSpec:
 def default_shapes(models: dict[str, str]) -> tuple[JobShape, ...]:
     """family -> model name at the service, to the demo's shapes."""
     return (tuple(JobShape("flux", models["flux"], r) for r in (256, 512, 768))
-            + tuple(JobShape("sd3", models["sd3"], r) for r in (128, 256, 384)))
+            + tuple(JobShape("sd3", models["sd3"], r) for r in (256, 384)))
 
 
 def resolutions_by_model(shapes: Sequence[JobShape]) -> dict[str, tuple[int, ...]]:
@@ -117,7 +120,7 @@ def make_workload(cost: CostModel, shapes: Sequence[JobShape], spec: WorkloadSpe
         deadline = None
         if scale is not None:
             fast_s, _ = fastest_step_s(cost, shape, spec.num_workers)
-            deadline = round(scale * spec.steps * fast_s + spec.margin_s, 3)
+            deadline = round(max(scale * spec.steps * fast_s + spec.margin_s, spec.min_deadline_s), 3)
         jobs.append(DemoJob(index=i, tenant=f"client{i % spec.num_clients + 1}", shape=shape, steps=spec.steps,
                             seed=1000 + i, arrival_s=round(t, 3), deadline_s=deadline, slo_scale=scale))
     return tuple(jobs)
@@ -130,5 +133,6 @@ def describe(jobs: Sequence[DemoJob], cost: CostModel, spec: WorkloadSpec) -> st
     with_deadline = sum(j.deadline_s is not None for j in jobs)
     return (f"{len(jobs)} jobs over {span:.1f} s from {spec.num_clients} clients, {with_deadline} with deadlines "
             f"(scales {', '.join(f'{s:g}' for s in spec.slo_scales)} x the fastest profiled run + "
-            f"{spec.margin_s:g} s), {len(jobs) - with_deadline} best effort; {work:.1f} s of degree-1 work "
+            f"{spec.margin_s:g} s, at least {spec.min_deadline_s:g} s), {len(jobs) - with_deadline} best effort; "
+            f"{work:.1f} s of degree-1 work "
             f"(profile) for {spec.num_workers} workers")

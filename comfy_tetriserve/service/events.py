@@ -79,10 +79,22 @@ class EventLog:
 
 async def stream_ndjson(request: web.Request, log: EventLog, after: int, ping_s: float,
                         done: Callable[[dict], bool] = lambda e: e["type"] in TERMINAL_EVENTS) -> web.StreamResponse:
-    """Send ``log``'s events after ``after`` as NDJSON until ``done(event)`` or the log closes."""
+    """Send ``log``'s events after ``after`` as NDJSON until ``done(event)`` or the log closes.
+
+    A reader that goes away (closes the connection) simply ends the stream.
+    """
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
+    try:
+        await _send_events(request, response, log, after, ping_s, done)
+    except ConnectionError:  # aiohttp's ClientConnectionResetError is one: the reader left mid-write
+        return response
+    return response
+
+
+async def _send_events(request: web.Request, response: web.StreamResponse, log: EventLog, after: int, ping_s: float,
+                       done: Callable[[dict], bool]) -> None:
     seq = after
     while True:
         events = log.after(seq)
@@ -91,12 +103,11 @@ async def stream_ndjson(request: web.Request, log: EventLog, after: int, ping_s:
             seq = event["seq"]
             if done(event):
                 await response.write_eof()
-                return response
+                return
         if log.closed and not log.after(seq):
             break
         if request.transport is None or request.transport.is_closing():
-            return response  # the reader went away
+            return  # the reader went away
         if not events and not await log.wait(ping_s):
             await response.write(b'{"type": "ping"}\n')
     await response.write_eof()
-    return response
