@@ -95,10 +95,11 @@ def draw_boards(runs: Sequence[RunResult], path: Path) -> Path:
     num_gpus = max(len(r.board.get("gpu_ids", [])) for r in runs) or 1
     end = max(max([(a.get("finished_at") or r.board["now_at"]) - r.started_at for a in r.board["assignments"]]
                   + [o.submitted_at + o.job.deadline_s - r.started_at for o in r.outcomes
-                     if o.submitted_at is not None and o.job.deadline_s is not None] + [1.0])
+                     if o.submitted_at is not None and o.job.deadline_s is not None]
+                  + [o.ended_at - r.started_at for o in r.outcomes if o.ended_at is not None] + [1.0])
               for r in runs)
     fig, axes = plt.subplots(len(runs), 1, figsize=(13, 2.2 + 1.3 * num_gpus * len(runs) / 2), sharex=True,
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for ax, run in zip(axes[:, 0], runs):
         index_of = {o.job_id: o.job.index for o in run.outcomes if o.job_id}
         for a in run.board["assignments"]:
@@ -135,7 +136,6 @@ def draw_boards(runs: Sequence[RunResult], path: Path) -> Path:
         ax.set_xlim(0, end * 1.02)
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("seconds since the replay started")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
