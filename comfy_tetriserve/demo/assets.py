@@ -7,7 +7,8 @@ Both live under ``config.home_dir()/demo`` (``TETRISERVE_HOME``, default ~/.cach
   seeds. The service loads them by file name from this folder (``--model-dir``), through the
   same loaders as real checkpoints.
 - ``profiles/profile-<key>.json``: T(model, resolution, degree) measured through a worker pool
-  with ``engine.profile`` (the format ``--cost PATH`` reads). The key hashes the machine
+  with ``engine.profile`` (the format ``--cost PATH`` reads), each point the median of three
+  passes over all points (a load burst from another process spoils one pass, not the point). The key hashes the machine
   (host name, CPU model and count, torch version), the devices, the dtype, what is measured, and
   the model files' contents: another machine or another model gets its own profile.
 """
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -33,8 +35,11 @@ DEMO_MODELS: dict[str, tuple[str, str, int]] = {
     "flux": ("tiny-flux.safetensors", "comfy", 1),
     "sd3": ("tiny-sd3.safetensors", "sd3_single", 2),
 }
-PROFILE_STEPS = 6
+PROFILE_STEPS = 4
 PROFILE_WARMUP = 2
+#: the whole profile is measured this many times and each point keeps its median: a burst of load
+#: from other processes on a shared machine then spoils one pass of a point, not the point
+PROFILE_PASSES = 3
 
 Say = Callable[[str], None]
 
@@ -92,7 +97,7 @@ def file_digest(path: Path) -> str:
 def profile_key(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int, ...]], devices: str,
                 dtype: str, text_tokens: int) -> str:
     parts = {"machine": machine_description(), "devices": devices, "dtype": dtype,
-             "steps": [PROFILE_STEPS, PROFILE_WARMUP], "text_tokens": text_tokens,
+             "steps": [PROFILE_STEPS, PROFILE_WARMUP, PROFILE_PASSES], "text_tokens": text_tokens,
              "models": {name: [file_digest(p), list(resolutions[name])] for name, p in sorted(models.items())}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -108,19 +113,26 @@ async def measure_profile(models: Mapping[str, Path], resolutions: Mapping[str, 
     await pool.start()
     try:
         profiles: dict[str, ModelProfile] = {}
-        rows: list[ProfileRow] = []
-        for name, path in models.items():
-            spec = ProfileSpec(resolutions=tuple((r, r) for r in resolutions[name]), steps=PROFILE_STEPS,
-                               warmup=PROFILE_WARMUP, text_tokens=text_tokens)
-            profiles[name], model_rows = await profile_model(pool, name, str(path), dtype, spec)
-            rows.extend(model_rows)
+        passes: dict[tuple, list[float]] = {}
+        for n in range(PROFILE_PASSES):
+            for name, path in models.items():
+                spec = ProfileSpec(resolutions=tuple((r, r) for r in resolutions[name]), steps=PROFILE_STEPS,
+                                   warmup=PROFILE_WARMUP, text_tokens=text_tokens)
+                profiles[name], model_rows = await profile_model(pool, name, str(path), dtype, spec)
+                for r in model_rows:
+                    passes.setdefault((r.model, r.height, r.width, r.batch, r.sp_degree), []).append(r.compute_s)
+            say(f"  pass {n + 1}/{PROFILE_PASSES} measured")
+        rows = tuple(ProfileRow(model=m, height=h, width=w, batch=b, sp_degree=k, compute_s=statistics.median(ts),
+                                includes_comm=True) for (m, h, w, b, k), ts in passes.items())
+        for name in models:
             say("  " + name + ": " + ", ".join(f"{r.height}px k{r.sp_degree} {r.compute_s * 1000:.1f} ms"
-                                               for r in model_rows))
-        return ProfileTable(models=profiles, rows=tuple(rows), comm=None, device=device_description(pool),
+                                               for r in rows if r.model == name))
+        return ProfileTable(models=profiles, rows=rows, comm=None, device=device_description(pool),
                             measured_on=datetime.date.today().isoformat(),
-                            how=f"comfy-tetriserve demo: median of {PROFILE_STEPS} sampler steps after "
-                                f"{PROFILE_WARMUP} warm-up steps per point, measured by the group leader in the "
-                                f"worker pool ({dtype}, {text_tokens} text tokens), one request at a time",
+                            how=f"comfy-tetriserve demo: per point the median over {PROFILE_PASSES} passes of the "
+                                f"median of {PROFILE_STEPS} sampler steps after {PROFILE_WARMUP} warm-up steps, "
+                                f"measured by the group leader in the worker pool ({dtype}, {text_tokens} text "
+                                f"tokens), one request at a time",
                             extra={"machine": machine_description()})
     finally:
         await pool.close()

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     say(outcome_table(runs))
     say("")
     say(sar_lines(runs))
+    cores = os.cpu_count() or 0
+    if args.devices.startswith("cpu") and cores < num_workers:
+        say(f"note: these {num_workers} workers share {cores} CPU cores, so a worker the planner sees idle is not "
+            "free capacity and a step on 2 or 4 workers is rarely faster than on 1 (README: the CPU demo)")
     say(f"board picture: {board_png}")
     say(f"service logs and results.json: {out_dir}")
     all_finished = all(r.finished == len(jobs) for r in runs)
