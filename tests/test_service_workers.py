@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 
 FLUX_FILE = "flux/tiny-flux.safetensors"  # BFL layout with ComfyUI's prefix, in a subfolder
 SD3_FILE = "tiny-sd3.safetensors"  # SD3 single-file layout
+CONFIGURED = "flux-configured"  # the same FLUX file, configured by name (loaded at start)
 TOL = 1e-5
 
 
@@ -97,7 +98,8 @@ class Harness:
             "flux": write_tiny_checkpoint("flux", "comfy", models / FLUX_FILE, seed=1),
             "sd3": write_tiny_checkpoint("sd3", "sd3_single", models / SD3_FILE, seed=2),
         }
-        self.config = make_config(devices="cpu:4", model=(), model_dir=(str(models),), dtype="fp32",
+        self.config = make_config(devices="cpu:4", model=(f"{CONFIGURED}={self.paths['flux']}",),
+                                  model_dir=(str(models),), dtype="fp32",
                                   lease_s=10.0, shutdown_grace_s=5.0)
         self.cost = RecordingCost(base_s=0.05, degrees=(1, 2, 4))
         self.app = create_app(self.config, policy=self.policy, cost=self.cost)
@@ -122,6 +124,7 @@ class Harness:
         async with TetriServeClient(self.url) as client:  # by file name, as a ComfyUI loader lists them
             for name in (FLUX_FILE, SD3_FILE):
                 await client.load_model(name, "fp32", timeout_s=300)
+            await self.svc.catalog.wait_loaded(CONFIGURED)  # configured: loading began with the service
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -200,8 +203,22 @@ def test_models_load_by_name_on_every_worker_with_progress(h):
                     if e["type"] == "model_loading" and e["model"] == name]
         assert progress[0] == (0, 4) and sorted(progress[1:]) == [(1, 4), (2, 4), (3, 4), (4, 4)], progress
         assert [e["type"] for e in events if e.get("model") == name][-1] == "model_loaded"
-    assert set(h.svc.executor.models()) == {FLUX_FILE, SD3_FILE}
+    assert set(h.svc.executor.models()) == {FLUX_FILE, SD3_FILE, CONFIGURED}
     assert h.svc.cost.allowed_degrees(FLUX_FILE) == (1, 2, 4)  # 4 heads: 1, 2 and 4 of the cost model's 1, 2, 4
+
+
+def test_a_model_configured_by_name_is_loaded_at_start_and_serves(h):
+    async def body():
+        async with TetriServeClient(h.url) as client:
+            entry = await client.model(CONFIGURED)
+            assert entry["status"] == "loaded" and entry["origin"] == "configured" and entry["family"] == "flux"
+            settings = {"model": CONFIGURED, "steps": 4, "seed": 11, "deadline_s": 30}
+            tensors = job_tensors("flux", 11)
+            out, meta = await client.generate(tensors, settings)
+            assert meta["model"] == CONFIGURED
+            assert rel(out["latent"], direct_run(h, "flux", tensors, settings)) <= TOL
+
+    h(body())
 
 
 def test_twenty_jobs_from_three_concurrent_clients_equal_the_direct_run(h):

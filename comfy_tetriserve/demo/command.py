@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, TetriServeError
 
 DEFAULT_POLICY = "tetriserve"
 DEFAULT_BASELINE = "sp1"
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"[4/4] run {i + 1} of 2: policy {policy}")
         try:
             runs.append(asyncio.run(run_policy(policy, settings, jobs, models, out_dir, say)))
-        except (RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError, TetriServeError) as exc:
             say(f"  the {policy} run failed: {exc}")
             return 1
         r = runs[-1]

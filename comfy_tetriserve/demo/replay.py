@@ -264,6 +264,6 @@ async def run_policy(policy: str, settings: dict, jobs: Sequence[DemoJob], model
             board = await client.board(window_s=min(replay_s + 10.0, 3600.0))
             sar = parse_sar(await client.metrics())
     finally:
-        await asyncio.to_thread(service.stop)
+        service.stop()  # blocking on purpose: also when the run is being cancelled (Ctrl-C)
     return RunResult(policy=policy, outcomes=outcomes, board=board, started_at=started_at, replay_s=replay_s,
                      service_sar=sar, log_path=service.log_path)

@@ -27,12 +27,14 @@ def met_text(o: JobOutcome) -> str:
 
 def outcome_table(runs: Sequence[RunResult]) -> str:
     """One row per job: the job, then finish time, deadline met and degrees under each policy."""
+    width = max([len(degrees_text(o.degrees)) for run in runs for o in run.outcomes] + [7])
+    cell = 8 + 2 + 6 + 2 + width
     head1 = f"{'job':>3}  {'client':7}  {'model':5}  {'res':>5}  {'arrive':>6}  {'deadline':>8}"
     head2 = f"{'':>3}  {'':7}  {'':5}  {'':>5}  {'s':>6}  {'s':>8}"
     for run in runs:
-        head1 += f" | {run.policy:^24}"
-        head2 += f" | {'finish s':>8}  {'met':4}  {'degrees':8}"
-    lines = [head1, head2, "-" * len(head1)]
+        head1 += f" | {run.policy:^{cell}}"
+        head2 += f" | {'finish s':>8}  {'met':6}  {'degrees':{width}}"
+    lines = [head1.rstrip(), head2.rstrip(), "-" * len(head1)]
     for i, first in enumerate(runs[0].outcomes):
         j = first.job
         deadline = f"{j.deadline_s:8.2f}" if j.deadline_s is not None else f"{'best eff':>8}"
@@ -40,8 +42,8 @@ def outcome_table(runs: Sequence[RunResult]) -> str:
         for run in runs:
             o = run.outcomes[i]
             finish = f"{o.finish_s:8.2f}" if o.finish_s is not None else f"{'-':>8}"
-            row += f" | {finish}  {met_text(o):4}  {degrees_text(o.degrees):8}"
-        lines.append(row)
+            row += f" | {finish}  {met_text(o):6}  {degrees_text(o.degrees):{width}}"
+        lines.append(row.rstrip())
     return "\n".join(lines)
 
 
