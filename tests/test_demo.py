@@ -136,6 +136,8 @@ def test_the_demo_command_end_to_end(tmp_path, monkeypatch):
         if not math.isnan(p["sar"]):
             assert p["service_sar"] == pytest.approx(p["sar"])  # the service counts what the demo counts
         assert all(j["status"] == "finished" and j["degrees"] for j in p["jobs_detail"])
+        # the online cost model saw the workers' measured steps (OnlineCostModel behind the profile)
+        assert {key.split("/")[0] for key in p["cost_model_drift"]} >= {"tiny-flux.safetensors"}, p["cost_model_drift"]
     assert Path(summary["board_png"]).read_bytes()[:4] == b"\x89PNG"
     assert (out / "results.json").exists() and (out / "service-tetriserve.log").exists()
     # the same jobs under both policies
@@ -156,3 +158,18 @@ def test_the_demo_command_end_to_end(tmp_path, monkeypatch):
     assert not measured and str(path) == summary["profile"]
     assert all("cached" in line for line in said)
     assert {r.model for r in table.rows} == set(names.values()) and {r.sp_degree for r in table.rows} == {1, 2, 4}
+
+
+def test_cost_drift_from_the_metrics_by_model_and_degree():
+    from comfy_tetriserve.demo.replay import parse_cost_drift
+    from comfy_tetriserve.demo.report import drift_by_degree
+
+    text = ('# TYPE tetriserve_cost_model_drift_ratio gauge\n'
+            'tetriserve_cost_model_drift_ratio{key="tiny-flux.safetensors/sp1/256tok"} 1.5\n'
+            'tetriserve_cost_model_drift_ratio{key="tiny-flux.safetensors/sp1/1024tok"} 0.5\n'
+            'tetriserve_cost_model_drift_ratio{key="tiny-sd3.safetensors/sp4/256tok"} 2.0\n'
+            'tetriserve_sar 0.5\n')
+    drift = parse_cost_drift(text)
+    assert drift == {"tiny-flux.safetensors/sp1/256tok": 1.5, "tiny-flux.safetensors/sp1/1024tok": 0.5,
+                     "tiny-sd3.safetensors/sp4/256tok": 2.0}
+    assert drift_by_degree(drift) == {("tiny-flux.safetensors", 1): 1.0, ("tiny-sd3.safetensors", 4): 2.0}

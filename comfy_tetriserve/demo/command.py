@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cost import load_cost_model
     from .assets import demo_home, ensure_models, ensure_profile
     from .replay import run_policy
-    from .report import draw_boards, outcome_table, sar_lines, summary_json
+    from .report import draw_boards, drift_lines, outcome_table, sar_lines, summary_json
     from .workload import TEXT_TOKENS, WorkloadSpec, default_shapes, describe, make_workload, resolutions_by_model
 
     t0 = time.perf_counter()
@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     say(outcome_table(runs))
     say("")
     say(sar_lines(runs))
+    if drift_lines(runs):
+        say(drift_lines(runs))
     cores = os.cpu_count() or 0
     if args.devices.startswith("cpu") and cores < num_workers:
         say(f"note: these {num_workers} workers share {cores} CPU cores, so a worker the planner sees idle is not "

@@ -63,6 +63,7 @@ class RunResult:
     replay_s: float
     service_sar: float
     log_path: Path
+    cost_drift: dict[str, float] = field(default_factory=dict)  # OnlineCostModel: measured / profiled
 
     @property
     def finished(self) -> int:
@@ -240,6 +241,17 @@ def parse_sar(metrics_text: str) -> float:
     return math.nan
 
 
+def parse_cost_drift(metrics_text: str) -> dict[str, float]:
+    """The cost model's own drift report from the metrics: {"model/spK/Ntok": measured / profiled}."""
+    out = {}
+    prefix = 'tetriserve_cost_model_drift_ratio{key="'
+    for line in metrics_text.splitlines():
+        if line.startswith(prefix):
+            key, _, rest = line[len(prefix):].partition('"}')
+            out[key] = float(rest.split()[-1])
+    return out
+
+
 async def run_policy(policy: str, settings: dict, jobs: Sequence[DemoJob], model_names: dict[str, str],
                      run_dir: Path, say: Say) -> RunResult:
     """Start a service with ``policy``, load the models, replay ``jobs``, fetch the board, stop it."""
@@ -262,8 +274,9 @@ async def run_policy(policy: str, settings: dict, jobs: Sequence[DemoJob], model
             say(f"    replaying {len(jobs)} jobs")
             outcomes, started_at, replay_s = await replay(service.url, jobs, bodies, policy, say)
             board = await client.board(window_s=min(replay_s + 10.0, 3600.0))
-            sar = parse_sar(await client.metrics())
+            metrics_text = await client.metrics()
     finally:
         service.stop()  # blocking on purpose: also when the run is being cancelled (Ctrl-C)
     return RunResult(policy=policy, outcomes=outcomes, board=board, started_at=started_at, replay_s=replay_s,
-                     service_sar=sar, log_path=service.log_path)
+                     service_sar=parse_sar(metrics_text), log_path=service.log_path,
+                     cost_drift=parse_cost_drift(metrics_text))

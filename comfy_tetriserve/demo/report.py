@@ -66,6 +66,25 @@ def sar_lines(runs: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def drift_by_degree(drift: dict[str, float]) -> dict[tuple[str, int], float]:
+    """{(model, degree): mean factor over resolution buckets} from keys "model/spK/Ntok"."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for key, factor in drift.items():
+        model, sp, _ = key.rsplit("/", 2)
+        groups.setdefault((model, int(sp.removeprefix("sp"))), []).append(factor)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def drift_lines(runs: Sequence[RunResult]) -> str:
+    """What the online correction learnt: measured / profiled step time, by model and degree."""
+    lines = ["measured / profiled step time (the service's online correction, mean over sizes):"]
+    for run in runs:
+        by = drift_by_degree(run.cost_drift)
+        if by:
+            lines.append(f"  {run.policy:11s} " + "  ".join(f"{m.split('.')[0]} k{k} {f:.2f}" for (m, k), f in by.items()))
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def summary_json(runs: Sequence[RunResult]) -> dict:
     policies = {}
     for run in runs:
@@ -73,6 +92,7 @@ def summary_json(runs: Sequence[RunResult]) -> dict:
         policies[run.policy] = {
             "sar": run.sar, "jobs": len(run.outcomes), "finished": run.finished, "deadline_jobs": len(dl),
             "met": sum(bool(o.met_deadline) for o in dl), "service_sar": run.service_sar,
+            "cost_model_drift": run.cost_drift,
             "replay_s": round(run.replay_s, 3), **{f"latency_{k}": round(v, 4) for k, v in latency_stats(run).items()},
             "jobs_detail": [
                 {"job": o.job.index, "tenant": o.job.tenant, "model": o.job.shape.model, "family": o.job.shape.family,
