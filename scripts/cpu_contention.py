@@ -57,8 +57,8 @@ async def measure(devices: str, resolutions: list[int], steps: int, text_tokens:
                     times = [t for r in results for t in r.step_times_s]
                     rows.append({"res": res, "degree": degree, "side_by_side": side_by_side,
                                  "busy_workers": degree * side_by_side, "step_ms": statistics.median(times) * 1000})
-                    print(f"{res:4d} px  degree {degree}  x{side_by_side} side by side ({degree * side_by_side} workers "
-                          f"busy): {rows[-1]['step_ms']:7.1f} ms/step", flush=True)
+                    print(f"{res:4d} px  degree {degree}  x{side_by_side} side by side "
+                          f"({degree * side_by_side} workers busy): {rows[-1]['step_ms']:7.1f} ms/step", flush=True)
     finally:
         await pool.close()
     return rows

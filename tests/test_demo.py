@@ -124,9 +124,9 @@ def test_the_demo_command_end_to_end(tmp_path, monkeypatch):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
-    for needle in ("[1/4] models", "built", "[2/4]", "profile written", "[3/4] workload", "run 1 of 2: policy tetriserve",
-                   "run 2 of 2: policy sp1", "4/4 workers loaded", "finish s", "SAR (", "board picture:",
-                   "every job of both runs finished"):
+    for needle in ("[1/4] models", "built", "[2/4]", "profile written", "[3/4] workload",
+                   "run 1 of 2: policy tetriserve", "run 2 of 2: policy sp1", "4/4 workers loaded", "finish s",
+                   "SAR (", "measured / profiled step time", "board picture:", "every job of both runs finished"):
         assert needle in text, (needle, text[-3000:])
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert set(summary["policies"]) == {"tetriserve", "sp1"}

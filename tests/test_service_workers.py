@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from comfy_tetriserve.client import JobCancelled, JobFailed, TetriServeClient, decode_result, encode_job
+from comfy_tetriserve.client import JobCancelled, JobFailed, TetriServeClient, encode_job
 from comfy_tetriserve.engine import samplers
 from comfy_tetriserve.engine.models import load_transformer
 from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
@@ -192,7 +192,8 @@ def test_models_load_by_name_on_every_worker_with_progress(h):
                 entry = listed[model_name(family)]
                 assert entry["status"] == "loaded" and entry["family"] == family
                 # the model's own numbers, which drive validation
-                assert (entry["context_dim"], entry["pooled_dim"], entry["in_channels"], entry["num_heads"]) == (32, 16, 16, 4)
+                dims = (entry["context_dim"], entry["pooled_dim"], entry["in_channels"], entry["num_heads"])
+                assert dims == (32, 16, 16, 4)
                 assert entry["guidance_embeds"] is (family == "flux")
 
     h(body())

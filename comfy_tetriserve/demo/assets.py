@@ -62,7 +62,8 @@ def ensure_models(home: Path, say: Say = print) -> dict[str, Path]:
         if path.exists():
             say(f"  {file_name}: cached ({path})")
         else:
-            tmp = write_tiny_checkpoint(family, layout, folder / f".{file_name}.{os.getpid()}.tmp.safetensors", seed=seed)
+            tmp_name = f".{file_name}.{os.getpid()}.tmp.safetensors"
+            tmp = write_tiny_checkpoint(family, layout, folder / tmp_name, seed=seed)
             os.replace(tmp, path)
             say(f"  {file_name}: built (tiny {family.upper()}, {layout} layout, {path.stat().st_size // 1024} KiB)")
         out[family] = path

@@ -38,13 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=d.num_jobs, help=f"jobs in the workload (default: {d.num_jobs})")
     parser.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps per job (default: {d.steps})")
     parser.add_argument("--load", type=float, default=d.load,
-                        help=f"offered load: degree-1 work per second over the workers, by the profile (default: {d.load})")
+                        help="offered load: degree-1 work per second over the workers, by the profile "
+                             f"(default: {d.load})")
     parser.add_argument("--clients", type=int, default=d.num_clients,
                         help=f"concurrent clients (tenants) (default: {d.num_clients})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"workload seed (default: {d.seed})")
     parser.add_argument("--policy", default=DEFAULT_POLICY, help=f"the policy shown first (default: {DEFAULT_POLICY})")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE,
-                        help=f"the fixed-degree policy it is compared with (default: {DEFAULT_BASELINE}; see the README)")
+                        help=f"the fixed-degree policy it is compared with (default: {DEFAULT_BASELINE}; "
+                             "see the README)")
     parser.add_argument("--devices", default="cpu:4", help="worker devices (default: cpu:4)")
     parser.add_argument("--out", default=None,
                         help="folder for the board picture, service logs and results (default: <cache>/demo/last-run)")

@@ -81,7 +81,8 @@ def drift_lines(runs: Sequence[RunResult]) -> str:
     for run in runs:
         by = drift_by_degree(run.cost_drift)
         if by:
-            lines.append(f"  {run.policy:11s} " + "  ".join(f"{m.split('.')[0]} k{k} {f:.2f}" for (m, k), f in by.items()))
+            parts = [f"{m.split('.')[0]} k{k} {f:.2f}" for (m, k), f in by.items()]
+            lines.append(f"  {run.policy:11s} " + "  ".join(parts))
     return "\n".join(lines) if len(lines) > 1 else ""
 
 
