@@ -107,6 +107,12 @@ def _check_dims(branch: str, context: torch.Tensor, pooled: torch.Tensor, contex
         raise ConditioningError(f"{branch} pooled vector has width {pooled.shape[-1]}, the model takes {pooled_dim}")
 
 
+def _own(t: torch.Tensor, others) -> torch.Tensor:
+    """``t``, copied if it shares memory with one of ``others``."""
+    ptr = t.untyped_storage().data_ptr()
+    return t.clone() if any(o.untyped_storage().data_ptr() == ptr for o in others) else t
+
+
 def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, guidance_embeds: bool = True,
                      context_dim: int | None = None, pooled_dim: int | None = None) -> JobConditioning:
     """The job tensors (``context``, ``pooled`` and, when CFG runs, ``neg_context``/``neg_pooled``)
@@ -134,6 +140,7 @@ def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, g
             if neg_guidance != value:
                 raise ConditioningError(f"positive and negative FLUX guidance differ ({value} vs {neg_guidance}); "
                                         "the service runs one guidance value per job")
-        tensors["neg_context"] = neg_context.float().contiguous()
-        tensors["neg_pooled"] = neg_extras["pooled_output"].float().contiguous()
+        # the same CONDITIONING on both inputs is common; a job body holds each tensor once
+        tensors["neg_context"] = _own(neg_context.float().contiguous(), tensors.values())
+        tensors["neg_pooled"] = _own(neg_extras["pooled_output"].float().contiguous(), tensors.values())
     return JobConditioning(tensors=tensors, guidance=guidance)

@@ -68,24 +68,24 @@ class JobProgress:
                        feasible=status.get("feasible"), steps_done=max(self.steps_done, status.get("steps_done") or 0))
 
     def with_event(self, event: dict) -> "JobProgress":
+        """The progress after one of the job's events. Steps never go back: the event stream may
+        lag behind a status answer, and step events coalesce."""
         kind = event.get("type")
+        steps = max(self.steps_done, event.get("step") or event.get("steps_done") or 0)
         if kind == "queued":
             return replace(self, phase="queued", predicted_finish_at=event.get("predicted_finish_at",
                                                                                 self.predicted_finish_at),
                            feasible=event.get("feasible", self.feasible))
         if kind == "placed":
-            return replace(self, phase="running", gpu_ids=tuple(event.get("gpu_ids") or ()),
-                           steps_done=event.get("steps_done", self.steps_done))
+            return replace(self, phase="running", gpu_ids=tuple(event.get("gpu_ids") or ()), steps_done=steps)
         if kind == "step":
-            return replace(self, phase="running", steps_done=event.get("step", self.steps_done),
-                           num_steps=event.get("num_steps", self.num_steps))
+            return replace(self, phase="running", steps_done=steps)
         if kind == "waiting":
-            return replace(self, phase="waiting", gpu_ids=(), steps_done=event.get("steps_done", self.steps_done))
+            return replace(self, phase="waiting", gpu_ids=(), steps_done=steps)
         if kind == "cancelling":
             return replace(self, phase="cancelling")
         if kind in ("finished", "failed", "cancelled"):
-            return replace(self, phase=kind, gpu_ids=(), ended_at=event.get("ended_at"),
-                           steps_done=event.get("steps_done", self.steps_done),
+            return replace(self, phase=kind, gpu_ids=(), ended_at=event.get("ended_at"), steps_done=steps,
                            met_deadline=event.get("met_deadline", self.met_deadline))
         return self
 
@@ -113,7 +113,8 @@ class JobProgress:
         if self.num_steps:
             parts.append(f"step {self.steps_done}/{self.num_steps}")
         if self.predicted_finish_at is not None:
-            parts.append(f"finish in {_seconds(self.predicted_finish_at - now)}")
+            left = self.predicted_finish_at - now
+            parts.append(f"finish in {max(left, 0.0):.1f} s" if left > -0.05 else f"finish overdue by {-left:.1f} s")
         if self.deadline_at is not None:
             late = self.feasible is False
             parts.append(f"deadline in {_seconds(self.deadline_at - now)}{' (predicted late)' if late else ''}")
@@ -121,7 +122,7 @@ class JobProgress:
 
 
 def _seconds(s: float) -> str:
-    return f"{s:.1f} s" if s >= 0 else f"-{-s:.1f} s"
+    return f"{s:.1f} s" if s >= 0 else f"-{-s:.1f} s (passed)"
 
 
 @dataclass

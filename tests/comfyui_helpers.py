@@ -127,7 +127,7 @@ def load_api_workflow(name: str) -> dict:
     return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def testable(prompt: dict, family: str, *, steps: int = 6, scale: int = 8, tokens: int = 8) -> dict:
+def runnable_here(prompt: dict, family: str, *, steps: int = 6, scale: int = 8, tokens: int = 8) -> dict:
     """A shipped API workflow made runnable on this machine: text encoders become the test pack's
     conditioning node (same text), the DiT and VAE become the tiny test models, sizes shrink by
     ``scale`` and samplers run ``steps`` steps. Everything else (FluxGuidance, ConditioningZeroOut,

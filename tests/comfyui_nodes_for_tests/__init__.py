@@ -7,6 +7,7 @@ models' widths), so no text-encoder weights are needed.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import torch
@@ -68,9 +69,28 @@ class TetriServeTestLatent(io.ComfyNode):
         return io.NodeOutput({"samples": samples})
 
 
+class TetriServeTestFailLater(io.ComfyNode):
+    """An async node that fails after a delay: a failing sibling of a running TetriServe Sampler."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TetriServeTestFailLater",
+            display_name="TetriServe Test Fail Later",
+            category="TetriServe/testing",
+            inputs=[io.Float.Input("delay_s", default=1.0, min=0.0, max=60.0)],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    async def execute(cls, delay_s: float) -> io.NodeOutput:
+        await asyncio.sleep(delay_s)
+        raise RuntimeError(f"TetriServeTestFailLater failed on purpose after {delay_s} s")
+
+
 class _TestPack(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TetriServeTestConditioning, TetriServeTestLatent]
+        return [TetriServeTestConditioning, TetriServeTestLatent, TetriServeTestFailLater]
 
 
 def comfy_entrypoint() -> ComfyExtension:
