@@ -28,10 +28,14 @@ the profiler writes on a real device group).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from .errors import InvalidRequest
 
 PROFILE_FORMAT = "comfy-tetriserve-profile/1"
 
@@ -129,3 +133,217 @@ def save_profile(table: ProfileTable, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(table.to_json(), indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- the profile cost model
+def _image_tokens(height: int, width: int) -> int:
+    return (height // 16) * (width // 16)
+
+
+def comm_time_s(comm: CommModel, mp: ModelProfile, height: int, width: int, batch: int, sp_degree: int) -> float:
+    """Ulysses communication of one step: 4 all-to-alls per attention layer (q, k, v in; output back).
+
+    Each all-to-all moves (tokens / k) x hidden x bytes x (k - 1) / k per rank, tokens = (image +
+    text tokens) x batch; it costs ``alpha_s`` plus bytes / ``beta_bytes_per_s``. Zero at k = 1.
+    """
+    if sp_degree <= 1:
+        return 0.0
+    tokens = (_image_tokens(height, width) + mp.num_text_tokens) * batch
+    nbytes = tokens / sp_degree * mp.hidden_size * comm.bytes_per_element * (sp_degree - 1) / sp_degree
+    return 4 * mp.num_attention_layers * (comm.alpha_s + nbytes / comm.beta_bytes_per_s)
+
+
+class ProfileCostModel:
+    """``CostModel`` from a profile table: measured compute, interpolated, plus the comm model.
+
+    Lookup of T(model, height, width, batch, k):
+    - rows with the model, batch and degree give (total tokens, compute_s) points, total tokens =
+      image tokens + the model's text tokens (non-square sizes are just a token count);
+    - between two points the time is interpolated as a power law (linear in log-log), exact at
+      the rows; outside them the nearest segment's power law extrapolates (one point: linear);
+    - a batch without rows is linear in batch through the two nearest measured batches (one
+      measured batch: proportional);
+    - rows with ``includes_comm`` false get ``comm_time_s`` added when the table has a comm model.
+    Allowed degrees: the degrees profiled for the model that divide its number of heads.
+    Results are memoised per argument tuple (the planner asks the same few shapes again and again).
+    """
+
+    def __init__(self, table: ProfileTable, *, comm_by_model: dict[str, CommModel | None] | None = None) -> None:
+        self.table = table
+        self._comm_by_model = {m: table.comm for m in table.models}
+        if comm_by_model:
+            self._comm_by_model.update(comm_by_model)
+        points: dict[tuple[str, int, int], list[tuple[float, float, bool]]] = {}
+        for r in table.rows:
+            mp = table.models[r.model]
+            tokens = _image_tokens(r.height, r.width) + mp.num_text_tokens
+            points.setdefault((r.model, r.batch, r.sp_degree), []).append((float(tokens), r.compute_s, r.includes_comm))
+        self._points = {k: sorted(v) for k, v in points.items()}
+        degrees: dict[str, set[int]] = {}
+        batches: dict[tuple[str, int], set[int]] = {}
+        for model, batch, k in self._points:
+            degrees.setdefault(model, set()).add(k)
+            batches.setdefault((model, k), set()).add(batch)
+        self._degrees = {
+            m: tuple(sorted(k for k in ks if table.models[m].num_heads % k == 0)) for m, ks in degrees.items()
+        }
+        self._batches = {key: tuple(sorted(b)) for key, b in batches.items()}
+        self._memo: dict[tuple[str, int, int, int, int], float] = {}
+
+    # ------------------------------------------------------------------ queries
+    def models(self) -> tuple[str, ...]:
+        return tuple(m for m in self.table.models if m in self._degrees)
+
+    def model_profile(self, name: str) -> ModelProfile:
+        try:
+            return self.table.models[name]
+        except KeyError:
+            raise InvalidRequest(f"no profile for model {name!r} (known: {', '.join(self.models())})") from None
+
+    def allowed_degrees(self, model: str) -> tuple[int, ...]:
+        try:
+            return self._degrees[model]
+        except KeyError:
+            raise InvalidRequest(f"no profile for model {model!r} (known: {', '.join(self.models())})") from None
+
+    def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
+        key = (model, height, width, batch, sp_degree)
+        t = self._memo.get(key)
+        if t is None:
+            t = self._step_time(model, height, width, batch, sp_degree)
+            self._memo[key] = t
+        return t
+
+    def comm_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
+        comm = self._comm_by_model.get(model)
+        return comm_time_s(comm, self.model_profile(model), height, width, batch, sp_degree) if comm else 0.0
+
+    def with_table(self, extra: ProfileTable) -> "ProfileCostModel":
+        """A new model with ``extra``'s models and rows added; rows of a model in ``extra`` replace ours."""
+        replaced = set(extra.models)
+        rows = tuple(r for r in self.table.rows if r.model not in replaced) + extra.rows
+        merged = dataclasses.replace(self.table, models={**self.table.models, **extra.models}, rows=rows)
+        comm = dict(self._comm_by_model)
+        comm.update({m: extra.comm for m in extra.models})
+        return ProfileCostModel(merged, comm_by_model=comm)
+
+    # ---------------------------------------------------------------- internals
+    def _step_time(self, model: str, height: int, width: int, batch: int, k: int) -> float:
+        if k not in self.allowed_degrees(model):
+            raise InvalidRequest(f"degree {k} not profiled or not allowed for {model} (allowed: {self._degrees[model]})")
+        if batch < 1 or height <= 0 or width <= 0:
+            raise InvalidRequest(f"bad shape {height}x{width} batch {batch}")
+        mp = self.table.models[model]
+        tokens = float(_image_tokens(height, width) + mp.num_text_tokens)
+        measured = self._batches[(model, k)]
+        if batch in measured:
+            compute, with_comm = self._interp(self._points[(model, batch, k)], tokens)
+        else:
+            below = [b for b in measured if b < batch]
+            pair = (below[-2:] if len(below) >= 2 else measured[:2])
+            if len(pair) == 1:
+                t1, with_comm = self._interp(self._points[(model, pair[0], k)], tokens)
+                compute = t1 * batch / pair[0]
+            else:
+                (b1, b2) = pair
+                t1, with_comm = self._interp(self._points[(model, b1, k)], tokens)
+                t2, _ = self._interp(self._points[(model, b2, k)], tokens)
+                compute = max(t1 + (t2 - t1) * (batch - b1) / (b2 - b1), t1 * 0.5)
+        if with_comm:
+            return compute
+        return compute + self.comm_s(model, height, width, batch, k)
+
+    @staticmethod
+    def _interp(points: list[tuple[float, float, bool]], tokens: float) -> tuple[float, bool]:
+        if len(points) == 1:
+            n, t, c = points[0]
+            return t * tokens / n, c
+        for i in range(len(points) - 1):
+            if tokens <= points[i + 1][0] or i == len(points) - 2:
+                (n1, t1, c1), (n2, t2, _) = points[i], points[i + 1]
+                if tokens == n1:
+                    return t1, c1
+                slope = math.log(t2 / t1) / math.log(n2 / n1)
+                return t1 * (tokens / n1) ** slope, c1
+        raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------ online correction
+class OnlineCostModel:
+    """A ``CostModel`` that corrects a base model from measured step times.
+
+    Estimator: per key (model, degree, token bucket), the ratio measured / predicted of every
+    observed step is clipped to [``clip_lo``, ``clip_hi``] (one slow step from a hiccup cannot
+    swing it), then averaged: the plain mean for the first ``warmup`` observations, an EWMA with
+    weight ``alpha`` after that (follows drift, forgets old behaviour). The correction factor is
+    bounded to [``clip_lo``, ``clip_hi``] too. The token bucket is round(log2(image tokens x batch)),
+    so neighbouring resolutions share what was learnt. A prediction multiplies the base time by
+    the factor of its key, else the mean factor of (model, degree) over buckets, else 1.
+
+    ``drift()`` reports the factors: ``{"flux-dev/sp4/4096tok": 1.07, ...}`` (bucket named by
+    its token count), i.e. measured / predicted; 1.0 means the base model is right.
+    """
+
+    def __init__(self, base: CostModel, *, alpha: float = 0.1, warmup: int = 10,
+                 clip_lo: float = 0.5, clip_hi: float = 2.0) -> None:
+        if not 0 < alpha <= 1 or not 0 < clip_lo <= 1 <= clip_hi:
+            raise InvalidRequest("bad OnlineCostModel settings")
+        self.base = base
+        self.alpha, self.warmup, self.clip_lo, self.clip_hi = alpha, warmup, clip_lo, clip_hi
+        self._factor: dict[tuple[str, int, int], float] = {}
+        self._count: dict[tuple[str, int, int], int] = {}
+        self._model_degree: dict[tuple[str, int], float] = {}
+
+    @staticmethod
+    def _bucket(height: int, width: int, batch: int) -> int:
+        return round(math.log2(max(_image_tokens(height, width) * batch, 1)))
+
+    def allowed_degrees(self, model: str) -> tuple[int, ...]:
+        return self.base.allowed_degrees(model)
+
+    def factor(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
+        f = self._factor.get((model, sp_degree, self._bucket(height, width, batch)))
+        if f is None:
+            f = self._model_degree.get((model, sp_degree), 1.0)
+        return f
+
+    def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
+        return self.base.step_time_s(model, height, width, batch, sp_degree) * self.factor(
+            model, height, width, batch, sp_degree)
+
+    def observe(self, model: str, height: int, width: int, batch: int, sp_degree: int, measured_step_s: float) -> None:
+        """Fold one measured step time into the correction (non-positive or non-finite times are ignored)."""
+        if not math.isfinite(measured_step_s) or measured_step_s <= 0:
+            return
+        predicted = self.base.step_time_s(model, height, width, batch, sp_degree)
+        ratio = min(max(measured_step_s / predicted, self.clip_lo), self.clip_hi)
+        key = (model, sp_degree, self._bucket(height, width, batch))
+        n = self._count.get(key, 0) + 1
+        self._count[key] = n
+        weight = max(1.0 / n, self.alpha) if n <= self.warmup else self.alpha
+        old = self._factor.get(key, ratio)
+        self._factor[key] = min(max(old + weight * (ratio - old), self.clip_lo), self.clip_hi)
+        same = [f for (m, k, _), f in self._factor.items() if m == model and k == sp_degree]
+        self._model_degree[(model, sp_degree)] = sum(same) / len(same)
+
+    def drift(self) -> dict[str, float]:
+        return {f"{m}/sp{k}/{2 ** b}tok": round(f, 4) for (m, k, b), f in sorted(self._factor.items())}
+
+    def observations(self) -> int:
+        return sum(self._count.values())
+
+
+# ------------------------------------------------------------------------------- loading
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+def load_cost_model(spec: str) -> ProfileCostModel:
+    """``"h200"`` (or any name of a shipped profile) or a path to a profile JSON file."""
+    shipped = PROFILES_DIR / f"{spec}.json"
+    if "/" not in spec and not spec.endswith(".json") and shipped.exists():
+        return ProfileCostModel(load_profile(shipped))
+    path = Path(spec)
+    if not path.exists():
+        names = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+        raise InvalidRequest(f"no profile {spec!r}: neither a shipped profile ({', '.join(names)}) nor a file")
+    return ProfileCostModel(load_profile(path))

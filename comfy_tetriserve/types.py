@@ -121,6 +121,7 @@ class RequestSnapshot:
     steps_done: int
     gpu_ids: tuple[int, ...] = ()  # latest placement, kept if possible (placement preservation)
     running_until_at: float | None = None  # set while an assignment of it is in flight
+    steps_in_flight: int = 0  # steps of that assignment (counted in steps_done only when it ends)
 
     @property
     def request_id(self) -> str:

@@ -174,6 +174,7 @@ class Engine:
     # ------------------------------------------------------------------ planning
     def view(self, now: float) -> SchedulerView:
         snaps = []
+        in_flight = {rid: f.assignment.num_steps for f in self._inflight.values() for rid in f.assignment.request_ids}
         for rid in self._open_ids:
             st = self._states[rid]
             snaps.append(RequestSnapshot(
@@ -181,6 +182,7 @@ class Engine:
                 steps_done=st.steps_done,
                 gpu_ids=st.gpu_ids,
                 running_until_at=st.busy_until_at if st.status is RequestStatus.RUNNING else None,
+                steps_in_flight=in_flight.get(rid, 0),
             ))
         return SchedulerView(
             now=now,

@@ -25,7 +25,16 @@ class Policy(Protocol):
 
 
 #: name -> (module inside comfy_tetriserve.policy, factory callable name)
-REGISTRY: dict[str, tuple[str, str]] = {}
+REGISTRY: dict[str, tuple[str, str]] = {
+    "tetriserve": ("tetris", "make_tetriserve"),
+    "sp1": ("baselines", "make_sp1"),
+    "sp2": ("baselines", "make_sp2"),
+    "sp4": ("baselines", "make_sp4"),
+    "sp8": ("baselines", "make_sp8"),
+    "rssp": ("baselines", "make_rssp"),
+    "rssp-paper": ("baselines", "make_rssp_paper"),
+    "edf": ("baselines", "make_edf"),
+}
 
 
 def policy_names() -> tuple[str, ...]:

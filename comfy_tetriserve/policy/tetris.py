@@ -1,0 +1,546 @@
+"""TetriServe: the round-based, deadline-aware step-level sequence-parallel planner (pure).
+
+One call of ``plan_round`` is one planning round. The paper's steps, with our decisions (the
+option that controls each is in brackets; docs/planner.md measures them):
+
+1. Classify the plannable requests: LIVE (the fastest degree can still meet the deadline),
+   LATE (no schedule can: best effort), BEST_EFFORT (no deadline).
+2. Allocation, least GPU time: for each LIVE request the cheapest plan (GPU time = degree x step
+   time) that meets its deadline with its remaining steps: one degree, or two degrees whose mix
+   just meets it (policy.common.plan_allocation). Re-planned every round from the budget left,
+   keeping ``plan_margin_frac`` x min(1, (live requests - ``margin_free_live``) / GPUs) of the
+   budget in reserve: under contention a plan that just meets its deadline breaks at the first
+   delay (our addition; zero with up to two live requests, as in most rounds of the paper's load).
+3. Admission [``admission``]: Moore-Hodgson over GPU time decides which LIVE requests can finish
+   *together* (deadline order; when the work due by a deadline exceeds N GPUs x the time to it,
+   the request with the most work is *doomed* for this round). Doomed requests only get GPUs the
+   admitted ones leave idle, and are reconsidered next round. Not in the paper; without it the
+   per-request survival test below lets the box chase requests that cannot all finish.
+4. Round length tau = ``granularity_steps`` x the fastest step of the slowest LIVE request
+   [``tau_rule``]: a 2048 px request runs about 5 steps per round at 8 GPUs, smaller ones more.
+5. Packing (the paper's group knapsack over GPUs): each admitted request offers "run nothing" or
+   q = min(steps planned at k, floor(tau / T_k)) steps at a degree k of its allocation
+   [``mix_order``: only the slower, cheaper degree of a two-degree plan first; the re-plan moves
+   steps to the faster degree as the budget shrinks]. When a step at k outlasts the round, the
+   smallest faster degree whose step fits is offered instead. A request *survives* an option if
+   it can still finish at its fastest degree from the round's end (a request that finishes within
+   the option is judged by its own end). A DP over capacity maximises survivors; ties
+   [``tie_break``] go to the earliest deadlines, lexicographically (the option of the request of
+   deadline rank r is worth 2^(n - r), less than one survivor in total).
+6. Placement: concrete groups from the executor's set, largest first; a request keeps its previous
+   group when free [``placement``], else best fit: the block whose enclosing larger blocks are
+   most occupied, keeping large blocks whole [``placement_fit``] (policy.common.Placer).
+7. Elastic scale-up [``scale_up``]: idle GPUs double the degree of admitted requests, best
+   parallel efficiency first, when the step gets ``min_speedup`` faster; then doomed requests
+   get what is still idle.
+8. LATE and BEST_EFFORT requests get at most ``late_max_gpus`` GPU each from what is still idle
+   (oldest first), in pieces that end within the round, then are scaled up with whatever is idle
+   after that: they never take a GPU a deadline request was given. With no deadline work at all
+   rounds are ``background_round_s`` long, so an arrival waits at most that (or one step).
+9. Selective batching [``batching``]: LIVE requests of identical shape and at most
+   ``batch_max_tokens`` image tokens are paired into one item (one batched step) when the pair
+   meets the earlier deadline and needs less GPU time than the two apart.
+10. Round alignment [``align_rounds``]: every assignment runs as many steps as end by a common
+   round end E, chosen among whole-step ends between the longest single step and
+   ``align_max_frac`` x tau to minimise idle GPU time (plus ``round_overhead_s`` per assignment).
+
+Synchronous rounds on an event-driven engine: while assignments run, the round ends at the latest
+running_until_at; the planner then only fills free GPUs with work that ends by then (*gap mode*),
+and the next round starts when all are done. Busy GPUs are simply not offered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from ..cost import CostModel
+from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
+from .common import EPS, Placer, plan_allocation, usable_degrees
+from .packing import choose_round_end, group_knapsack
+
+#: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
+SURVIVE = 1_000_000_000
+TAU_RULES = ("plan-max", "plan-median", "plan-min", "fast-max", "fast-median", "fast-min")
+TIE_BREAKS = ("count-slack", "gpus-slack", "slack", "edf", "none")
+MIX_ORDERS = ("both", "fast-first", "cheap-first")
+
+
+@dataclass
+class _Item:
+    """A knapsack item: one request, or a batch of identical requests sharing each step."""
+
+    snaps: tuple[RequestSnapshot, ...]
+    times: dict[int, float]  # step time per usable degree (batched when several members)
+    t_min: float
+    left: int  # steps left (the fewest among members)
+    deadline: float
+    plan: tuple[tuple[int, int], ...] = ()  # allocation (degree, steps)
+    slack_s: float = 0.0
+    options: list[tuple[int, int, int]] = field(default_factory=list)  # (gpus, steps, value)
+    none_value: int = 0
+    work_s: float = 0.0  # GPU seconds of the allocation
+    rank: int = 0
+    chosen: tuple[int, int] | None = None  # (degree, steps)
+    group: tuple[int, ...] = ()
+
+    @property
+    def prefer(self) -> tuple[int, ...]:
+        return self.snaps[0].gpu_ids
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(s.request_id for s in self.snaps)
+
+
+@dataclass(frozen=True)
+class TetriServePolicy:
+    """The planner's configuration (see the module docstring for what each option decides)."""
+
+    name: str = "tetriserve"
+    granularity_steps: int = 5
+    tau_rule: str = "fast-max"
+    tie_break: str = "edf"
+    mix_order: str = "cheap-first"
+    placement: bool = True
+    placement_fit: str = "best"
+    scale_up: bool = True
+    min_speedup: float = 1.05
+    batching: bool = True
+    batch_max_tokens: int = 1024
+    late_max_gpus: int = 1
+    align_rounds: bool = True
+    align_max_frac: float = 1.5
+    round_overhead_s: float = 0.001
+    admission: bool = True
+    plan_margin_frac: float = 0.15
+    margin_free_live: int = 2
+    background_round_s: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.tau_rule not in TAU_RULES and not self.tau_rule.startswith("fixed:"):
+            raise ValueError(f"tau_rule must be one of {TAU_RULES} or fixed:<seconds>")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break must be one of {TIE_BREAKS}")
+        if self.mix_order not in MIX_ORDERS:
+            raise ValueError(f"mix_order must be one of {MIX_ORDERS}")
+        if self.granularity_steps < 1:
+            raise ValueError("granularity_steps must be >= 1")
+
+    def for_forecast(self) -> "TetriServePolicy":
+        """The same planner for a world without further arrivals (sim.forecast): background work
+        (late or without deadline) runs in long pieces, as no arrival can need its GPUs."""
+        return dataclasses.replace(self, background_round_s=max(self.background_round_s, 2.0))
+
+    # ------------------------------------------------------------------ the round
+    def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
+        now = view.now
+        n = len(view.gpu_ids)
+        round_end = max((r.running_until_at for r in view.requests if r.running_until_at is not None), default=None)
+        window = round_end - now if round_end is not None and round_end > now + EPS else None
+        live: list[_Item] = []
+        background: list[_Item] = []
+        degrees_of: dict[str, tuple[int, ...]] = {}
+        shapes: dict[tuple, tuple[dict[int, float], float]] = {}
+        for snap in view.plannable:
+            r = snap.request
+            shape = shapes.get(r.shape_key)
+            if shape is None:
+                ks = degrees_of.get(r.model)
+                if ks is None:
+                    ks = degrees_of[r.model] = usable_degrees(cost, r.model, n)
+                times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in ks}
+                shape = shapes[r.shape_key] = (times, min(times.values()))
+            times, t_min = shape
+            deadline = r.deadline_at if r.deadline_at is not None else math.inf
+            item = _Item((snap,), times, t_min, snap.steps_left, deadline)
+            if r.deadline_at is not None and now + item.left * t_min <= deadline + EPS:  # LIVE
+                live.append(item)
+            else:  # LATE or BEST_EFFORT
+                background.append(item)
+        # plan margin: a share of each budget kept in reserve, growing with contention (live
+        # requests per GPU): a plan that just meets its deadline breaks at the first delay
+        margin = self.plan_margin_frac * min(1.0, max(len(live) - self.margin_free_live, 0) / max(n, 1))
+        for item in live:
+            budget = item.deadline - now
+            alloc = plan_allocation(item.times, item.left, budget * (1.0 - margin)) or \
+                plan_allocation(item.times, item.left, budget)
+            item.plan = alloc.steps
+            item.slack_s = budget - alloc.time_s
+            item.work_s = alloc.gpu_time_s
+        if self.batching and len(live) > 1:
+            live = self._batch(live, cost, now, n)
+        doomed: list[_Item] = []
+        if self.admission and live:
+            live, doomed = self._admit(live, self._running_work(view, cost, n), now, n)
+        if window is not None:
+            tau = window
+        elif live:
+            tau = self._tau(live)
+        else:
+            tau = self.background_round_s
+        placer = Placer(view, preserve=self.placement, fit=self.placement_fit)
+        chosen = self._pack(live, placer.num_free, now, tau, fresh=window is None)
+        chosen = self._place(chosen, placer, view, now, tau, fresh=window is None)
+        if self.scale_up:
+            self._scale_up(chosen, placer, view, tau)
+        if doomed and placer.num_free > 0:  # after scale-up: GPUs go to the admitted first
+            extra = self._pack(doomed, placer.num_free, now, tau, fresh=window is None)
+            extra = self._place(extra, placer, view, now, tau, fresh=window is None)
+            if self.scale_up:
+                self._scale_up(extra, placer, view, tau)
+            chosen += extra
+        bg = self._background(background, placer, view, tau, fresh=window is None)
+        if self.scale_up:
+            self._scale_up(bg, placer, view, tau)
+        out = chosen + bg
+        self._fill(out, {id(x) for x in chosen}, tau, window is None)
+        assignments = tuple(Assignment(x.ids, x.group, x.chosen[1]) for x in out)
+        longest = max((x.chosen[1] * x.times[x.chosen[0]] for x in out), default=0.0)
+        if not assignments and window is None and view.plannable:
+            return self._fallback(view, cost, background + live)
+        return RoundPlan(view.round_index, longest, assignments,
+                         note=f"{'gap' if window is not None else 'round'} tau={tau:.3f}s live={len(live)}")
+
+    # ------------------------------------------------------------------ pieces
+    def _running_work(self, view: SchedulerView, cost: CostModel, n: int) -> list[tuple[float, float]]:
+        """(deadline, GPU seconds still needed) of running requests that can still make it:
+        the rest of the assignment in flight plus the least GPU time of the steps after it."""
+        out = []
+        for r in view.requests:
+            if r.running_until_at is None or r.request.deadline_at is None:
+                continue
+            q = r.request
+            times = {k: cost.step_time_s(q.model, q.height, q.width, q.batch, k)
+                     for k in usable_degrees(cost, q.model, n)}
+            after = max(r.steps_left - r.steps_in_flight, 0)
+            start = max(r.running_until_at, view.now)
+            if start + after * min(times.values()) > q.deadline_at + EPS:
+                continue
+            busy = len(r.gpu_ids) * (start - view.now)
+            alloc = plan_allocation(times, after, q.deadline_at - start) if after else None
+            rest = alloc.gpu_time_s if alloc is not None else 0.0
+            out.append((q.deadline_at, busy + rest))
+        return out
+
+    def _admit(self, live: list[_Item], running: list[tuple[float, float]], now: float, n: int
+               ) -> tuple[list[_Item], list[_Item]]:
+        """Which LIVE requests can finish together: Moore-Hodgson over GPU time.
+
+        In deadline order, add each request's least GPU time (its allocation); whenever the work
+        due by a deadline exceeds n GPUs x the time until it, drop the admitted request with the
+        most work (running requests are never dropped). Maximises the number admitted for a
+        single pooled machine; the dropped (*doomed*) requests only get GPUs the admitted ones
+        leave idle this round, and are reconsidered next round.
+        """
+        entries = [(x.deadline, x.work_s, i) for i, x in enumerate(live)]
+        entries += [(d, w, -1) for d, w in running]
+        entries.sort(key=lambda e: (e[0], e[2] < 0, e[2]))
+        heap: list[tuple[float, float, int]] = []
+        cum = 0.0
+        dropped: set[int] = set()
+        for d, w, i in entries:
+            cum += w
+            if i >= 0:  # most work first; equal work (to 0.1 GPU s): the later deadline goes first
+                heapq.heappush(heap, (-round(w, 1), -d, w, i))
+            while heap and cum > n * (d - now) + EPS:
+                _, _, w_j, j = heapq.heappop(heap)
+                cum -= w_j
+                dropped.add(j)
+        if not dropped:
+            return live, []
+        return ([x for i, x in enumerate(live) if i not in dropped],
+                sorted((live[i] for i in dropped), key=lambda x: x.deadline))
+
+    def _tau(self, live: list[_Item]) -> float:
+        if self.tau_rule.startswith("fixed:"):
+            return float(self.tau_rule.split(":", 1)[1])
+        if self.tau_rule.startswith("fast"):
+            ref = [x.t_min for x in live]
+        else:
+            ref = [x.times[x.plan[-1][0]] for x in live]
+        if self.tau_rule.endswith("max"):
+            t = max(ref)
+        elif self.tau_rule.endswith("min"):
+            t = min(ref)
+        else:
+            t = sorted(ref)[len(ref) // 2]
+        return self.granularity_steps * t
+
+    def _options(self, x: _Item, now: float, tau: float, fresh: bool, free: int, num_items: int) -> None:
+        """Fill x.options with (gpus, steps, value) and x.none_value (see the module docstring)."""
+        horizon = now + tau
+        survive_none = horizon + x.left * x.t_min <= x.deadline + EPS
+        members = len(x.snaps)
+        urgency = min(int(1000.0 / (1.0 + 20.0 * max(x.slack_s, 0.0))), 999)
+        # the tie-break must never outweigh one survivor: "edf" weighs rank r by 2^(num_items - r)
+        unit = SURVIVE if self.tie_break != "edf" else 1 << (num_items + 4)
+        x.none_value = members * unit * survive_none
+        plan = x.plan
+        if self.mix_order == "fast-first":
+            plan = plan[-1:]
+        elif self.mix_order == "cheap-first":
+            plan = plan[:1]
+        x.options = []
+        seen = set()
+        for k, s_k in plan:
+            t = x.times[k]
+            q = min(s_k, int(tau / t + EPS))
+            if q < 1:
+                # the planned degree's step outlasts the round: the smallest faster degree whose
+                # step fits runs instead (keeps rounds about tau long); none fits: one step at the fastest
+                fits = [k2 for k2 in sorted(x.times) if k2 > k and x.times[k2] <= tau + EPS]
+                if fits:
+                    k = fits[0]
+                    t = x.times[k]
+                    q = min(x.left, int(tau / t + EPS))
+                elif fresh:
+                    k = max(x.times, key=lambda k2: (-x.times[k2], k2))
+                    t, q = x.times[k], 1
+                else:
+                    continue
+            if k > free or k in seen:
+                continue
+            seen.add(k)
+            if q >= x.left:  # finishes in this round: judged by its own end, not the round's
+                survive = now + q * t <= x.deadline + EPS
+            else:
+                survive = now + max(tau, q * t) + (x.left - q) * x.t_min <= x.deadline + EPS
+            value = members * unit * survive
+            if self.tie_break == "count-slack":
+                value += members * 1000 + urgency
+            elif self.tie_break == "gpus-slack":
+                value += k * 1000 + urgency
+            elif self.tie_break == "slack":
+                value += urgency
+            elif self.tie_break == "edf":
+                value += 1 << (num_items - x.rank)
+            x.options.append((k, q, value))
+
+    def _pack(self, items: list[_Item], capacity: int, now: float, tau: float, fresh: bool) -> list[_Item]:
+        """The round's group knapsack over this round's options of ``items``; returns the chosen ones."""
+        if not items or capacity <= 0:
+            return []
+        if self.tie_break == "edf":
+            for rank, x in enumerate(sorted(items, key=lambda x: (x.deadline, x.ids))):
+                x.rank = rank
+        for x in items:
+            self._options(x, now, tau, fresh, capacity, len(items))
+        picks = group_knapsack([(x.none_value, [(k, v) for k, _, v in x.options]) for x in items], capacity)
+        chosen = []
+        for x, oi in zip(items, picks):
+            if oi >= 0:
+                k, q, _ = x.options[oi]
+                x.chosen = (k, q)
+                chosen.append(x)
+        return chosen
+
+    def _place(self, chosen: list[_Item], placer: Placer, view: SchedulerView, now: float, tau: float,
+               fresh: bool) -> list[_Item]:
+        """Concrete groups, largest first (then least slack). An item whose group size is not free
+        (busy GPUs fragment the aligned blocks) falls back to the largest smaller free group whose
+        steps fit the round, else waits. If keeping previous groups placed fewer items than
+        ignoring them would, previous groups are ignored this round."""
+        order = sorted(chosen, key=lambda x: (-x.chosen[0], x.slack_s))
+        wanted = [x.chosen for x in order]
+        saved = set(placer.occupied)
+        placed = self._place_in_order(order, placer, tau, fresh, prefer=True)
+        if len(placed) < len(order) and self.placement:
+            first = [(x, x.chosen, x.group) for x in placed]
+            used = set(placer.occupied)
+            placer.occupied = set(saved)
+            for x, w in zip(order, wanted):
+                x.chosen = w
+            again = self._place_in_order(order, placer, tau, fresh, prefer=False)
+            if len(again) > len(placed):
+                return again
+            placer.occupied = used
+            for x in order:
+                x.chosen = None
+            for x, c, g in first:
+                x.chosen, x.group = c, g
+        return placed
+
+    def _place_in_order(self, order: list[_Item], placer: Placer, tau: float, fresh: bool,
+                        prefer: bool) -> list[_Item]:
+        placed = []
+        for x in order:
+            pref = x.prefer if prefer else ()
+            g = placer.place(x.chosen[0], pref)
+            if g is None:
+                for k in sorted((k for k in x.times if k < x.chosen[0]), reverse=True):
+                    q = min(x.left, int(tau / x.times[k] + EPS))
+                    if q < 1 and not fresh:
+                        continue
+                    g = placer.place(k, pref)
+                    if g is not None:
+                        x.chosen = (k, max(q, 1))
+                        break
+            if g is None:
+                x.chosen = None
+                continue
+            x.group = g
+            placed.append(x)
+        return placed
+
+    def _scale_up(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float) -> None:
+        """Double degrees with idle GPUs, best parallel efficiency first, if the doubled group is placeable."""
+        while placer.num_free > 0:
+            best = None
+            for x in items:
+                k = x.chosen[0]
+                k2 = 2 * k
+                if k2 not in x.times or k > placer.num_free:
+                    continue
+                speedup = x.times[k] / x.times[k2]
+                if speedup < self.min_speedup:
+                    continue
+                key = (speedup / 2.0, -x.slack_s)
+                if best is None or key > best[0]:
+                    best = (key, x)
+            if best is None:
+                return
+            x = best[1]
+            k = x.chosen[0]
+            # re-place x at 2k: free its group, try a 2k group (prefer one containing the old group)
+            placer.occupied.difference_update(x.group)
+            cands = [g for g in placer.free_groups(2 * k) if set(x.group) <= set(g)] or placer.free_groups(2 * k)
+            if not cands:
+                placer.take(x.group)
+                x.times = dict(x.times)
+                x.times.pop(2 * k)  # not placeable: do not try this item again at 2k
+                continue
+            g = max(cands, key=lambda c: (set(x.group) <= set(c), placer._fit_score(c)))
+            placer.take(g)
+            t2 = x.times[2 * k]
+            steps_time = x.chosen[1] * x.times[k]
+            q = min(x.left, max(x.chosen[1], int(max(tau, steps_time) / t2 + EPS)))
+            x.chosen = (2 * k, q)
+            x.group = g
+
+    def _background(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float,
+                    fresh: bool) -> list[_Item]:
+        """LATE and BEST_EFFORT requests on leftover GPUs, oldest first, in pieces that end within tau.
+
+        First at most ``late_max_gpus`` GPUs each; a request whose step is too long for that
+        waits for a second pass, which gives it the smallest idle group whose step fits. A piece
+        never outlasts the round, so background work cannot delay the next round's deadlines
+        (with no deadline work at all, rounds are ``background_round_s`` long).
+        """
+        out, waiting = [], []
+        items = sorted(items, key=lambda x: (x.snaps[0].request.arrival_at, x.snaps[0].request_id))
+        for x in items:
+            if placer.num_free <= 0:
+                return out
+            small = [k for k in x.times if k <= self.late_max_gpus and x.times[k] <= tau + EPS]
+            if not small:
+                waiting.append(x)
+                continue
+            k = max(small)
+            g = placer.place(k, x.prefer)
+            if g is None:
+                waiting.append(x)
+                continue
+            x.chosen, x.group, x.slack_s = (k, min(x.left, int(tau / x.times[k] + EPS))), g, math.inf
+            out.append(x)
+        for x in waiting:
+            for k in sorted(x.times):
+                if x.times[k] > tau + EPS or k > placer.num_free:
+                    continue
+                g = placer.place(k, x.prefer)
+                if g is not None:
+                    x.chosen, x.group, x.slack_s = (k, min(x.left, int(tau / x.times[k] + EPS))), g, math.inf
+                    out.append(x)
+                    break
+        return out
+
+    def _fill(self, items: list[_Item], live_ids: set[int], tau: float, fresh: bool) -> None:
+        """Set every assignment's steps so that all end together, at the round end E.
+
+        In gap mode E is the running round's end. In a fresh round E is chosen (when
+        ``align_rounds``) among the ends of whole steps of the slow-step assignments between
+        the longest single step and 1.5 tau, minimising idle GPU time (GPUs that finish early
+        and wait for the round's last assignment) plus ``round_overhead_s`` per assignment,
+        per second of round: a request stepping 0.22 s in a 0.58 s round would otherwise idle
+        a quarter of it. A slower planned degree keeps its planned share of steps.
+        """
+        if not items:
+            return
+        rows = []
+        for x in items:
+            k = x.chosen[0]
+            cap = x.left
+            if id(x) in live_ids and x.plan and k != x.plan[-1][0]:
+                planned = dict(x.plan).get(k)
+                if planned is not None:
+                    cap = min(cap, planned)
+            rows.append((x, k, x.times[k], max(cap, x.chosen[1])))
+        if not fresh:
+            end = tau
+        elif self.align_rounds:
+            end = choose_round_end([(k, t, cap) for _, k, t, cap in rows], tau, self.align_max_frac,
+                                   self.round_overhead_s)
+        else:
+            end = max(x.chosen[1] * x.times[x.chosen[0]] for x in items)
+        for x, k, t, cap in rows:
+            x.chosen = (k, max(1, min(cap, int(end / t + EPS))))
+
+    def _batch(self, live: list[_Item], cost: CostModel, now: float, n: int) -> list[_Item]:
+        """Pair identical small requests into one item when the pair meets both deadlines and saves GPU time."""
+        groups: dict[tuple, list[_Item]] = {}
+        for x in live:
+            r = x.snaps[0].request
+            if r.num_image_tokens <= self.batch_max_tokens:
+                groups.setdefault(r.shape_key, []).append(x)
+        if not any(len(g) > 1 for g in groups.values()):
+            return live
+        merged: set[int] = set()
+        out_extra = []
+        for key, xs in groups.items():
+            if len(xs) < 2:
+                continue
+            xs = sorted(xs, key=lambda x: x.deadline)
+            i = 0
+            while i + 1 < len(xs):
+                a, b = xs[i], xs[i + 1]
+                pair = self._try_pair(a, b, cost, now)
+                if pair is not None:
+                    merged.update((id(a), id(b)))
+                    out_extra.append(pair)
+                    i += 2
+                else:
+                    i += 1
+        return [x for x in live if id(x) not in merged] + out_extra
+
+    def _try_pair(self, a: _Item, b: _Item, cost: CostModel, now: float) -> _Item | None:
+        r = a.snaps[0].request
+        times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch * 2, k) for k in a.times}
+        left = max(a.left, b.left)
+        deadline = min(a.deadline, b.deadline)
+        alloc = plan_allocation(times, left, deadline - now)
+        if alloc is None:
+            return None
+        alone = (a.left * sum(k * a.times[k] * s for k, s in a.plan) / max(a.left, 1)
+                 + b.left * sum(k * b.times[k] * s for k, s in b.plan) / max(b.left, 1))
+        if alloc.gpu_time_s >= alone - EPS:
+            return None
+        item = _Item(a.snaps + b.snaps, times, min(times.values()), min(a.left, b.left), deadline)
+        item.plan = tuple((k, min(s, item.left)) for k, s in alloc.steps)
+        item.slack_s = deadline - now - alloc.time_s
+        item.work_s = alloc.gpu_time_s
+        return item
+
+    def _fallback(self, view: SchedulerView, cost: CostModel, items: list[_Item]) -> RoundPlan:
+        """Never stall an idle engine: the oldest request gets one step on the largest free group."""
+        placer = Placer(view, preserve=self.placement, fit=self.placement_fit)
+        for x in sorted(items, key=lambda x: (x.snaps[0].request.arrival_at, x.snaps[0].request_id)):
+            for k in sorted(x.times, reverse=True):
+                g = placer.place(k, x.prefer)
+                if g is not None:
+                    return RoundPlan(view.round_index, x.times[k], (Assignment(x.ids, g, 1),), note="fallback")
+        return RoundPlan(view.round_index, 0.0)
+
+
+def make_tetriserve(**options) -> TetriServePolicy:
+    return TetriServePolicy(**options)

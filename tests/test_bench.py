@@ -1,0 +1,42 @@
+"""A smoke run of ``comfy-tetriserve bench`` (the full run is the command in README / docs/planner.md)."""
+from __future__ import annotations
+
+import json
+
+from comfy_tetriserve.cli import main
+from comfy_tetriserve.sim.bench import ALL_POLICIES, BenchConfig, Bench
+
+REQUIRED = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "edf")
+
+
+def test_quick_bench_writes_the_report_and_plots(tmp_path, capsys):
+    rc = main(["bench", "--quick", "--jobs", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "cost model h200" in text and "SAR, uniform mix" in text and "Offline bound" in text
+    report = json.loads((tmp_path / "report.json").read_text())
+    for mix in ("uniform", "skewed"):
+        for scale in ("1.0", "1.5"):
+            row = report["sar"][mix][scale]
+            assert set(REQUIRED) <= set(row) and all(0.0 <= v <= 1.0 for v in row.values())
+    assert set(report["decision_ms"]) == {"16", "64"}
+    assert all(v["p50"] > 0 and v["p99"] >= v["p50"] for v in report["decision_ms"].values())
+    assert 0.0 < report["bound_ratio"] <= 1.0 + 1e-9
+    assert report["cost_model"]["name"] == "h200" and "H200" in report["cost_model"]["device"]
+    assert set(report["ablation"]["steps"]["Uniform 1.0x"]) == {"planner only", "+ placement", "+ scale-up",
+                                                               "+ batching"}
+    assert "groups: all subsets" in report["ablation"]["decisions"]
+    assert set(report["granularity"]["sar"]["uniform 12/min"]) == {"1", "5"}
+    assert report["gains"]["uniform"]["per_scale"]
+    assert set(report["overload"]["sar"]["120/min 1.0x"]) >= {"tetriserve", "edf"}
+    for name in ("sar_vs_scale", "rate_sweep", "sar_per_resolution", "ablation", "granularity", "latency_cdf",
+                 "decision_time"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000, name
+
+
+def test_sections_can_be_chosen_and_results_are_deterministic():
+    config = BenchConfig(quick=True, jobs=1, sections=("sar",), policies=("tetriserve", "sp4"), plots=False)
+    a = Bench(config).run(("sar",), echo=lambda s: None)
+    b = Bench(config).run(("sar",), echo=lambda s: None)
+    assert a["sar"] == b["sar"] and "bound_ratio" not in a
+    assert set(ALL_POLICIES) >= {"tetriserve", "rssp-paper"}

@@ -1,0 +1,161 @@
+"""The TetriServe planner: validity over random views, the knapsack against brute force, the decisions."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from factories import make_request, make_view
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from comfy_tetriserve.cost import load_cost_model
+from comfy_tetriserve.plan import all_subset_groups, validate_plan
+from comfy_tetriserve.policy import make_policy, policy_names
+from comfy_tetriserve.policy.packing import choose_round_end, group_knapsack
+from comfy_tetriserve.policy.tetris import TetriServePolicy
+from comfy_tetriserve.sim.workload import make_random_view
+from comfy_tetriserve.types import RequestSnapshot, SchedulerView
+
+COST = load_cost_model("h200")
+
+
+def run(view, **options):
+    policy = TetriServePolicy(**options)
+    out = policy.plan_round(view, COST)
+    validate_plan(view, out, COST.allowed_degrees)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), size=st.sampled_from([1, 2, 3, 5, 8, 16, 40]), running=st.booleans(),
+       best_effort=st.sampled_from([0.0, 0.3]), all_groups=st.booleans(), num_gpus=st.sampled_from([4, 8]))
+def test_every_policy_plans_validly_and_deterministically(seed, size, running, best_effort, all_groups, num_gpus):
+    view = make_random_view(size, seed=seed, running=running, best_effort_fraction=best_effort, num_gpus=num_gpus)
+    if all_groups:
+        view = SchedulerView(view.now, view.round_index, view.gpu_ids, all_subset_groups(view.gpu_ids),
+                             view.requests, view.busy_gpu_ids)
+    for name in policy_names():
+        policy = make_policy(name)
+        plan = policy.plan_round(view, COST)
+        validate_plan(view, plan, COST.allowed_degrees)
+        assert policy.plan_round(view, COST) == plan
+
+
+def brute_knapsack(items, capacity):
+    best = -1
+    for combo in itertools.product(*[[-1] + list(range(len(opts))) for _, opts in items]):
+        gpus = sum(items[i][1][o][0] for i, o in enumerate(combo) if o >= 0)
+        if gpus > capacity:
+            continue
+        value = sum(items[i][1][o][1] if o >= 0 else items[i][0] for i, o in enumerate(combo))
+        best = max(best, value)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_group_knapsack_equals_brute_force(seed):
+    rng = random.Random(seed)
+    capacity = rng.choice([1, 2, 4, 8])
+    items = []
+    for _ in range(rng.randint(1, 5)):
+        none = rng.choice([0, 0, 10, 1000])
+        opts = [(k, rng.randint(0, 2000)) for k in rng.sample([1, 2, 4, 8], rng.randint(0, 3))]
+        items.append((none, opts))
+    picks = group_knapsack(items, capacity)
+    gpus = sum(items[i][1][o][0] for i, o in enumerate(picks) if o >= 0)
+    value = sum(items[i][1][o][1] if o >= 0 else items[i][0] for i, o in enumerate(picks))
+    assert gpus <= capacity
+    assert value == brute_knapsack(items, capacity)
+
+
+def test_lone_request_gets_its_plan_then_idle_gpus():
+    r = make_request(res=1024, deadline_s=3.0)  # least GPU time: a k2/k4 mix
+    plain = run(make_view([r]), scale_up=False)
+    assert [a.sp_degree for a in plain.assignments] in ([2], [4])
+    scaled = run(make_view([r]))
+    assert scaled.assignments[0].sp_degree == 8  # elastic scale-up: nothing else wants the GPUs
+
+
+def test_late_requests_get_one_gpu_while_deadlines_need_the_rest():
+    live = make_request(res=1024, deadline_s=3.0, request_id="live")
+    late_small = make_request(res=512, arrival_at=-5.0, deadline_s=5.5, request_id="late512")  # 0.5 s left
+    late_big = make_request(res=2048, arrival_at=-5.0, deadline_s=5.5, request_id="late2048")
+    out = run(make_view([live, late_small, late_big]), scale_up=False)
+    by_id = {a.request_ids[0]: a for a in out.assignments}
+    assert by_id["live"].sp_degree >= 2
+    assert by_id["late512"].sp_degree == 1
+    assert "late2048" not in by_id  # its one-GPU step (0.85 s) would outlast the round
+
+
+def test_best_effort_never_takes_what_deadlines_need():
+    tight = [make_request(res=1024, deadline_s=2.9, request_id=f"t{i}") for i in range(2)]  # k4 each, 8 GPUs
+    best_effort = make_request(res=256, deadline_s=None, request_id="be")
+    out = run(make_view(tight + [best_effort]))
+    assert {a.request_ids[0] for a in out.assignments} == {"t0", "t1"}
+    # alone, the best-effort request runs (in short pieces)
+    alone = run(make_view([best_effort]))
+    assert alone.assignments and alone.assignments[0].request_ids == ("be",)
+
+
+def test_identical_small_requests_share_a_batched_step():
+    a = make_request(res=256, deadline_s=3.0, request_id="a")
+    b = make_request(res=256, deadline_s=3.5, request_id="b")
+    out = run(make_view([a, b]))
+    assert [set(x.request_ids) for x in out.assignments] == [{"a", "b"}]
+    separate = run(make_view([a, b]), batching=False)
+    assert len(separate.assignments) == 2
+
+
+def test_placement_is_preserved():
+    r = make_request(res=1024, deadline_s=3.0)
+    snap = RequestSnapshot(r, steps_done=10, gpu_ids=(4, 5, 6, 7))
+    other = make_request(res=1024, deadline_s=3.0)
+    out = run(make_view([snap, other]), scale_up=False)
+    mine = next(a for a in out.assignments if a.request_ids == (r.request_id,))
+    if mine.sp_degree == 4:
+        assert mine.gpu_ids == (4, 5, 6, 7)
+    assert set(mine.gpu_ids) <= {4, 5, 6, 7}
+
+
+def test_gap_mode_fills_free_gpus_within_the_running_round():
+    running = RequestSnapshot(make_request(res=1024, deadline_s=3.0), 10, gpu_ids=(0, 1, 2, 3),
+                              running_until_at=0.4, steps_in_flight=7)
+    newcomer = make_request(res=512, deadline_s=2.0)
+    out = run(make_view([running, newcomer], busy=(0, 1, 2, 3)))
+    (a,) = out.assignments
+    assert set(a.gpu_ids) <= {4, 5, 6, 7}
+    t = COST.step_time_s("flux-dev", 512, 512, 1, a.sp_degree)
+    assert a.num_steps * t <= 0.4 + 1e-9  # ends by the running round's end
+
+
+def test_admission_keeps_the_request_that_can_still_make_it():
+    # two 2048 px requests that each need the whole box for 5.8 s of their 6 s: only one can finish
+    ahead = RequestSnapshot(make_request(res=2048, deadline_s=6.0, request_id="ahead", arrival_at=-0.5), 5)
+    fresh = make_request(res=2048, deadline_s=6.0, request_id="fresh", arrival_at=0.0)
+    out = run(make_view([ahead, fresh], now=0.0))
+    degrees = {a.request_ids[0]: a.sp_degree for a in out.assignments}
+    assert degrees.get("ahead") == 8 and "fresh" not in degrees
+
+
+def test_idle_engine_never_gets_an_empty_plan():
+    be = make_request(res=2048, deadline_s=None)
+    out = run(make_view([be]), background_round_s=0.01)  # no piece fits: one step anyway
+    assert out.assignments and out.assignments[0].num_steps == 1
+
+
+def test_bad_options_are_rejected():
+    for bad in ({"tau_rule": "x"}, {"tie_break": "x"}, {"mix_order": "x"}, {"granularity_steps": 0}):
+        with pytest.raises(ValueError):
+            TetriServePolicy(**bad)
+
+
+def test_round_end_avoids_idle_gpus():
+    # a 4-GPU request stepping 0.22 s and a 4-GPU one stepping 0.055 s, tau 0.58 s: ending at 0.58 s
+    # would idle the first for 0.14 s; 0.44 s (2 steps) or 0.66 s (3 steps) waste almost nothing
+    end = choose_round_end([(4, 0.22, 50), (4, 0.055, 50)], 0.58)
+    assert min(abs(end - 0.44), abs(end - 0.66)) < 1e-9
+    # one step longer than tau: the round is that step
+    assert choose_round_end([(8, 0.9, 50), (1, 0.03, 50)], 0.2) == pytest.approx(0.9)
+    # a request with one step left ends the round with it rather than idling 8 GPUs to tau
+    assert choose_round_end([(8, 0.1, 1)], 0.5) == pytest.approx(0.1)
