@@ -101,8 +101,12 @@ class ComfyUI:
 def start_comfyui(box: Sandbox, service_url: str, name: str) -> ComfyUI:
     port = free_port()
     work = box.root / name
-    for sub in ("output", "input", "temp", "user"):
+    for sub in ("output", "input", "temp", "user/default"):
         (work / sub).mkdir(parents=True, exist_ok=True)
+    # a browser opening this ComfyUI is not a first-time user: no template or missing-model dialogs
+    (work / "user" / "default" / "comfy.settings.json").write_text(json.dumps({
+        "Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
+        "Comfy.Workflow.ShowMissingNodesWarning": False}), encoding="utf-8")
     log_path = work / "comfyui.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETRISERVE_")}
     env.update(TETRISERVE_URL=service_url, TETRISERVE_HOME=str(work / "home"), PYTHONUNBUFFERED="1")

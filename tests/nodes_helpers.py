@@ -147,14 +147,15 @@ def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
         proc.wait(10)
 
 
-def start_service(tmp: Path, model_dir: Path, *, devices: str = "cpu:2", extra: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen]:
-    """``comfy-tetriserve serve`` on CPU workers with the test policy; returns (url, process)."""
+def start_service(tmp: Path, model_dir: Path, *, devices: str = "cpu:2", policy: str = "nodes_helpers:degree_policy",
+                  cost: str = "nodes_helpers:tiny_cost", extra: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen]:
+    """``comfy-tetriserve serve`` (default: two CPU workers, the test policy); returns (url, process)."""
     port = free_port()
     log_path = tmp / f"service-{port}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "comfy_tetriserve", "serve", "--port", str(port), "--devices", devices,
-           "--model-dir", str(model_dir), "--dtype", "fp32", "--policy", "nodes_helpers:degree_policy",
-           "--cost", "nodes_helpers:tiny_cost", "--lease-s", "10", *extra]
+           "--model-dir", str(model_dir), "--dtype", "fp32", "--policy", policy, "--cost", cost, "--lease-s", "10",
+           *extra]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -10,7 +10,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TAB_ID = "tetriserve-board";
-const WINDOW_S = 60;
+const WINDOW_S = 30;
 const POLL_MS = 1000;
 const MAX_RECENT = 8;
 

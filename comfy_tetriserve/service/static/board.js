@@ -11,9 +11,12 @@
   function token() { return localStorage.getItem("tetriserve.token") || ""; }
 
   function colour(jobId) {
-    let h = 0;
-    for (const c of jobId) h = (h * 31 + c.charCodeAt(0)) >>> 0;
-    return `hsl(${h % 360}, 65%, 55%)`;
+    // FNV-1a and a final mix: job ids that differ in one digit get far-apart hues
+    let h = 2166136261;
+    for (const c of jobId) h = Math.imul(h ^ c.charCodeAt(0), 16777619);
+    h = Math.imul(h ^ (h >>> 15), 2246822507);
+    h ^= h >>> 13;
+    return `hsl(${(h >>> 0) % 360}, 65%, 55%)`;
   }
 
   function fmtIn(at, now) {
