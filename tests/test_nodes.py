@@ -242,3 +242,17 @@ def test_a_model_the_service_lost_is_loaded_again(tmp_path):
     reloads, result, handle = run_service(body, model=(), model_dir=(str(tmp_path),))
     assert reloads == [1] and result.status["status"] == "finished"
     assert handle.family == "flux" and handle.model == "flux-file.safetensors" and handle.effective_shift == 0.9
+
+
+def test_only_the_comfy_glue_imports_comfyui():
+    """ComfyUI's modules are imported by nodes/comfy_nodes.py alone (and the test-only node pack)."""
+    import re
+
+    from nodes_helpers import ROOT
+
+    pattern = re.compile(r"^\s*(import|from)\s+(comfy|comfy_api|comfy_execution|folder_paths|server|nodes)(\.|\s)",
+                         re.M)
+    offenders = [str(p.relative_to(ROOT)) for folder in ("comfy_tetriserve", "nodes") for p in (ROOT / folder).rglob("*.py")
+                 if p.name != "comfy_nodes.py" and pattern.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
+    assert pattern.search((ROOT / "nodes" / "comfy_nodes.py").read_text(encoding="utf-8"))
