@@ -74,10 +74,12 @@ def rel_err(a, b) -> float:
 
 # ------------------------------------------------------------------------------ parity
 PARITY_CASES = {
-    # name: (latent node, sampler, scheduler, cfg, denoise)
-    "t2i_euler_cfg": ("empty", "euler", "simple", 4.0, 1.0),
-    "img2img_dpmpp_2m_karras": ("image", "dpmpp_2m", "karras", 3.0, 0.6),
-    "ancestral_sgm_uniform": ("empty", "euler_ancestral", "sgm_uniform", 1.0, 1.0),
+    # name: (latent node, sampler, scheduler, cfg, denoise, negative node)
+    "t2i_euler_cfg": ("empty", "euler", "simple", 4.0, 1.0, "neg"),
+    "img2img_dpmpp_2m_karras": ("image", "dpmpp_2m", "karras", 3.0, 0.6, "neg"),
+    "ancestral_sgm_uniform": ("empty", "euler_ancestral", "sgm_uniform", 1.0, 1.0, "neg"),
+    # a negative twice as long as the positive (text lengths differ inside one CFG pair)
+    "t2i_cfg_negative_longer": ("empty", "euler", "simple", 4.0, 1.0, "neg16"),
 }
 
 
@@ -90,13 +92,15 @@ def test_parity_with_stock_ksampler_at_degree_1_and_2(stack):
         "dit": node("TetriServeLoadDiT", unet_name="tiny_sd3.safetensors", weight_dtype="fp32", shift=0.0),
         "pos": node("TetriServeTestConditioning", text="a cat", tokens=8, context_dim=32, pooled_dim=16, seed=0),
         "neg": node("TetriServeTestConditioning", text="blurry", tokens=8, context_dim=32, pooled_dim=16, seed=0),
+        "neg16": node("TetriServeTestConditioning", text="blurry, dull", tokens=16, context_dim=32, pooled_dim=16,
+                      seed=0),
         "empty": node("EmptySD3LatentImage", width=128, height=96, batch_size=1),
         "image": node("TetriServeTestLatent", width=128, height=96, batch_size=1, channels=16, seed=5),
     }
-    common = {"seed": 1234, "steps": 10, "positive": ["pos", 0], "negative": ["neg", 0]}
-    for name, (latent, sampler, scheduler, cfg, denoise) in PARITY_CASES.items():
+    common = {"seed": 1234, "steps": 10, "positive": ["pos", 0]}
+    for name, (latent, sampler, scheduler, cfg, denoise, negative) in PARITY_CASES.items():
         args = dict(common, cfg=cfg, sampler_name=sampler, scheduler=scheduler, denoise=denoise,
-                    latent_image=[latent, 0])
+                    latent_image=[latent, 0], negative=[negative, 0])
         p[f"ks_{name}"] = node("KSampler", model=["unet", 0], **args)
         p[f"save_ks_{name}"] = node("SaveLatent", samples=[f"ks_{name}", 0], filename_prefix=f"ks_{name}")
         for k in (1, 2):
