@@ -1,133 +1,152 @@
 // The TetriServe board: polls GET /v1/board and draws devices x time on a canvas.
-// No scheduling logic here: everything shown comes from the service.
-"use strict";
+// No scheduling logic here: everything shown comes from the service. The drawing functions are
+// also used by the ComfyUI board panel (globalThis.TetriServeBoard), which sets
+// globalThis.TETRISERVE_BOARD_EMBED before loading this file.
+(() => {
+  "use strict";
 
-const POLL_MS = 1000;
-const FUTURE_FRACTION = 0.25; // share of the width kept for the future (expected ends, deadlines)
+  const POLL_MS = 1000;
+  const FUTURE_FRACTION = 0.25; // share of the width kept for the future (expected ends, deadlines)
 
-function token() { return localStorage.getItem("tetriserve.token") || ""; }
+  function token() { return localStorage.getItem("tetriserve.token") || ""; }
 
-document.getElementById("token").onclick = () => {
-  const t = prompt("Bearer token for this service (empty for none):", token());
-  if (t !== null) localStorage.setItem("tetriserve.token", t.trim());
-  poll();
-};
-
-function colour(jobId) {
-  let h = 0;
-  for (const c of jobId) h = (h * 31 + c.charCodeAt(0)) >>> 0;
-  return `hsl(${h % 360}, 65%, 55%)`;
-}
-
-function fmtIn(at, now) {
-  if (at === null || at === undefined) return "–";
-  const s = at - now;
-  return (s >= 0 ? "" : "−") + Math.abs(s).toFixed(1) + " s";
-}
-
-function draw(board) {
-  const canvas = document.getElementById("board");
-  const ratio = window.devicePixelRatio || 1;
-  const width = canvas.clientWidth, height = canvas.clientHeight;
-  canvas.width = width * ratio; canvas.height = height * ratio;
-  const ctx = canvas.getContext("2d");
-  ctx.scale(ratio, ratio);
-  ctx.clearRect(0, 0, width, height);
-
-  const gpus = board.gpu_ids, now = board.now_at, window_s = board.window_s;
-  const left = 48, top = 18, right = width - 8, bottom = height - 20;
-  const t0 = now - window_s * (1 - FUTURE_FRACTION), t1 = now + window_s * FUTURE_FRACTION;
-  const x = (t) => left + (Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0) * (right - left);
-  const lane = (bottom - top) / Math.max(gpus.length, 1);
-  const y = (g) => top + gpus.indexOf(g) * lane;
-  const jobs = Object.fromEntries(board.jobs.map((j) => [j.job_id, j]));
-
-  ctx.font = "11px system-ui, sans-serif";
-  ctx.fillStyle = "#8b96a3";
-  for (const g of gpus) {
-    ctx.fillText(`GPU ${g}`, 4, y(g) + lane / 2 + 4);
-    ctx.strokeStyle = "#1c222a";
-    ctx.strokeRect(left, y(g), right - left, lane);
-  }
-  for (let s = Math.ceil(t0 - now); s <= t1 - now; s += Math.max(1, Math.round(window_s / 10))) {
-    ctx.fillText(`${s}s`, x(now + s) - 8, height - 6);
+  function colour(jobId) {
+    // FNV-1a and a final mix: job ids that differ in one digit get far-apart hues
+    let h = 2166136261;
+    for (const c of jobId) h = Math.imul(h ^ c.charCodeAt(0), 16777619);
+    h = Math.imul(h ^ (h >>> 15), 2246822507);
+    h ^= h >>> 13;
+    return `hsl(${(h >>> 0) % 360}, 65%, 55%)`;
   }
 
-  for (const a of board.assignments) {
-    const end = a.finished_at ?? Math.max(a.expected_end_at, now);
-    const job = jobs[a.job_ids[0]] || {};
-    ctx.globalAlpha = a.finished_at === null ? 0.55 : 0.9;
-    ctx.fillStyle = colour(a.job_ids[0]);
-    const gs = [...a.gpu_ids].sort((p, q) => gpus.indexOf(p) - gpus.indexOf(q));
-    for (const g of gs) {
-      const x0 = x(a.started_at), x1 = Math.max(x(end), x0 + 1);
-      ctx.fillRect(x0, y(g) + 2, x1 - x0, lane - 4);
-      if (job.late) { ctx.globalAlpha = 1; ctx.strokeStyle = "#ff4d4d"; ctx.lineWidth = 2;
-        ctx.strokeRect(x0, y(g) + 2, x1 - x0, lane - 4); ctx.lineWidth = 1; }
-      if (a.error) { ctx.globalAlpha = 1; ctx.fillStyle = "#ff4d4d"; ctx.fillText("✕", x1 - 10, y(g) + lane / 2 + 4);
-        ctx.fillStyle = colour(a.job_ids[0]); }
+  function fmtIn(at, now) {
+    if (at === null || at === undefined) return "–";
+    const s = at - now;
+    return (s >= 0 ? "" : "−") + Math.abs(s).toFixed(1) + " s";
+  }
+
+  function draw(board, canvas = document.getElementById("board")) {
+    const ratio = window.devicePixelRatio || 1;
+    const width = canvas.clientWidth, height = canvas.clientHeight;
+    canvas.width = width * ratio; canvas.height = height * ratio;
+    const ctx = canvas.getContext("2d");
+    ctx.scale(ratio, ratio);
+    ctx.clearRect(0, 0, width, height);
+
+    const gpus = board.gpu_ids, now = board.now_at, window_s = board.window_s;
+    const left = 48, top = 18, right = width - 8, bottom = height - 20;
+    const t0 = now - window_s * (1 - FUTURE_FRACTION), t1 = now + window_s * FUTURE_FRACTION;
+    const x = (t) => left + (Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0) * (right - left);
+    const lane = (bottom - top) / Math.max(gpus.length, 1);
+    const y = (g) => top + gpus.indexOf(g) * lane;
+    const jobs = Object.fromEntries(board.jobs.map((j) => [j.job_id, j]));
+
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.fillStyle = "#8b96a3";
+    for (const g of gpus) {
+      ctx.fillText(`GPU ${g}`, 4, y(g) + lane / 2 + 4);
+      ctx.strokeStyle = "#1c222a";
+      ctx.strokeRect(left, y(g), right - left, lane);
     }
-    ctx.globalAlpha = 1;
-    if (x(end) - x(a.started_at) > 40) {
-      ctx.fillStyle = "#0b0d10";
-      ctx.fillText(a.job_ids[0].split("-").pop(), x(a.started_at) + 3, y(gs[0]) + lane / 2 + 4);
+    for (let s = Math.ceil(t0 - now); s <= t1 - now; s += Math.max(1, Math.round(window_s / 10))) {
+      ctx.fillText(`${s}s`, x(now + s) - 8, height - 6);
     }
+
+    for (const a of board.assignments) {
+      const end = a.finished_at ?? Math.max(a.expected_end_at, now);
+      const job = jobs[a.job_ids[0]] || {};
+      ctx.globalAlpha = a.finished_at === null ? 0.55 : 0.9;
+      ctx.fillStyle = colour(a.job_ids[0]);
+      const gs = [...a.gpu_ids].sort((p, q) => gpus.indexOf(p) - gpus.indexOf(q));
+      for (const g of gs) {
+        const x0 = x(a.started_at), x1 = Math.max(x(end), x0 + 1);
+        ctx.fillRect(x0, y(g) + 2, x1 - x0, lane - 4);
+        if (job.late) { ctx.globalAlpha = 1; ctx.strokeStyle = "#ff4d4d"; ctx.lineWidth = 2;
+          ctx.strokeRect(x0, y(g) + 2, x1 - x0, lane - 4); ctx.lineWidth = 1; }
+        if (a.error) { ctx.globalAlpha = 1; ctx.fillStyle = "#ff4d4d"; ctx.fillText("✕", x1 - 10, y(g) + lane / 2 + 4);
+          ctx.fillStyle = colour(a.job_ids[0]); }
+      }
+      ctx.globalAlpha = 1;
+      if (x(end) - x(a.started_at) > 40) {
+        ctx.fillStyle = "#0b0d10";
+        ctx.fillText(a.job_ids[0].split("-").pop(), x(a.started_at) + 3, y(gs[0]) + lane / 2 + 4);
+      }
+    }
+
+    for (const j of board.jobs) {
+      if (j.deadline_at === null || j.deadline_at < t0 || j.deadline_at > t1) continue;
+      ctx.fillStyle = j.late ? "#ff4d4d" : colour(j.job_id);
+      const dx = x(j.deadline_at);
+      ctx.beginPath(); ctx.moveTo(dx - 5, top - 12); ctx.lineTo(dx + 5, top - 12); ctx.lineTo(dx, top - 2); ctx.fill();
+      const rows = j.gpu_ids.length ? j.gpu_ids : [];
+      ctx.strokeStyle = ctx.fillStyle;
+      for (const g of rows) { ctx.beginPath(); ctx.moveTo(dx, y(g)); ctx.lineTo(dx, y(g) + lane); ctx.stroke(); }
+    }
+
+    ctx.setLineDash([4, 4]); ctx.strokeStyle = "#dde3ea";
+    ctx.beginPath(); ctx.moveTo(x(now), top); ctx.lineTo(x(now), bottom); ctx.stroke();
+    ctx.setLineDash([]);
   }
 
-  for (const j of board.jobs) {
-    if (j.deadline_at === null || j.deadline_at < t0 || j.deadline_at > t1) continue;
-    ctx.fillStyle = j.late ? "#ff4d4d" : colour(j.job_id);
-    const dx = x(j.deadline_at);
-    ctx.beginPath(); ctx.moveTo(dx - 5, top - 12); ctx.lineTo(dx + 5, top - 12); ctx.lineTo(dx, top - 2); ctx.fill();
-    const rows = j.gpu_ids.length ? j.gpu_ids : [];
-    ctx.strokeStyle = ctx.fillStyle;
-    for (const g of rows) { ctx.beginPath(); ctx.moveTo(dx, y(g)); ctx.lineTo(dx, y(g) + lane); ctx.stroke(); }
+  const COLUMNS = ["job", "tenant", "model", "size", "status", "steps", "GPUs", "deadline in", "predicted finish in",
+    "slack"];
+
+  function table(board, tbody = document.getElementById("jobs")) {
+    const rows = board.jobs.slice().reverse().map((j) => {
+      const tr = document.createElement("tr");
+      if (j.late) tr.className = "late";
+      const cells = [
+        `<span class="swatch" style="background:${colour(j.job_id)}"></span>${j.job_id}`,
+        j.tenant, j.model, `${j.width}×${j.height}${j.batch > 1 ? " ×" + j.batch : ""}`,
+        j.status + (j.simulated ? " (sim)" : ""), `${j.steps_done}/${j.num_steps}`,
+        j.gpu_ids.length ? j.gpu_ids.join(",") : "–", fmtIn(j.deadline_at, board.now_at),
+        j.status === "finished" || j.status === "failed" || j.status === "cancelled" ? "–" : fmtIn(j.predicted_finish_at, board.now_at),
+        j.slack_s === null ? "best effort" : j.slack_s.toFixed(1) + " s",
+      ];
+      for (const c of cells) { const td = document.createElement("td"); td.innerHTML = c; tr.appendChild(td); }
+      return tr;
+    });
+    tbody.replaceChildren(...rows);
   }
 
-  ctx.setLineDash([4, 4]); ctx.strokeStyle = "#dde3ea";
-  ctx.beginPath(); ctx.moveTo(x(now), top); ctx.lineTo(x(now), bottom); ctx.stroke();
-  ctx.setLineDash([]);
-}
-
-function table(board) {
-  const rows = board.jobs.slice().reverse().map((j) => {
-    const tr = document.createElement("tr");
-    if (j.late) tr.className = "late";
-    const cells = [
-      `<span class="swatch" style="background:${colour(j.job_id)}"></span>${j.job_id}`,
-      j.tenant, j.model, `${j.width}×${j.height}${j.batch > 1 ? " ×" + j.batch : ""}`,
-      j.status + (j.simulated ? " (sim)" : ""), `${j.steps_done}/${j.num_steps}`,
-      j.gpu_ids.length ? j.gpu_ids.join(",") : "–", fmtIn(j.deadline_at, board.now_at),
-      j.status === "finished" || j.status === "failed" || j.status === "cancelled" ? "–" : fmtIn(j.predicted_finish_at, board.now_at),
-      j.slack_s === null ? "best effort" : j.slack_s.toFixed(1) + " s",
-    ];
-    for (const c of cells) { const td = document.createElement("td"); td.innerHTML = c; tr.appendChild(td); }
-    return tr;
-  });
-  document.getElementById("jobs").replaceChildren(...rows);
-}
-
-async function poll() {
-  const status = document.getElementById("status");
-  try {
-    const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
-    const resp = await fetch("/v1/board?window_s=60", { headers });
-    if (resp.status === 401) { status.textContent = "token required (button on the right)"; status.className = "bad"; return; }
-    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-    const board = await resp.json();
+  function summary(board) {
     const sar = board.sar.overall;
-    document.getElementById("sar").textContent = sar === null ? "–" :
-      `${(100 * sar).toFixed(1)} % (${board.sar.num_met}/${board.sar.num_deadline_jobs})`;
-    document.getElementById("policy").textContent = board.policy;
-    document.getElementById("busy").textContent = `${board.busy_gpu_ids.length}/${board.gpu_ids.length}`;
-    document.getElementById("open").textContent =
-      board.jobs.filter((j) => !["finished", "failed", "cancelled"].includes(j.status)).length;
-    status.textContent = "live"; status.className = "";
-    draw(board); table(board);
-  } catch (err) {
-    status.textContent = `service unreachable (${err.message})`; status.className = "bad";
+    return {
+      sar: sar === null ? "–" : `${(100 * sar).toFixed(1)} % (${board.sar.num_met}/${board.sar.num_deadline_jobs})`,
+      policy: board.policy,
+      busy: `${board.busy_gpu_ids.length}/${board.gpu_ids.length}`,
+      open: String(board.jobs.filter((j) => !["finished", "failed", "cancelled"].includes(j.status)).length),
+    };
   }
-}
 
-poll();
-setInterval(poll, POLL_MS);
+  async function poll() {
+    const status = document.getElementById("status");
+    try {
+      const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
+      const resp = await fetch("/v1/board?window_s=60", { headers });
+      if (resp.status === 401) { status.textContent = "token required (button on the right)"; status.className = "bad"; return; }
+      if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+      const board = await resp.json();
+      const s = summary(board);
+      for (const key of ["sar", "policy", "busy", "open"]) document.getElementById(key).textContent = s[key];
+      status.textContent = "live"; status.className = "";
+      draw(board); table(board);
+    } catch (err) {
+      status.textContent = `service unreachable (${err.message})`; status.className = "bad";
+    }
+  }
+
+  globalThis.TetriServeBoard = { draw, table, summary, colour, fmtIn, COLUMNS };
+
+  // The dashboard page; another page (the ComfyUI panel) sets TETRISERVE_BOARD_EMBED and only uses
+  // the drawing functions above.
+  if (!globalThis.TETRISERVE_BOARD_EMBED) {
+    document.getElementById("token").onclick = () => {
+      const t = prompt("Bearer token for this service (empty for none):", token());
+      if (t !== null) localStorage.setItem("tetriserve.token", t.trim());
+      poll();
+    };
+    poll();
+    setInterval(poll, POLL_MS);
+  }
+})();
