@@ -326,3 +326,23 @@ def test_sequence_parallel_placement_is_reported():
 
     asyncio.run(body())
 
+
+
+def test_predicted_finish_follows_the_rounds():
+    """A job that runs slower than predicted gets a later predicted finish as its rounds end."""
+    async def body():
+        # the simulated steps take twice the cost model's time: the submit-time forecast is too early
+        app, _ = make_service_app(num_gpus=1, cost=SLOW_COST, time_scale=2.0, policy=FifoPolicy(round_steps=3))
+        svc = app[SERVICE]
+        async with running_service(app) as url, aiohttp.ClientSession() as s:
+            _, job = await submit_json(s, url, job_body({"steps": 60}, res=512))
+            first = svc.store.jobs[job["job_id"]].predicted_finish_at
+            await asyncio.sleep(1.0)
+            later = svc.store.jobs[job["job_id"]].predicted_finish_at
+            # after about 1 s at half the predicted speed, the forecast slips by about 0.5 s
+            assert later > first + 0.3, (first, later)
+            async with s.get(f"{url}/v1/jobs/{job['job_id']}") as resp:
+                status = await resp.json()
+            assert status["status"] == "running" or status["status"] == "waiting"
+
+    asyncio.run(body())

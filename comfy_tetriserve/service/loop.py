@@ -34,6 +34,7 @@ from .wiring import ForecastFn, estimate_finish
 log = logging.getLogger(__name__)
 
 SAFETY_WAKE_S = 1.0  # plan at least this often even without events (policies waiting for time)
+PREDICTION_REFRESH_S = 0.5  # re-forecast open jobs after assignments end, at most this often
 
 
 class EngineLoop:
@@ -56,6 +57,7 @@ class EngineLoop:
         self._finalizers: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self._forecast_failures = 0
+        self._predicted_at = float("-inf")  # clock time of the last forecast of every open job
         self._stopping = False
         self._closed = False
 
@@ -134,8 +136,10 @@ class EngineLoop:
         self.wake()
         return job
 
-    def _refresh_predictions(self, job_id: str) -> None:
+    def _refresh_predictions(self, job_id: str | None = None) -> None:
+        """Forecast every open job's finish (``job_id``: the one that must get a value now)."""
         view = self.engine.view(self.clock.now())
+        self._predicted_at = view.now
         if self.forecast is not None:
             try:
                 finish = self.forecast(view, self.engine.policy, self.cost)
@@ -148,9 +152,10 @@ class EngineLoop:
                 for rid, at in finish.items():
                     if rid in self.store.jobs:
                         self.store.jobs[rid].predicted_finish_at = at
-                if job_id in finish:
+                if job_id is None or job_id in finish:
                     return
-        self.store.jobs[job_id].predicted_finish_at = estimate_finish(view, job_id, self.cost)
+        for rid in ([job_id] if job_id is not None else [j.job_id for j in self.store.open_jobs()]):
+            self.store.jobs[rid].predicted_finish_at = estimate_finish(view, rid, self.cost)
 
     # ------------------------------------------------------------------ cancel
     async def cancel(self, job: Job, reason: str) -> Job:
@@ -278,6 +283,10 @@ class EngineLoop:
             else:
                 job.status = JobStatus.WAITING
                 self._emit(job, "waiting", steps_done=state.steps_done)
+        # Predictions made at submit go stale as rounds run; refresh them (throttled) so the board,
+        # job status and the nodes' phase text show what the planner now expects.
+        if self.store.open_jobs() and now - self._predicted_at >= PREDICTION_REFRESH_S:
+            self._refresh_predictions()
 
     async def _finalize(self, job: Job, finished_at: float) -> None:
         """Collect a finished job's latent, turn it into the result body, end the job."""
