@@ -15,7 +15,9 @@ few seconds and the client's read timeout is a multiple of that.
 
 Retries: reads, heartbeats and cancels are retried on connection errors; ``submit`` too, with
 an ``Idempotency-Key`` header (one is generated when the caller gives none), so a retried
-submit never makes a second job.
+submit never makes a second job. A job the service lost in a restart (it was killed while the
+job ran) raises ``ServiceRestarted`` with the service's own words (its journal remembers the
+job); ``generate`` then submits it once more under the same job key, which starts a fresh run.
 
 ComfyUI runs each prompt in a fresh event loop: a client's HTTP session belongs to the loop
 that made it, and a client used from another loop quietly starts a new one. Prefer one
@@ -50,6 +52,7 @@ from .errors import (
     Conflict,
     Gone,
     InvalidRequest,
+    JobLost,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
@@ -93,7 +96,7 @@ class ServiceRestarted(TetriServeError):
 
 
 _BY_CODE: dict[str, type[TetriServeError]] = {
-    cls.code: cls for cls in (InvalidRequest, NotFound, Gone, Conflict, PayloadTooLarge, RequestTimeout,
+    cls.code: cls for cls in (InvalidRequest, NotFound, Gone, JobLost, Conflict, PayloadTooLarge, RequestTimeout,
                               Unauthorized, TooManyRequests, ServiceUnavailable, WorkerError)
 }
 _BY_STATUS: dict[int, type[TetriServeError]] = {
@@ -357,6 +360,8 @@ class TetriServeClient:
         return status
 
     async def _explain_missing(self, job_id: str, exc: TetriServeError) -> TetriServeError:
+        if isinstance(exc, JobLost):  # the service's journal says so, in its own words
+            return ServiceRestarted(str(exc))
         if isinstance(exc, Gone):
             return exc
         try:
@@ -369,20 +374,32 @@ class TetriServeClient:
         return exc
 
     async def generate(self, tensors: Mapping[str, Any], settings: Mapping[str, Any],
-                       on_event: Callable[[dict], Awaitable[None] | None] | None = None) -> tuple[dict, dict]:
+                       on_event: Callable[[dict], Awaitable[None] | None] | None = None, *,
+                       resubmits: int = 1) -> tuple[dict, dict]:
         """Submit, wait and fetch in one call: returns (result tensors, result metadata).
 
-        Cancels the job if the caller is cancelled (or fails) while waiting.
+        Cancels the job if the caller is cancelled (or fails) while waiting. A job lost because
+        the service restarted under it is submitted again, up to ``resubmits`` times, under the
+        same job key (a fresh run at the new service).
         """
-        receipt = await self.submit(encode_job(tensors, settings), job_key=settings.get("job_key"))
-        job_id = receipt["job_id"]
-        try:
-            await self.wait(job_id, on_event)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.cancel(job_id))
-            raise
-        return decode_result(await self.result(job_id))
+        body = encode_job(tensors, settings)
+        job_key = settings.get("job_key") or uuid.uuid4().hex
+        for attempt in range(resubmits + 1):
+            receipt = await self.submit(body, job_key=job_key)
+            job_id = receipt["job_id"]
+            try:
+                await self.wait(job_id, on_event)
+            except ServiceRestarted:
+                if attempt == resubmits:
+                    raise
+                log.warning("job %s was lost in a restart of the service; submitting it again", job_id)
+                continue
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.cancel(job_id))
+                raise
+            return decode_result(await self.result(job_id))
+        raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------- bodies

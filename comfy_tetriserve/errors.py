@@ -37,6 +37,12 @@ class Gone(NotFound):
     code = "gone"
 
 
+class JobLost(Gone):
+    """A job an earlier run of the service accepted and never finished (it stopped or was killed)."""
+
+    code = "job_lost"
+
+
 class RequestTimeout(InvalidRequest):
     """A request body that did not arrive in time."""
 

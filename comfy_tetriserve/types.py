@@ -207,6 +207,9 @@ class AssignmentResult:
     steps_done: int
     step_times_s: tuple[float, ...] = field(default=())
     error: str | None = None
+    #: the work was lost to a fault outside the requests (a worker died, ran out of memory): they
+    #: may resume from their last checkpoint (``steps_done`` steps of this assignment are kept)
+    lost: bool = False
 
     @property
     def elapsed_s(self) -> float:

@@ -78,7 +78,7 @@ def free_port() -> int:
 
 def make_config(**overrides) -> ServiceConfig:
     values = dict(model=("flux-sim=sim:flux", "sd3-sim=sim:sd3"), devices="sim:4", lease_s=5.0,
-                  housekeeping_s=0.05, events_ping_s=0.5, shutdown_grace_s=2.0, profile_as=())
+                  housekeeping_s=0.05, events_ping_s=0.5, shutdown_grace_s=2.0, profile_as=(), journal="off")
     values.update(overrides)
     return ServiceConfig(**values)
 

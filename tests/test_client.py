@@ -193,8 +193,11 @@ def test_killed_service_gives_a_clear_error_and_a_restart_is_recognised(tmp_path
 
         async def after_restart():
             async with TetriServeClient(url) as client:
-                with pytest.raises(ServiceRestarted, match="restarted"):
+                # the new run's journal remembers the job the killed run accepted: it says it was lost
+                with pytest.raises(ServiceRestarted, match="earlier run of the service .* the job is lost"):
                     await client.wait(job["job_id"])
+                health = await client.health()
+                assert health["boot_id"] not in job["job_id"]
 
         asyncio.run(after_restart())
         # SIGTERM: graceful stop

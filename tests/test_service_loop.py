@@ -322,7 +322,7 @@ def test_sequence_parallel_placement_is_reported():
             events = await follow_events(s, url, r["job_id"])
         placed = next(e for e in events if e["type"] == "placed")
         assert placed["gpu_ids"] == [0, 1, 2, 3] and placed["sp_degree"] == 4
-        assert executor.history == [((r["job_id"],), (0, 1, 2, 3), 4)]
+        assert list(executor.history) == [((r["job_id"],), (0, 1, 2, 3), 4)]
 
     asyncio.run(body())
 

@@ -273,9 +273,19 @@ class Engine:
             out.append(st)
         return tuple(out)
 
-    def requeue(self, assignment: Assignment, steps_done: int, result_at: float) -> None:
-        """An assignment was lost (its worker died): its requests keep ``steps_done`` steps and wait."""
-        self.apply_result(AssignmentResult(assignment, result_at, result_at, steps_done), result_at)
+    def requeue(self, assignment: Assignment, steps_done: int, result_at: float,
+                reason: str | None = None) -> tuple[RequestState, ...]:
+        """An assignment was lost (its worker died): its requests keep ``steps_done`` steps and wait.
+
+        ``reason`` is kept on the assignment's record (the board shows it). Returns the new states.
+        """
+        flight = self._inflight.get(assignment.request_ids)
+        states = self.apply_result(AssignmentResult(assignment, result_at, result_at, steps_done), result_at)
+        if reason is not None and flight is not None:
+            pos = flight.record_index - self._records_base
+            if 0 <= pos < len(self._records):
+                self._records[pos] = dataclasses.replace(self._records[pos], error=reason)
+        return states
 
     # ------------------------------------------------------------------- records
     def _update_record(self, index: int, result: AssignmentResult) -> None:

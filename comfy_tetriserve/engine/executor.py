@@ -13,7 +13,14 @@ Life of a request on an executor:
     await ex.release(rid)                  # forget everything about the request
 
 ``execute`` never raises for a failure of the work itself: it returns an AssignmentResult with
-``error`` set and ``steps_done`` the number of steps that completed (and were checkpointed).
+``error`` set and ``steps_done`` the number of steps that completed (and were checkpointed);
+``lost`` is set when the failure was the devices' (a worker died or ran out of memory), not the
+request's, so the request may resume from its checkpoint. It raises ``DevicesUnavailable`` when
+asked to run on devices it knows are down (nothing ran).
+
+An executor that can recover from device faults (``RecoverableExecutor``) also reports which
+devices cannot take work now, whether it needs a restart, calls ``on_fault`` when a device
+fails or comes back, and rebuilds itself on ``restart()``.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..errors import WorkerError
 from ..types import Assignment, AssignmentResult
 
 if TYPE_CHECKING:  # torch stays out of this module at run time
@@ -28,6 +36,25 @@ if TYPE_CHECKING:  # torch stays out of this module at run time
 
 #: on_step(request_id, step_index_done (1-based, over the whole trajectory), step_seconds)
 StepCallback = Callable[[str, int, float], None]
+
+
+class DevicesUnavailable(WorkerError):
+    """An assignment named devices that are down or being restarted; nothing ran."""
+
+
+@dataclass(frozen=True)
+class WorkerFault:
+    """Devices failed (``gpu_ids``, e.g. a worker process died) or came back (``gpu_ids`` empty, ``reason`` None).
+
+    ``request_ids``: the requests in flight that the fault hit (their assignment ends ``lost``).
+    ``fatal``: the devices stay down until a restart (a dead process); False for a fault the
+    worker survived (it ran out of memory in one assignment).
+    """
+
+    gpu_ids: tuple[int, ...] = ()
+    reason: str | None = None
+    request_ids: tuple[str, ...] = ()
+    fatal: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,3 +147,25 @@ class Executor(Protocol):
     async def release(self, request_id: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class RecoverableExecutor(Executor, Protocol):
+    """An executor that survives device faults (the worker pool); the service drives its recovery.
+
+    ``unavailable_gpu_ids``: devices that cannot take an assignment now (dead, stuck in an
+    assignment a dead peer broke, or all of them while restarting). ``needs_restart``: why a
+    restart is needed to get every device back (None when all are up). ``on_fault`` (set by the
+    service) is called on the event loop with each ``WorkerFault``. ``restart()`` rebuilds the
+    whole executor (new processes, models reloaded); requests resume from their checkpoints.
+    """
+
+    on_fault: Callable[[WorkerFault], None] | None
+
+    @property
+    def unavailable_gpu_ids(self) -> frozenset[int]: ...
+
+    @property
+    def needs_restart(self) -> str | None: ...
+
+    async def restart(self) -> None: ...

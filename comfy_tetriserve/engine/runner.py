@@ -23,12 +23,21 @@ Running an assignment (``run``):
    stop at the same step without an extra collective.
 5. The group leader reports each step (request, step index, seconds) and, at the end, the
    latest trajectory of every request, which becomes the pool's checkpoint.
+
+Failures (``classify_failure``): an error of the request itself on one device is reported and the
+worker goes on. Out of memory on one device loses the assignment (the requests resume from the
+pool's checkpoint) and the worker goes on. A CUDA error (the context is unusable), any error
+inside a multi-device assignment (peers may wait in a collective this rank will never join) and,
+under NCCL, a failed collective are fatal: the worker reports them and exits, which the pool
+sees as a death (and the peers' collectives fail instead of hanging). Under gloo a collective
+that fails because a peer died only loses the assignment.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import sys
 import pickle
 import queue
 import threading
@@ -267,6 +276,34 @@ class StepRunner:
         return new, bool((self.votes > 0).any().item())
 
 
+# ----------------------------------------------------------------- failures
+_COMM_MARKERS = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout", "gloo", "nccl",
+                 "processgroup", "peer")
+_CUDA_MARKERS = ("cuda error", "cuda-capable", "device-side assert", "illegal memory access", "cublas", "cudnn")
+
+
+def classify_failure(exc: BaseException, backend: str, group_size: int) -> str:
+    """What a failed assignment means for the worker (see the module docstring):
+
+    ``"error"``: the request's own failure, the worker goes on; ``"lost"``: the assignment is lost
+    to a fault, the requests may resume from their checkpoints and the worker goes on;
+    ``"fatal"``: the worker must exit (its device or its collectives cannot be trusted).
+    """
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text:
+        return "lost" if group_size == 1 else "fatal"
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if isinstance(exc, dist_error) or any(m in text for m in _COMM_MARKERS):
+        return "lost" if backend == "gloo" else "fatal"
+    if type(exc).__name__ == "AcceleratorError" or any(m in text for m in _CUDA_MARKERS):
+        return "fatal"
+    return "error" if group_size == 1 else "fatal"
+
+
+class InjectedFault(RuntimeError):
+    """A drill's fault (``WorkerPool.inject_fault``)."""
+
+
 # ----------------------------------------------------------------- the process
 class Worker:
     def __init__(self, cfg: WorkerConfig, res_conn) -> None:
@@ -279,6 +316,7 @@ class Worker:
         self.comms: dict[Group, GroupComm | None] = {}
         self.stop_task_ids: set[int] = set()
         self.inbox: queue.Queue = queue.Queue()
+        self.injected: str | None = None  # a drill's fault for the next step
 
     def send(self, *msg) -> None:
         self.res.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
@@ -328,6 +366,8 @@ class Worker:
                 return
             if msg[0] == "stop":
                 self.stop_task_ids.add(msg[1])
+            elif msg[0] == "inject":
+                self.injected = msg[1]
             else:
                 self.inbox.put(msg)
 
@@ -398,6 +438,7 @@ class Worker:
             conds = [self.conds[rid] for rid in rids]
             for _ in range(task["num_steps"]):
                 t0 = time.perf_counter()
+                self._raise_injected()
                 vote = 1.0 if task_id in self.stop_task_ids else 0.0
                 trajs, stop = runner.step(trajs, conds, vote)
                 if self.device.type == "cuda":
@@ -409,9 +450,18 @@ class Worker:
                         self.send("step", task_id, rid, traj.step_index, times[-1])
                 if stop:
                     break
-        except Exception as exc:  # noqa: BLE001 - the assignment fails, the worker lives on
-            log.exception("worker %d: task %d failed", self.cfg.rank, task_id)
-            error = f"worker {self.cfg.rank} ({self.cfg.device}): {type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the assignment fails; the worker lives on unless it is fatal
+            kind = classify_failure(exc, self.cfg.backend, len(group))
+            log.log(logging.WARNING if kind == "lost" else logging.ERROR, "worker %d: task %d failed (%s)",
+                    self.cfg.rank, task_id, kind, exc_info=kind != "lost")
+            detail = f"{type(exc).__name__}: {_first_line(exc)}"
+            error = f"worker {self.cfg.rank} ({self.cfg.device}): {detail}"
+            if kind == "lost":
+                stats["retryable"] = True
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            elif kind == "fatal":
+                self.exit_fatally(detail)
         # Tasks reach a worker in increasing id order: flags of this task or earlier ones are spent.
         for spent in [i for i in list(self.stop_task_ids) if i <= task_id]:
             self.stop_task_ids.discard(spent)
@@ -419,6 +469,27 @@ class Worker:
             self.trajs[rid] = traj
         checkpoints = {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)} if leader and trajs else None
         self.send("done", task_id, self.cfg.rank, steps_done, tuple(times), checkpoints, error, stats)
+
+    def _raise_injected(self) -> None:
+        kind, self.injected = self.injected, None
+        if kind == "oom":
+            raise torch.OutOfMemoryError("injected: out of memory (drill)")
+        if kind == "cuda":
+            raise InjectedFault("injected: CUDA error: an illegal memory access was encountered (drill)")
+
+    def exit_fatally(self, error: str) -> None:
+        """Tell the pool why, then leave at once (no clean-up that could block on a broken device)."""
+        try:
+            self.send("exiting", self.cfg.rank, error)
+        finally:
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(70)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else ""
 
 
 def worker_main(cfg: WorkerConfig, cmd_conn, res_conn) -> None:

@@ -13,22 +13,29 @@ names the family; any other path is only checked to exist, and its family is gue
 name ("sd3" in it: SD3, otherwise FLUX). Shapes follow the real models (FLUX.1-dev: 24 heads,
 T5 context 4096, pooled 768, guidance; SD3-medium: 24 heads, context 4096, pooled 2048).
 
+Faults (drills and tests of the service's recovery): ``fail_device(g)`` makes device ``g`` die as
+a worker would: the assignment on it ends ``lost`` (its steps since it started are not kept, as on
+the worker pool, which checkpoints at the end of an assignment), ``on_fault`` hears of it, and the
+device stays down until ``restart()`` (which takes ``restart_delay_s``).
+
 Imports neither torch nor diffusers.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..cost import CostModel
-from ..errors import Conflict, InvalidRequest, NotFound
+from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import PIXELS_PER_TOKEN, Assignment, AssignmentResult
-from .executor import ModelInfo, SamplingJob, StepCallback
+from .executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,7 @@ class SimulatedExecutor:
 
     def __init__(self, num_gpus: int, cost: CostModel, *, time_scale: float = 1.0,
                  groups: tuple[tuple[int, ...], ...] | None = None, load_delay_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 restart_delay_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         if num_gpus < 1:
             raise InvalidRequest("a simulated executor needs at least one device")
         if not time_scale > 0:
@@ -78,9 +85,19 @@ class SimulatedExecutor:
         self._models: dict[str, tuple[str, ModelInfo]] = {}
         self._requests: dict[str, _SimRequest] = {}
         self._stops: dict[tuple[str, ...], asyncio.Event] = {}  # in-flight assignment -> stop flag
+        self._running: dict[tuple[str, ...], tuple[tuple[int, ...], asyncio.Event]] = {}  # -> devices, lost flag
+        self._lost: dict[tuple[str, ...], str] = {}  # in-flight assignment -> why it was lost
         self._closed = False
-        #: (request_ids, gpu_ids, num_steps) of every assignment run, for tests and the demo
-        self.history: list[tuple[tuple[str, ...], tuple[int, ...], int]] = []
+        self.restart_delay_s = restart_delay_s
+        self._restarting = False
+        #: device -> why it is down (until restart)
+        self.dead: dict[int, str] = {}
+        #: restarts still to fail (drills of a pool that cannot come back)
+        self.fail_restarts = 0
+        self.num_restarts = 0
+        self.on_fault: Callable[[WorkerFault], None] | None = None
+        #: (request_ids, gpu_ids, num_steps) of recent assignments (the last 10000), for tests and the demo
+        self.history: deque[tuple[tuple[str, ...], tuple[int, ...], int]] = deque(maxlen=10_000)
 
     @property
     def gpu_ids(self) -> tuple[int, ...]:
@@ -92,6 +109,44 @@ class SimulatedExecutor:
 
     async def start(self) -> None:
         self._closed = False
+
+    # ------------------------------------------------------------ faults
+    @property
+    def unavailable_gpu_ids(self) -> frozenset[int]:
+        return frozenset(self._gpu_ids) if self._restarting else frozenset(self.dead)
+
+    @property
+    def needs_restart(self) -> str | None:
+        return None if self._restarting or not self.dead else next(iter(self.dead.values()))
+
+    def fail_device(self, gpu_id: int, reason: str | None = None) -> None:
+        """Device ``gpu_id`` dies now (see the module docstring)."""
+        if gpu_id not in self._gpu_ids:
+            raise InvalidRequest(f"unknown device {gpu_id}")
+        reason = reason or f"simulated device {gpu_id} failed"
+        self.dead.setdefault(gpu_id, reason)
+        hit: list[str] = []
+        for ids, (gpus, lost_flag) in self._running.items():
+            if gpu_id in gpus and ids not in self._lost:
+                self._lost[ids] = reason
+                lost_flag.set()
+                hit.extend(ids)
+        if self.on_fault is not None:
+            self.on_fault(WorkerFault(gpu_ids=(gpu_id,), reason=reason, request_ids=tuple(hit)))
+
+    async def restart(self) -> None:
+        self._restarting = True
+        try:
+            await asyncio.sleep(self.restart_delay_s)
+            if self.fail_restarts > 0:
+                self.fail_restarts -= 1
+                raise WorkerError("simulated restart failure")
+            self.dead.clear()
+            self.num_restarts += 1
+        finally:
+            self._restarting = False
+            if self.on_fault is not None:
+                self.on_fault(WorkerFault())
 
     async def load_model(self, name: str, path: str, dtype: str = "bf16",
                          on_progress: Callable[[int, int], None] | None = None) -> ModelInfo:
@@ -135,8 +190,16 @@ class SimulatedExecutor:
         bad = set(assignment.gpu_ids) - set(self._gpu_ids)
         if bad:
             raise InvalidRequest(f"unknown devices {sorted(bad)}")
-        stop = self._stops[assignment.request_ids] = asyncio.Event()
-        self.history.append((assignment.request_ids, assignment.gpu_ids, assignment.num_steps))
+        down = self.unavailable_gpu_ids.intersection(assignment.gpu_ids)
+        if down:
+            raise DevicesUnavailable(f"devices {sorted(down)} cannot take work: "
+                                     + ("restarting" if self._restarting else self.dead[min(down)]))
+        ids = assignment.request_ids
+        stop = self._stops[ids] = asyncio.Event()
+        lost_flag = asyncio.Event()
+        self._running[ids] = (assignment.gpu_ids, lost_flag)
+        checkpoint = {rid: self._requests[rid].steps_done for rid in ids}
+        self.history.append((ids, assignment.gpu_ids, assignment.num_steps))
         step_s = self.step_time_s(assignment)
         started_at = self._clock()
         step_times: list[float] = []
@@ -147,7 +210,10 @@ class SimulatedExecutor:
                 t0 = self._clock()
                 # Sleep to an absolute target so per-step overheads do not accumulate; a stop
                 # takes effect at the next step boundary, as on real workers.
-                await asyncio.sleep(max(started_at + (len(step_times) + 1) * step_s - t0, 0.0))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(lost_flag.wait(), max(started_at + (len(step_times) + 1) * step_s - t0, 0.0))
+                if ids in self._lost:
+                    break
                 measured = self._clock() - t0
                 step_times.append(measured)
                 for rid in assignment.request_ids:
@@ -158,7 +224,14 @@ class SimulatedExecutor:
                     if on_step is not None:
                         on_step(rid, req.steps_done, measured)
         finally:
-            self._stops.pop(assignment.request_ids, None)
+            self._stops.pop(ids, None)
+            self._running.pop(ids, None)
+        lost = self._lost.pop(ids, None)
+        if lost is not None:  # as on the pool: nothing of the assignment was checkpointed
+            for rid, steps in checkpoint.items():
+                if rid in self._requests:
+                    self._requests[rid].steps_done = steps
+            return AssignmentResult(assignment, started_at, self._clock(), 0, error=lost, lost=True)
         return AssignmentResult(assignment, started_at, self._clock(), len(step_times), tuple(step_times))
 
     async def stop(self, request_ids: tuple[str, ...]) -> None:

@@ -18,11 +18,20 @@ from a member that holds the latest step (device to device over the pre-warmed g
 pool's checkpoint when no member holds it.
 
 Failures: ``execute`` never raises for the work itself. A worker process that dies is noticed at
-once (its process sentinel), every assignment on it ends with an error, and the pool marks itself
-broken: torch.distributed cannot re-admit a rank into a running world, so recovery means a new
-world. ``restart()`` does exactly that: stops every worker, starts a fresh set, reloads the models,
-and forgets which worker held what, so the next assignment of each request resumes from the
-pool's checkpoint and re-sends its conditioning.
+once (its process sentinel): every assignment on it ends ``lost`` (its requests keep their last
+checkpoint), ``on_fault`` reports the dead device, and the pool runs on degraded. Its other
+workers keep serving every group without the dead rank; the survivors of an assignment the dead
+rank broke are held back until they report that assignment ended (gloo: at once, with a
+connection error; NCCL: when the collective times out, or never), so no new work queues behind a
+stuck collective. torch.distributed cannot re-admit a rank into a running world, so getting the
+device back means a new world: ``restart()`` stops every worker, starts a fresh set, reloads the
+models, and forgets which worker held what, so the next assignment of each request resumes from
+the pool's checkpoint and re-sends its conditioning. The service decides when (service/recovery.py).
+
+A worker that hits a CUDA error other than out-of-memory (the context is unusable) or any error
+inside a multi-device assignment (its peers may be stuck in a collective) reports it and exits,
+which is a death as above; out of memory in a one-device assignment ends that assignment
+``lost`` and the worker lives on.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +56,7 @@ import torch
 from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import Assignment, AssignmentResult
-from .executor import ModelInfo, SamplingJob, StepCallback
+from .executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
 from .runner import Conditioning, WorkerConfig, worker_main
 from .samplers import Trajectory, finish_latent, start_trajectory
 
@@ -55,6 +65,7 @@ log = logging.getLogger(__name__)
 Group = tuple[int, ...]
 #: on_progress(workers_loaded, num_workers) while a model loads
 LoadProgress = Callable[[int, int], None]
+STATS_KEPT = 1000  # hand-off times kept per kind (a pool runs for weeks)
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -103,6 +114,7 @@ class _Task:
     step_times_s: tuple[float, ...] = ()
     checkpoints: dict[str, Trajectory] | None = None
     errors: list[str] = field(default_factory=list)
+    retryable: bool = False  # a rank ran out of memory: the requests may resume from their checkpoints
 
 
 class WorkerPool:
@@ -144,9 +156,19 @@ class WorkerPool:
         self._requests: dict[str, _Request] = {}
         self._tasks: dict[int, _Task] = {}
         self._ids = itertools.count(1)
+        self._outstanding: dict[int, set[int]] = {}  # rank -> task ids sent to it and not reported done
+        self._restarting = False
+        self._last_words: dict[int, str] = {}  # rank -> the fatal error it reported before exiting
+        #: rank -> why its process is gone (until the next start)
+        self.dead: dict[int, str] = {}
+        #: the first worker death since the last start (None while every worker lives)
         self.broken: str | None = None
+        self.num_restarts = 0
+        #: called on the event loop with every WorkerFault (the service sets it)
+        self.on_fault: Callable[[WorkerFault], None] | None = None
         self.worker_info: list[dict] = []
-        self.stats: dict[str, list[float]] = {"handoff_local_s": [], "handoff_bcast_s": [], "handoff_pool_s": []}
+        self.stats: dict[str, deque[float]] = {k: deque(maxlen=STATS_KEPT)
+                                               for k in ("handoff_local_s", "handoff_bcast_s", "handoff_pool_s")}
 
     # ------------------------------------------------------------ protocol properties
     @property
@@ -159,7 +181,44 @@ class WorkerPool:
 
     @property
     def alive(self) -> bool:
-        return bool(self._procs) and self.broken is None
+        """Every worker is up (not restarting, none dead)."""
+        return bool(self._procs) and not self.dead and not self._restarting
+
+    @property
+    def unavailable_gpu_ids(self) -> frozenset[int]:
+        """Workers that cannot take an assignment now: dead, restarting, or stuck in an assignment
+        that a dead peer broke (held back until they report it ended)."""
+        if not self._procs or self._restarting:
+            return frozenset(self._gpu_ids)
+        stuck = {rank for rank, ids in self._outstanding.items() if any(t not in self._tasks for t in ids)}
+        return frozenset(self.dead) | frozenset(stuck)
+
+    @property
+    def needs_restart(self) -> str | None:
+        """Why the pool must be rebuilt to have every worker again (None when it need not)."""
+        if self._restarting:
+            return None
+        if self.broken:
+            return self.broken
+        return None if self._procs else "the worker pool is not running"
+
+    def workers(self) -> list[dict]:
+        """One entry per worker: ``gpu_id``, ``device``, ``pid``, ``alive`` (for operators and fault drills)."""
+        out = []
+        for rank, device in enumerate(self.devices):
+            info = self.worker_info[rank] if rank < len(self.worker_info) else {}
+            proc = self._procs[rank] if rank < len(self._procs) else None
+            out.append({"gpu_id": rank, "device": device, "pid": info.get("pid"),
+                        "alive": proc is not None and proc.is_alive() and rank not in self.dead})
+        return out
+
+    def _notify(self, fault: WorkerFault) -> None:
+        if self.on_fault is None:
+            return
+        try:
+            self.on_fault(fault)
+        except Exception:  # noqa: BLE001 - a listener must not break the pool
+            log.exception("on_fault listener failed")
 
     # ------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -168,6 +227,9 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         self._closing = False
         self.broken = None
+        self.dead = {}
+        self._outstanding = {rank: set() for rank in self._gpu_ids}
+        self._last_words = {}
         self._store_dir = tempfile.mkdtemp(prefix="tetriserve-pool-")
         ctx = mp.get_context("spawn")
         n = len(self.devices)
@@ -217,24 +279,38 @@ class WorkerPool:
         for conn in self._cmd + self._res:
             conn.close()
         for task in list(self._tasks.values()):
-            self._finish(task, error="worker pool closed")
+            self._finish(task, error="worker pool closed", lost=True)
         self._procs, self._cmd, self._res, self._reader = [], [], [], None
+        self._outstanding = {}
         if self._store_dir:
             shutil.rmtree(self._store_dir, ignore_errors=True)
             self._store_dir = None
 
     async def restart(self) -> None:
-        """A fresh world after a failure: new workers, models reloaded, requests resume from checkpoints."""
-        models = dict(self._models)
-        await self.close()
-        for req in self._requests.values():
-            req.cond_on.clear()
-            req.holders.clear()
-            req.task_id = None
-        self._models.clear()
-        await self.start()
-        for name, (source, dtype, _) in models.items():
-            await self.load_model(name, source, dtype)
+        """A fresh world after a failure: new workers, models reloaded, requests resume from checkpoints.
+
+        Requests may be admitted (and their results fetched) while it runs: the models stay
+        known; assignments are refused (``DevicesUnavailable``) until it is done. Raises when the
+        new world cannot start or a model cannot be reloaded (the pool is then down; call it again).
+        """
+        self._restarting = True
+        try:
+            await self.close()
+            for req in self._requests.values():
+                req.cond_on.clear()
+                req.holders.clear()
+                req.task_id = None
+            await self.start()
+            for name, (source, dtype, _) in list(self._models.items()):
+                self._models[name] = (source, dtype, await self._load_everywhere(name, source, dtype))
+            self.num_restarts += 1
+        except BaseException:
+            if self._procs:
+                await self.close()
+            raise
+        finally:
+            self._restarting = False
+            self._notify(WorkerFault())
 
     # ------------------------------------------------------------ messages
     def _send(self, rank: int, *msg) -> None:
@@ -245,18 +321,27 @@ class WorkerPool:
         conns = {conn: rank for rank, conn in enumerate(self._res)}
         sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs)}
         loop = self._loop
+        res = list(self._res)
+
+        def read(conn) -> bool:
+            try:
+                msg = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                del conns[conn]
+                return False
+            loop.call_soon_threadsafe(self._on_message, conns[conn], msg)
+            return True
+
         while (conns or sentinels) and not (self._closing and not conns):
             ready = mpc.wait(list(conns) + list(sentinels), timeout=0.5)
-            for obj in ready:
+            for obj in sorted(ready, key=lambda o: o not in conns):  # messages before deaths
                 if obj in conns:
-                    try:
-                        msg = pickle.loads(obj.recv_bytes())
-                    except (EOFError, OSError):
-                        del conns[obj]
-                        continue
-                    loop.call_soon_threadsafe(self._on_message, conns[obj], msg)
-                else:
+                    read(obj)
+                elif obj in sentinels:
                     rank = sentinels.pop(obj)
+                    conn = res[rank]
+                    while conn in conns and conn.poll(0) and read(conn):  # its last words first
+                        pass
                     loop.call_soon_threadsafe(self._on_death, rank)
 
     def _on_message(self, rank: int, msg: tuple) -> None:
@@ -296,29 +381,43 @@ class WorkerPool:
             log.error("worker %d fault during %s:\n%s", msg[1], msg[2], msg[3])
             if msg[2] == "start" and not self._ready[rank].done():
                 self._ready[rank].set_exception(WorkerError(f"worker {rank} failed to start:\n{msg[3]}"))
+        elif kind == "exiting":  # a fatal error: the worker leaves; its death follows
+            self._last_words[rank] = msg[2]
 
     def _on_death(self, rank: int) -> None:
-        if self._closing:
+        if self._closing or rank in self.dead:
             return
         reason = f"worker {rank} ({self.devices[rank]}) died ({_exit_description(self._procs[rank])})"
+        if rank in self._last_words:
+            reason += f" after {self._last_words[rank]}"
         log.error(reason)
+        self.dead[rank] = reason
         self.broken = self.broken or reason
         if rank < len(self._ready) and not self._ready[rank].done():
             self._ready[rank].set_exception(WorkerError(reason))
         for fut, _, _ in self._loads.values():
             if not fut.done():
                 fut.set_exception(WorkerError(reason))
+        hit: list[str] = []
         for task in list(self._tasks.values()):
             if rank in task.assignment.gpu_ids:
-                self._finish(task, error=reason)
+                hit.extend(task.assignment.request_ids)
+                self._finish(task, error=reason, lost=True)
+        self._notify(WorkerFault(gpu_ids=(rank,), reason=reason, request_ids=tuple(hit)))
 
     def _on_done(self, rank: int, task_id: int, steps_done: int, times: tuple, checkpoints, error, stats) -> None:
+        outstanding = self._outstanding.get(rank)
+        if outstanding is not None:
+            outstanding.discard(task_id)
         task = self._tasks.get(task_id)
-        if task is None:
+        if task is None:  # a survivor of an assignment a dead peer broke: it may take work again
+            if rank not in self.dead and outstanding is not None and not outstanding:
+                self._notify(WorkerFault())
             return
         task.pending.discard(rank)
         if error:
             task.errors.append(error)
+            task.retryable = task.retryable or bool(stats.get("retryable"))
         if rank == task.leader:
             task.steps_done, task.step_times_s, task.checkpoints = steps_done, times, checkpoints
             kinds = stats.get("handoff_kinds") or []
@@ -329,12 +428,15 @@ class WorkerPool:
         if not task.pending:
             self._finish(task)
 
-    def _finish(self, task: _Task, error: str | None = None) -> None:
+    def _finish(self, task: _Task, error: str | None = None, lost: bool = False) -> None:
         """Close a task: update the requests' checkpoints and holders, resolve execute()."""
         if self._tasks.pop(task.task_id, None) is None:
             return
         a = task.assignment
         errors = task.errors + ([error] if error else [])
+        if task.retryable and not lost:  # out of memory: the worker lives, the requests resume
+            self._notify(WorkerFault(reason="; ".join(errors), request_ids=a.request_ids, fatal=False))
+        lost = lost or task.retryable
         steps = task.steps_done or 0
         for rid in a.request_ids:
             req = self._requests.get(rid)
@@ -352,7 +454,7 @@ class WorkerPool:
             steps = 0  # nothing came back: nothing was checkpointed
         result = AssignmentResult(assignment=a, started_at=task.started_at, finished_at=self.clock(),
                                   steps_done=steps, step_times_s=tuple(task.step_times_s[:steps]),
-                                  error="; ".join(errors) if errors else None)
+                                  error="; ".join(errors) if errors else None, lost=lost and bool(errors))
         if not task.future.done():
             task.future.set_result(result)
 
@@ -370,9 +472,18 @@ class WorkerPool:
                 return info
             raise Conflict(f"model {name!r} is already loaded from {source} ({loaded_dtype})")
         self._require_up()
+        if self.dead or self._restarting:
+            raise WorkerError(f"the worker pool is recovering from a worker failure ({self.broken or 'restarting'}); "
+                              "load the model again once it is back")
         from .models import model_info
 
         model_info(path, name=name, dtype=dtype)  # fails fast on a bad file, before every worker reads it
+        info = await self._load_everywhere(name, path, dtype, on_progress)
+        self._models[name] = (path, dtype, info)
+        return info
+
+    async def _load_everywhere(self, name: str, path: str, dtype: str,
+                               on_progress: LoadProgress | None = None) -> ModelInfo:
         key = next(self._ids)
         fut = self._loop.create_future()
         self._loads[key] = (fut, {}, on_progress)
@@ -385,9 +496,7 @@ class WorkerPool:
         errors = {r: e for r, (_, e) in replies.items() if e}
         if errors:
             raise WorkerError(f"loading {name!r} failed: {errors}")
-        info = replies[0][0]
-        self._models[name] = (path, dtype, info)
-        return info
+        return replies[0][0]
 
     def models(self) -> dict[str, ModelInfo]:
         return {name: info for name, (_, _, info) in self._models.items()}
@@ -448,8 +557,8 @@ class WorkerPool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        if self.alive:
-            for rank in sorted(req.cond_on | set(req.holders)):
+        if self._procs and not self._restarting:
+            for rank in sorted((req.cond_on | set(req.holders)) - set(self.dead)):
                 try:
                     self._send(rank, "release", request_id)
                 except OSError:  # a dead worker forgets everything anyway
@@ -468,6 +577,9 @@ class WorkerPool:
         for req in reqs:
             if req.task_id is not None:
                 raise Conflict(f"request {req.job.request_id} is already running")
+        down = self.unavailable_gpu_ids.intersection(a.gpu_ids)
+        if down:
+            raise DevicesUnavailable(f"devices {sorted(down)} cannot take work: {self._why_down(down)}")
         now = self.clock()
         fail = self._precheck(a, reqs)
         if fail:
@@ -490,18 +602,22 @@ class WorkerPool:
                    "conds": conds, "sources": {rid: src[rank] for rid, src in sources.items()}}
             try:
                 self._send(rank, "run", msg)
-            except OSError as exc:  # the worker is gone and its sentinel not seen yet
-                self.broken = self.broken or f"worker {rank} ({self.devices[rank]}) unreachable: {exc}"
-                self._finish(task, error=self.broken)
+            except OSError as exc:  # the worker is gone and its sentinel not seen yet: that will follow
+                self._finish(task, error=f"worker {rank} ({self.devices[rank]}) unreachable: {exc}", lost=True)
                 break
+            self._outstanding.setdefault(rank, set()).add(task_id)
         return await task.future
+
+    def _why_down(self, ranks) -> str:
+        if self._restarting:
+            return "the worker pool is restarting"
+        if not self._procs:
+            return "the worker pool is not running"
+        return "; ".join(self.dead.get(g, f"worker {g} is held back (a peer died during its last assignment)")
+                         for g in sorted(ranks))
 
     def _precheck(self, a: Assignment, reqs: list[_Request]) -> str | None:
         """Why the assignment cannot run (a work failure, reported as a result), or None."""
-        if not self._procs:
-            return "the worker pool is not started"
-        if self.broken:
-            return f"worker pool broken: {self.broken} (restart needed)"
         model = reqs[0].job.model
         shape = tuple(reqs[0].job.latent.shape)
         info = self._models[model][2]
@@ -536,6 +652,13 @@ class WorkerPool:
                         self._send(rank, "stop", task.task_id)
                     except OSError:  # a dead worker's assignment ends with an error anyway
                         pass
+
+    async def inject_fault(self, rank: int, kind: str) -> None:
+        """Fault drills: worker ``rank`` fails its next step with ``kind`` "oom" (out of memory) or
+        "cuda" (an unrecoverable device error, after which it exits)."""
+        if kind not in ("oom", "cuda"):
+            raise InvalidRequest(f"unknown fault kind {kind!r} (oom, cuda)")
+        self._send(rank, "inject", kind)
 
 
 def _exit_description(proc) -> str:

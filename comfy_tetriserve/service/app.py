@@ -24,6 +24,7 @@ from .auth import token_middleware
 from .catalog import ModelCatalog
 from .events import EventLog
 from .jobs import Clock, JobStore
+from .journal import JobJournal
 from .loop import EngineLoop
 from .metrics import ServiceMetrics
 from .routes import routes
@@ -82,6 +83,7 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     clock = Clock()
     hub = EventLog(limit=HUB_EVENTS, coalesce=())
     store = JobStore(config, clock)
+    store.journal = JobJournal(config.journal_path(), store.boot_id)
     metrics = ServiceMetrics()
     engine = Engine(policy, model_cost, executor.gpu_ids, executor.groups)
     configured = parse_pairs(config.model, "model")

@@ -5,7 +5,8 @@ the service's state machine, which the engine loop moves), its event log and, on
 its result bytes. A ``Lease`` is a client's promise to stay alive: it heartbeats, and when it
 stops for ``lease_s`` the loop cancels the lease's unfinished jobs. The ``JobStore`` holds both,
 the idempotency index ((tenant, job key) -> job), the per-tenant and overall limits, and
-tombstones of forgotten jobs (so a late reader gets 410 Gone, not 404).
+tombstones of forgotten jobs (so a late reader gets 410 Gone, not 404); with a journal
+(journal.py), jobs of earlier runs answer 410 too, saying whether they were lost.
 
 Times here are on the engine's clock (``Clock.now``: monotonic seconds); the API shows unix
 seconds (``Clock.to_wall``).
@@ -19,9 +20,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ..errors import Conflict, Gone, NotFound, TooManyRequests
+from ..errors import Conflict, Gone, JobLost, NotFound, TooManyRequests
 from ..types import GenRequest
 from .events import EventLog
+from .journal import JobJournal
 from .schemas import JobSettings
 from .settings import ServiceConfig
 
@@ -79,6 +81,8 @@ class Job:
     result: bytes | None = None
     fetched_at: float | None = None
     events: EventLog = field(default_factory=EventLog)
+    num_faults: int = 0  # times it was on devices that failed (a worker died, ran out of memory)
+    last_fault: str | None = None
 
     @property
     def deadline_at(self) -> float | None:
@@ -127,6 +131,8 @@ class Job:
             "simulated": self.simulated,
             "result_ready": self.result is not None,
             "last_event_seq": self.events.last_seq,
+            "num_faults": self.num_faults,
+            "last_fault": self.last_fault,
         }
 
 
@@ -158,6 +164,7 @@ class JobStore:
         self._tombstones: OrderedDict[str, str] = OrderedDict()
         self._counter = itertools.count(1)
         self.boot_id = secrets.token_hex(4)
+        self.journal = JobJournal(None, self.boot_id)  # create_app replaces it when the config names a file
 
     # ------------------------------------------------------------------ jobs
     def new_job_id(self) -> str:
@@ -169,6 +176,9 @@ class JobStore:
             return job
         if job_id in self._tombstones:
             raise Gone(f"job {job_id} ended and was forgotten ({self._tombstones[job_id]})")
+        past = self.journal.past(job_id)
+        if past is not None:
+            raise (JobLost if past.lost else Gone)(past.message())
         if job_id.startswith("j-") and not job_id.startswith(f"j-{self.boot_id}-"):
             raise NotFound(f"unknown job {job_id}: it belongs to an earlier run of the service (restarted since)")
         raise NotFound(f"unknown job {job_id}")
@@ -223,6 +233,10 @@ class JobStore:
     def create_lease(self, tenant: str, ttl_s: float | None = None) -> Lease:
         if len(self.leases) >= MAX_LEASES:
             raise TooManyRequests("too many open leases")
+        mine = sum(1 for lease in self.leases.values() if lease.tenant == tenant)
+        if mine >= self.config.max_leases_per_tenant:
+            raise TooManyRequests(f"tenant {tenant!r} has {mine} open leases, the per-tenant limit; "
+                                  "release some or let them expire")
         ttl = self.config.lease_s if ttl_s is None else ttl_s
         lease = Lease(f"l-{self.boot_id}-{secrets.token_hex(8)}", tenant, ttl, self.clock.now())
         self.leases[lease.lease_id] = lease

@@ -11,6 +11,11 @@ Measured step times go to the cost model's ``observe`` (when it has one) and to 
 metrics. A housekeeping task expires leases (cancelling their jobs) and forgets ended jobs once
 their results expired. Shutdown ends every unfinished job with a ``failed`` event saying so
 (none stays silently pending), stops the work in flight and closes the executor.
+
+Device faults (recovery.py): an assignment that comes back ``lost`` (a worker died under it)
+puts its jobs back in the queue with the steps of their last checkpoint and a ``requeued``
+event saying why; a job that was on failing devices ``max_job_faults`` times fails instead,
+with the reason. Every job accepted and ended is written to the journal (journal.py).
 """
 from __future__ import annotations
 
@@ -20,13 +25,14 @@ import logging
 import time
 
 from ..engine.engine import Engine
-from ..engine.executor import Executor
+from ..engine.executor import DevicesUnavailable, Executor
 from ..errors import Conflict, ServiceUnavailable, TetriServeError
 from ..types import Assignment, AssignmentResult, RequestStatus
 from .catalog import ModelCost
 from .events import EventLog
 from .jobs import Clock, Job, JobStatus, JobStore
 from .metrics import ServiceMetrics
+from .recovery import ExecutorRecovery, RecoveryState
 from .schemas import encode_result
 from .settings import ServiceConfig
 from .wiring import ForecastFn, estimate_finish
@@ -60,6 +66,7 @@ class EngineLoop:
         self._predicted_at = float("-inf")  # clock time of the last forecast of every open job
         self._stopping = False
         self._closed = False
+        self.recovery = ExecutorRecovery(executor, engine, config, clock, hub, self.wake, self._stop_inflight)
 
     # ------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -82,12 +89,16 @@ class EngineLoop:
                 self.engine.cancel(job.job_id, now)
             self._end(job, JobStatus.FAILED, now,
                       error="the service shut down before the job finished; submit it again")
-        inflight = tuple(rid for a in self.engine.inflight() for rid in a.request_ids)
-        if inflight:
-            with contextlib.suppress(Exception):
-                await self.executor.stop(inflight)
+        with contextlib.suppress(Exception):
+            await self._stop_inflight()
         self.hub.append({"type": "service_stopping"})
         self.hub.close()
+
+    async def _stop_inflight(self) -> None:
+        """Ask every running assignment to end after its current step."""
+        inflight = tuple(rid for a in self.engine.inflight() for rid in a.request_ids)
+        if inflight:
+            await self.executor.stop(inflight)
 
     async def close(self) -> None:
         await self.begin_shutdown()
@@ -104,15 +115,22 @@ class EngineLoop:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks = []
+        await self.recovery.close()
         await self.executor.close()
+        self.store.journal.close()
 
     # -------------------------------------------------------------- admission
     def executor_fault(self) -> str | None:
-        """Why the executor cannot run work any more (a worker died), or None.
+        """Why the executor cannot run work any more, or None.
 
-        Until the executor can recover by itself, such a service fails the jobs it holds with
-        this reason and refuses new ones (503): nothing waits on devices that will not come back.
+        An executor that recovers (the worker pool) only gets here when rebuilding it failed
+        ``max_restart_attempts`` times in a row; one that does not, as soon as it reports itself
+        broken. Such a service fails the jobs it holds with this reason and refuses new ones
+        (503): nothing waits on devices that will not come back.
         """
+        if self.recovery.supported:
+            reason = self.recovery.broken_reason
+            return f"{reason}; restart the service" if reason else None
         broken = getattr(self.executor, "broken", None)
         return f"the worker pool is broken ({broken}); restart the service" if broken else None
 
@@ -129,6 +147,7 @@ class EngineLoop:
             raise ServiceUnavailable("the service is shutting down")
         self.engine.submit(job.request)
         self.store.add(job)
+        self.store.journal.accepted(job.job_id, job.tenant, job.settings.job_key)
         self.metrics.on_submit(job.tenant)
         self._refresh_predictions(job.job_id)
         self._emit(job, "queued", predicted_finish_at=self.clock.to_wall(job.predicted_finish_at),
@@ -197,10 +216,18 @@ class EngineLoop:
         if fault:
             self._fail_plannable(now, fault)
             return
+        if not self.recovery.tick(now):  # draining or rebuilding the pool: jobs wait
+            return
         t0 = time.perf_counter()
         try:
             plan = self.engine.plan(now)
-        except TetriServeError as exc:  # PlanError: a policy bug; fail what it could not plan, loudly
+        except TetriServeError as exc:
+            if self.recovery.state is RecoveryState.DEGRADED:  # what is left cannot serve: rebuild now
+                self.recovery.request_rebuild(f"the policy cannot place the waiting jobs on the "
+                                              f"{len(self.engine.healthy_gpu_ids)} healthy devices ({exc})")
+                self.wake()
+                return
+            # PlanError: a policy bug; fail what it could not plan, loudly
             self.metrics.plan_errors_total += 1
             log.error("policy produced an invalid plan: %s", exc)
             self._fail_plannable(now, f"scheduler error: {exc}")
@@ -236,8 +263,12 @@ class EngineLoop:
         predicted_step_s = self.cost.step_time_s(first.model, first.height, first.width, batch, a.sp_degree)
         started_at = self.clock.now()
         start_steps = self.engine.state(a.request_ids[0]).steps_done
+        counted = True  # the fault counts against the jobs (they were on the devices)
         try:
             result = await self.executor.execute(a, self._on_step)
+        except DevicesUnavailable as exc:  # planned on a device that failed a moment ago: nothing ran
+            counted = False
+            result = AssignmentResult(a, started_at, self.clock.now(), 0, error=str(exc), lost=True)
         except Exception as exc:  # noqa: BLE001 - an executor that raises still must not hang the job
             log.exception("executor failed on %s", a)
             done = max(self.store.jobs[a.request_ids[0]].steps_done - start_steps, 0) if a.request_ids[0] in self.store.jobs else 0
@@ -245,7 +276,10 @@ class EngineLoop:
                                       error=f"executor error: {type(exc).__name__}: {exc}")
         finally:
             self._flight.pop(a.request_ids, None)
-        self._apply(a, result, predicted_step_s, first)
+        if result.lost:
+            self._requeue(a, result, counted)
+        else:
+            self._apply(a, result, predicted_step_s, first)
         self.wake()
 
     def _on_step(self, request_id: str, step_index: int, step_s: float) -> None:
@@ -271,9 +305,7 @@ class EngineLoop:
                 continue
             job.steps_done = state.steps_done
             if state.status is RequestStatus.FINISHED:
-                task = asyncio.ensure_future(self._finalize(job, state.finished_at))
-                self._finalizers.add(task)
-                task.add_done_callback(self._finalizers.discard)
+                self._finish_later(job, state.finished_at)
             elif state.status is RequestStatus.FAILED:
                 self._end(job, JobStatus.FAILED, now, error=state.error)
                 asyncio.ensure_future(self._release(job.job_id))
@@ -287,6 +319,47 @@ class EngineLoop:
         # job status and the nodes' phase text show what the planner now expects.
         if self.store.open_jobs() and now - self._predicted_at >= PREDICTION_REFRESH_S:
             self._refresh_predictions()
+
+    def _requeue(self, a: Assignment, result: AssignmentResult, counted: bool) -> None:
+        """A lost assignment: its jobs resume from their checkpoint, or fail after too many faults."""
+        now = self.clock.now()
+        states = self.engine.requeue(a, result.steps_done, now, reason=result.error)
+        self.metrics.on_assignment_end(a.gpu_ids, result.elapsed_s, result.steps_done)
+        limit = self.config.max_job_faults
+        for state in states:
+            job = self.store.jobs.get(state.request_id)
+            if job is None or job.status.is_terminal:
+                continue
+            steps_lost = max(job.steps_done - state.steps_done, 0)
+            job.steps_done = state.steps_done
+            if counted:
+                job.num_faults += 1
+                job.last_fault = result.error
+            if state.status is RequestStatus.FINISHED:
+                self._finish_later(job, now)
+            elif state.status is RequestStatus.CANCELLED:
+                self._end(job, JobStatus.CANCELLED, now)
+                asyncio.ensure_future(self._release(job.job_id))
+            elif job.num_faults >= limit:
+                with contextlib.suppress(TetriServeError):
+                    self.engine.cancel(job.job_id, now)
+                self._end(job, JobStatus.FAILED, now, error=(
+                    f"the job was on the devices when they failed {job.num_faults} times (last: {result.error}); "
+                    f"it is not tried again (a job that keeps taking workers down must not take the service "
+                    f"with it; limit --max-job-faults {limit})"))
+                asyncio.ensure_future(self._release(job.job_id))
+            else:
+                job.status = JobStatus.WAITING
+                self.metrics.jobs_requeued_total += 1
+                self._emit(job, "requeued", reason=result.error, steps_done=state.steps_done, steps_lost=steps_lost,
+                           num_faults=job.num_faults, max_faults=limit,
+                           message=f"resumes from step {state.steps_done} after a device fault")
+                self._emit(job, "waiting", steps_done=state.steps_done)
+
+    def _finish_later(self, job: Job, finished_at: float) -> None:
+        task = asyncio.ensure_future(self._finalize(job, finished_at))
+        self._finalizers.add(task)
+        task.add_done_callback(self._finalizers.discard)
 
     async def _finalize(self, job: Job, finished_at: float) -> None:
         """Collect a finished job's latent, turn it into the result body, end the job."""
@@ -356,6 +429,7 @@ class EngineLoop:
             fields["reason"] = job.cancel_reason
         self._emit(job, status.value, **fields)
         self.metrics.on_job_end(job.tenant, status.value, job.deadline_at is not None, job.met_deadline)
+        self.store.journal.ended(job.job_id, status.value, error)
 
     def _emit(self, job: Job, event_type: str, **fields) -> None:
         if event_type == "placed":

@@ -5,6 +5,9 @@ deadline / (finished + failed). Jobs cancelled by their client (or their lease) 
 best-effort jobs do not count. Step time drift is measured / predicted step time per model and
 degree, an exponential moving average over recent steps (prediction: the cost model's when the
 assignment started), alongside whatever the cost model itself reports as its drift.
+
+Tenants are client-chosen names: the first ``MAX_TENANT_LABELS`` seen get their own label, any
+later ones share the label ``other`` (so a client inventing names cannot grow the metrics).
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from .. import __version__
 
 DECISION_BUCKETS_S = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 DRIFT_EWMA_ALPHA = 0.2
+MAX_TENANT_LABELS = 256
+OTHER_TENANT = "other"
+RECOVERY_STATES = ("ok", "degraded", "draining", "restarting", "broken")
 
 
 def _labels(labels: dict[str, object]) -> str:
@@ -76,9 +82,21 @@ class ServiceMetrics:
     decision_sum_s: float = 0.0
     decision_count: int = 0
     drift: dict[tuple[str, int], DriftStat] = field(default_factory=lambda: defaultdict(DriftStat))
+    jobs_requeued_total: int = 0  # jobs put back in the queue after a device fault
+    jobs_lost_in_restart_total: int = 0  # jobs an earlier run accepted and never finished (from the journal)
+    _tenants: set[str] = field(default_factory=set)
+
+    def label(self, tenant: str) -> str:
+        """The tenant's metrics label (bounded, see the module docstring)."""
+        if tenant in self._tenants:
+            return tenant
+        if len(self._tenants) < MAX_TENANT_LABELS:
+            self._tenants.add(tenant)
+            return tenant
+        return OTHER_TENANT
 
     def on_submit(self, tenant: str) -> None:
-        self.jobs_submitted[tenant] += 1
+        self.jobs_submitted[self.label(tenant)] += 1
 
     def on_decision(self, seconds: float) -> None:
         self.rounds_total += 1
@@ -98,6 +116,7 @@ class ServiceMetrics:
             self.drift[(model, sp_degree)].add(measured_s / predicted_s)
 
     def on_job_end(self, tenant: str, status: str, had_deadline: bool, met: bool | None) -> None:
+        tenant = self.label(tenant)
         self.jobs_ended[(status, tenant)] += 1
         if had_deadline and status != "cancelled":
             self.deadline_jobs[tenant] += 1
@@ -120,7 +139,8 @@ class ServiceMetrics:
                 "by_tenant": {t: clean(self.sar(t)) for t in sorted(self.deadline_jobs)}}
 
     def render(self, *, policy: str, executor: str, gpu_ids: tuple[int, ...], busy_gpu_ids: frozenset[int],
-               queue_depth: int, running_jobs: int, open_leases: int, cost_drift: dict[str, float]) -> str:
+               queue_depth: int, running_jobs: int, open_leases: int, cost_drift: dict[str, float],
+               jobs_held: int = 0, recovery: dict | None = None) -> str:
         w = _Writer()
         w.family("tetriserve_info", "gauge", "Service build and configuration.",
                  [({"version": __version__, "policy": policy, "executor": executor}, 1)])
@@ -158,4 +178,18 @@ class ServiceMetrics:
                  [({"model": m, "sp_degree": k}, d.ratio) for (m, k), d in sorted(self.drift.items())])
         w.family("tetriserve_cost_model_drift_ratio", "gauge", "The cost model's own drift report.",
                  [({"key": key}, value) for key, value in sorted(cost_drift.items())])
+        w.family("tetriserve_jobs_held", "gauge", "Jobs the service holds (unfinished, or ended with the result kept).",
+                 [({}, jobs_held)])
+        w.family("tetriserve_jobs_requeued_total", "counter", "Jobs put back in the queue after a device fault.",
+                 [({}, self.jobs_requeued_total)])
+        w.family("tetriserve_jobs_lost_in_restart_total", "counter",
+                 "Jobs an earlier run of the service accepted and never finished (found in the journal at start).",
+                 [({}, self.jobs_lost_in_restart_total)])
+        if recovery is not None:
+            w.family("tetriserve_executor_state", "gauge", "The executor's recovery state (1 for the current one).",
+                     [({"state": st}, int(recovery["state"] == st)) for st in RECOVERY_STATES])
+            w.family("tetriserve_worker_faults_total", "counter", "Device faults (workers that died or ran out of memory).",
+                     [({}, recovery["num_faults"])])
+            w.family("tetriserve_pool_restarts_total", "counter", "Times the worker pool was rebuilt.",
+                     [({}, recovery["num_restarts"])])
         return "\n".join(w.lines) + "\n"

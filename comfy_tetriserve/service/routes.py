@@ -9,13 +9,16 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import contextlib
 import math
 from pathlib import Path
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 
 from .. import __version__
-from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable
+from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable, TooManyRequests
 from ..types import GenRequest
 from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json
 from .catalog import ModelStatus, check_model_name
@@ -35,12 +38,17 @@ routes = web.RouteTableDef()
 
 # ----------------------------------------------------------------- helpers
 async def read_body(request: web.Request, svc: Service) -> bytes:
+    if request.content_length is not None and request.content_length > svc.config.max_body_bytes:
+        raise PayloadTooLarge(f"request body larger than the limit of {svc.config.max_body_mb:g} MiB "
+                              f"(Content-Length {request.content_length})")
     try:
         return await asyncio.wait_for(request.read(), svc.config.body_timeout_s)
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body not received within {svc.config.body_timeout_s:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body larger than the limit of {svc.config.max_body_mb:g} MiB") from None
+    except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+        raise InvalidRequest(f"request body cut short ({type(exc).__name__}: {exc})") from None
 
 
 async def read_json(request: web.Request, svc: Service, allowed: tuple[str, ...]) -> dict:
@@ -56,6 +64,8 @@ async def read_json(request: web.Request, svc: Service, allowed: tuple[str, ...]
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("body is not acceptable JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object")
     unknown = sorted(set(data) - set(allowed))
@@ -94,7 +104,14 @@ async def health(request: web.Request) -> web.Response:
         "boot_id": svc.store.boot_id, "simulated": svc.loop.simulated, "policy": svc.policy_name,
         "num_gpus": len(svc.engine.all_gpu_ids), "auth": bool(svc.config.token),
         "executor": type(svc.executor).__name__, "executor_error": svc.loop.executor_fault(),
+        "executor_state": svc.loop.recovery.state.value, "num_healthy_gpus": len(svc.engine.healthy_gpu_ids),
     })
+
+
+@routes.get("/v1/executor")
+async def executor_status(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    return web.json_response(svc.executor_json())
 
 
 @routes.get("/v1/openapi.json")
@@ -118,11 +135,24 @@ async def board(request: web.Request) -> web.Response:
                                         policy=svc.policy_name))
 
 
+@contextlib.contextmanager
+def stream_slot(svc: Service):
+    """One of the ``max_event_streams`` open event streams (429 when none is left)."""
+    if svc.open_streams >= svc.config.max_event_streams:
+        raise TooManyRequests(f"{svc.open_streams} event streams are open, the limit; close some or poll the status")
+    svc.open_streams += 1
+    try:
+        yield
+    finally:
+        svc.open_streams -= 1
+
+
 @routes.get("/v1/events")
 async def service_events(request: web.Request) -> web.StreamResponse:
     svc: Service = request.app[SERVICE]
     after = int(query_number(request, "after", 0, 0, 2**62, integer=True))
-    return await stream_ndjson(request, svc.hub, after, svc.config.events_ping_s, done=lambda e: False)
+    with stream_slot(svc):
+        return await stream_ndjson(request, svc.hub, after, svc.config.events_ping_s, done=lambda e: False)
 
 
 # ------------------------------------------------------------------- models
@@ -254,7 +284,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     svc: Service = request.app[SERVICE]
     job = svc.store.get(request.match_info["job_id"])
     after = int(query_number(request, "after", 0, 0, 2**62, integer=True))
-    return await stream_ndjson(request, job.events, after, svc.config.events_ping_s)
+    with stream_slot(svc):
+        return await stream_ndjson(request, job.events, after, svc.config.events_ping_s)
 
 
 @routes.get("/v1/jobs/{job_id}/result")

@@ -150,6 +150,8 @@ def read_metadata(body: bytes) -> dict[str, str]:
         header = json.loads(body[8:8 + header_len])
     except (UnicodeDecodeError, ValueError):
         raise InvalidRequest("body is not a safetensors file (header is not JSON)") from None
+    except RecursionError:
+        raise InvalidRequest("body is not a safetensors file (header JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise InvalidRequest("body is not a safetensors file (header is not an object)")
     meta = header.get("__metadata__") or {}
@@ -167,6 +169,8 @@ def parse_body(body: bytes, limits: ServiceConfig) -> tuple[JobSettings, dict[st
         raw = json.loads(meta[SETTINGS_KEY])
     except ValueError as exc:
         raise InvalidRequest(f"settings under {SETTINGS_KEY!r} are not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"settings under {SETTINGS_KEY!r} are nested too deeply") from None
     settings = parse_settings(raw, limits)
     try:
         tensors = load_safetensors(body)

@@ -35,6 +35,8 @@ class ServiceConfig:
     fetched_ttl_s: float = field(60.0, help="... or this long after its result was fetched, whichever is first")
     max_open_jobs: int = field(1000, help="unfinished jobs the service accepts in all (429 beyond)")
     max_open_jobs_per_tenant: int = field(200, help="unfinished jobs per tenant (429 beyond)")
+    max_leases_per_tenant: int = field(100, help="open leases per tenant (429 beyond)")
+    max_event_streams: int = field(1024, help="event streams open at once (429 beyond)")
     max_body_mb: float = field(256.0, help="largest accepted request body in MiB (413 beyond)")
     body_timeout_s: float = field(60.0, help="time allowed to receive one request body (408 beyond)")
     max_steps: int = field(1000, help="most denoising steps per job")
@@ -45,10 +47,31 @@ class ServiceConfig:
     events_ping_s: float = field(10.0, help="an event stream sends a ping line after this much silence")
     shutdown_grace_s: float = field(10.0, help="on shutdown, time given to in-flight work to stop")
     housekeeping_s: float = field(0.5, help="period of lease and result expiry checks")
+    rebuild_after_s: float = field(
+        30.0, help="after a worker dies, serve on the remaining devices at most this long before rebuilding the "
+                   "pool (it is rebuilt at once when nothing runs); 0: rebuild at once")
+    max_job_faults: int = field(
+        3, help="a job that was on the devices when workers failed this many times fails (a poison job cannot take "
+                "the box down forever); before that it resumes from its last completed round")
+    max_restart_attempts: int = field(5, help="failed pool rebuilds in a row before the service gives up (503)")
+    restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
+    journal: str = field(
+        "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
+                     "lost; 'auto': <cache>/journal-<port>.jsonl; 'off': none")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    def journal_path(self) -> str | None:
+        """Where the job journal lives (None: no journal)."""
+        if self.journal in ("", "off", "none"):
+            return None
+        if self.journal == "auto":
+            from ..config import home_dir
+
+            return str(home_dir() / f"journal-{self.port}.jsonl")
+        return self.journal
 
     def validate(self) -> None:
         """Refuse settings the service must not run with (raises InvalidRequest)."""
@@ -59,11 +82,14 @@ class ServiceConfig:
         if not 0 < self.port < 65536:
             raise InvalidRequest(f"port out of range: {self.port}")
         for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s",
-                     "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale"):
+                     "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
+        if not self.rebuild_after_s >= 0:
+            raise InvalidRequest("rebuild_after_s must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",
-                     "max_image_tokens", "max_text_tokens"):
+                     "max_image_tokens", "max_text_tokens", "max_leases_per_tenant", "max_event_streams",
+                     "max_job_faults", "max_restart_attempts"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be >= 1")
         parse_pairs(self.model, "model")

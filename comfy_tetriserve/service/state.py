@@ -28,8 +28,15 @@ class Service:
     catalog: ModelCatalog
     loop: EngineLoop
     policy_name: str
+    open_streams: int = 0  # event streams being served now
 
     async def start(self, configured_models: dict[str, str]) -> None:
+        lost = self.store.journal.open()
+        if lost:
+            self.metrics.jobs_lost_in_restart_total += len(lost)
+            self.hub.append({"type": "jobs_lost_in_restart", "num_jobs": len(lost),
+                             "boot_ids": sorted({p.boot_id for p in lost}),
+                             "job_ids": [p.job_id for p in lost[-100:]]})
         await self.loop.start()
         for name in configured_models:
             self.catalog.start_load(name, self.config.dtype)
@@ -45,8 +52,19 @@ class Service:
             policy=self.policy_name, executor=type(self.executor).__name__,
             gpu_ids=self.engine.healthy_gpu_ids, busy_gpu_ids=self.engine.busy_gpu_ids,
             queue_depth=len(jobs) - running, running_jobs=running, open_leases=len(self.store.leases),
-            cost_drift=self.cost.drift(),
+            cost_drift=self.cost.drift(), jobs_held=len(self.store.jobs),
+            recovery=self.loop.recovery.to_json() if self.loop.recovery.supported else None,
         )
+
+    def executor_json(self) -> dict:
+        """The executor's health: recovery state, faults, restarts and, for worker pools, each worker."""
+        out = {"executor": type(self.executor).__name__, **self.loop.recovery.to_json(),
+               "error": self.loop.executor_fault(), "gpu_ids": list(self.engine.all_gpu_ids),
+               "healthy_gpu_ids": list(self.engine.healthy_gpu_ids), "busy_gpu_ids": sorted(self.engine.busy_gpu_ids)}
+        workers = getattr(self.executor, "workers", None)
+        if callable(workers):
+            out["workers"] = workers()
+        return out
 
 
 SERVICE = web.AppKey("tetriserve_service", Service)

@@ -1,0 +1,226 @@
+"""Device faults at the service, on the simulated executor: degrade at once, resume from the checkpoint,
+rebuild at a quiet moment, fail a poison job, give up (503) when the pool cannot come back.
+
+The same logic runs on real worker processes in test_service_workers.py and test_reliability.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from comfy_tetriserve.client import JobFailed, TetriServeClient
+from comfy_tetriserve.engine.simexec import SimulatedExecutor
+from comfy_tetriserve.service.app import create_app
+from comfy_tetriserve.service.state import SERVICE
+from factories import PowerLawCost
+from service_helpers import FifoPolicy, job_body, make_config, running_service
+
+#: 512 px steps of 10 ms at degree 1
+COST = PowerLawCost(base_s=0.04)
+
+
+def make_app(num_gpus: int = 4, *, policy=None, restart_delay_s: float = 0.2, **config):
+    executor = SimulatedExecutor(num_gpus, COST, restart_delay_s=restart_delay_s)
+    app = create_app(make_config(devices=f"sim:{num_gpus}", **config), executor=executor,
+                     policy=policy or FifoPolicy(round_steps=5), cost=COST)
+    return app, executor
+
+
+async def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - t0
+
+
+def test_a_dead_device_is_taken_out_at_once_and_its_job_resumes_from_its_checkpoint():
+    async def body():
+        app, executor = make_app(rebuild_after_s=60.0)
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            # four jobs of 60 steps in rounds of 5 (50 ms each): all four devices busy
+            jobs = [await client.submit(job_body({"steps": 60, "seed": i}, res=512)) for i in range(4)]
+            events = {j["job_id"]: [] for j in jobs}
+            waiters = [asyncio.ensure_future(client.wait(j["job_id"], on_event=events[j["job_id"]].append))
+                       for j in jobs]
+            await wait_for(lambda: len(svc.engine.busy_gpu_ids) == 4 and svc.store.jobs[jobs[2]["job_id"]].steps_done
+                           >= 7, what="steps")
+            victim = next(j for j in svc.store.jobs.values() if j.gpu_ids == (2,))
+            steps_before = svc.engine.state(victim.job_id).steps_done  # its last completed round
+            executor.fail_device(2, "worker 2 (sim) died (killed by SIGKILL)")
+            # the planner sees three devices at once (before any await)
+            assert svc.engine.healthy_gpu_ids == (0, 1, 3)
+            assert (await client.health())["executor_state"] == "degraded"
+            statuses = await asyncio.gather(*waiters)
+            return jobs, events, statuses, victim.job_id, steps_before
+
+    jobs, events, statuses, victim, steps_before = asyncio.run(body())
+    assert all(s["status"] == "finished" and s["steps_done"] == 60 for s in statuses)
+    requeued = [e for e in events[victim] if e["type"] == "requeued"]
+    assert len(requeued) == 1 and "killed by SIGKILL" in requeued[0]["reason"]
+    assert requeued[0]["steps_done"] == steps_before and requeued[0]["steps_lost"] >= 1
+    assert requeued[0]["num_faults"] == 1 and "resumes from step" in requeued[0]["message"]
+    after = events[victim][events[victim].index(requeued[0]):]
+    assert [e["type"] for e in after[:2]] == ["requeued", "waiting"]
+    placed_after = [e for e in after if e["type"] == "placed"]
+    assert placed_after and placed_after[0]["steps_done"] == steps_before and 2 not in placed_after[0]["gpu_ids"]
+    status = next(s for s in statuses if s["job_id"] == victim)
+    assert status["num_faults"] == 1 and "SIGKILL" in status["last_fault"]
+    # the other jobs never noticed
+    assert all(not [e for e in events[j["job_id"]] if e["type"] == "requeued"] for j in jobs if j["job_id"] != victim)
+
+
+def test_the_pool_is_rebuilt_when_nothing_runs_and_serves_on_every_device_again():
+    async def body():
+        app, executor = make_app(rebuild_after_s=60.0)
+        svc = app[SERVICE]
+        hub_types = []
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            job = await client.submit(job_body({"steps": 40}, res=512))
+            await wait_for(lambda: svc.engine.busy_gpu_ids, what="placement")
+            gpu = svc.store.jobs[job["job_id"]].gpu_ids[0]
+            executor.fail_device(gpu)
+            # nothing else runs: a quiet moment, so the pool is rebuilt at once
+            await wait_for(lambda: executor.num_restarts == 1, what="restart")
+            assert (await client.wait(job["job_id"]))["status"] == "finished"
+            async with aiohttp.ClientSession() as s, s.get(url + "/v1/executor") as resp:
+                executor_json = await resp.json()
+            hub_types = [e["type"] for e in svc.hub.after(0)]
+            # every device is planned again
+            more = [await client.submit(job_body({"steps": 30, "seed": i}, res=512)) for i in range(4)]
+            await wait_for(lambda: len(svc.engine.busy_gpu_ids) == 4, what="four devices busy")
+            for j in more:
+                await client.wait(j["job_id"])
+            metrics = await client.metrics()
+        return executor_json, hub_types, metrics
+
+    executor_json, hub_types, metrics = asyncio.run(body())
+    assert executor_json["state"] == "ok" and executor_json["num_restarts"] == 1 and executor_json["num_faults"] == 1
+    assert executor_json["healthy_gpu_ids"] == [0, 1, 2, 3] and executor_json["last_restart_s"] >= 0.2
+    order = [t for t in hub_types if t.startswith("executor_")]
+    assert order == ["executor_fault", "executor_draining", "executor_restarting", "executor_restarted"], order
+    assert "tetriserve_pool_restarts_total 1" in metrics and "tetriserve_worker_faults_total 1" in metrics
+    assert 'tetriserve_executor_state{state="ok"} 1' in metrics and "tetriserve_jobs_requeued_total 1" in metrics
+
+
+def test_under_load_the_rebuild_waits_for_rebuild_after_s_then_drains_without_losing_steps():
+    async def body():
+        app, executor = make_app(rebuild_after_s=0.3)
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            jobs = [await client.submit(job_body({"steps": 120, "seed": i}, res=512)) for i in range(6)]
+            await wait_for(lambda: len(svc.engine.busy_gpu_ids) == 4, what="busy")
+            executor.fail_device(0)
+            t0 = time.monotonic()
+            await wait_for(lambda: svc.loop.recovery.state.value == "draining", what="draining")
+            drained_after = time.monotonic() - t0
+            steps_at_drain = {j["job_id"]: svc.store.jobs[j["job_id"]].steps_done for j in jobs}
+            await wait_for(lambda: executor.num_restarts == 1, what="restart")
+            statuses = [await client.wait(j["job_id"]) for j in jobs]
+            events = {j["job_id"]: [e for e in svc.store.jobs[j["job_id"]].events.after(0)] for j in jobs}
+        return drained_after, statuses, events, steps_at_drain
+
+    drained_after, statuses, events, _ = asyncio.run(body())
+    assert 0.25 <= drained_after < 2.0, drained_after  # degraded first: the three others kept serving
+    assert all(s["status"] == "finished" for s in statuses)
+    requeued = [e for evs in events.values() for e in evs if e["type"] == "requeued"]
+    assert len(requeued) == 1  # only the job on the dead device lost anything; draining stopped the rest cleanly
+
+
+def test_a_poison_job_fails_after_max_job_faults_and_the_others_finish():
+    async def body():
+        app, executor = make_app(max_job_faults=2, rebuild_after_s=0.0)
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            poison = await client.submit(job_body({"steps": 200}, res=512))
+            good = [await client.submit(job_body({"steps": 20, "seed": i}, res=512)) for i in range(1, 6)]
+            kills = 0
+
+            async def killer():  # every time the poison job is on a device, that device dies
+                nonlocal kills
+                while not svc.store.jobs[poison["job_id"]].status.is_terminal:
+                    job = svc.store.jobs[poison["job_id"]]
+                    if job.status.value == "running" and job.gpu_ids and svc.loop.recovery.state.value == "ok":
+                        await asyncio.sleep(0.03)
+                        if job.status.value == "running":
+                            executor.fail_device(job.gpu_ids[0], "worker died (segfault in a kernel)")
+                            kills += 1
+                    await asyncio.sleep(0.005)
+
+            kill_task = asyncio.ensure_future(killer())
+            with pytest.raises(JobFailed) as failed:
+                await asyncio.wait_for(client.wait(poison["job_id"]), 20)
+            await kill_task
+            statuses = [await client.wait(j["job_id"]) for j in good]
+            health = await client.health()
+        return failed.value, kills, statuses, health
+
+    failed, kills, statuses, health = asyncio.run(body())
+    assert kills == 2
+    assert "failed 2 times" in str(failed) and "segfault" in str(failed) and "max-job-faults 2" in str(failed)
+    assert all(s["status"] == "finished" for s in statuses)
+    assert health["executor_state"] == "ok"
+
+
+def test_a_pool_that_cannot_be_rebuilt_fails_waiting_jobs_with_the_reason_and_refuses_new_ones():
+    async def body():
+        app, executor = make_app(num_gpus=2, max_restart_attempts=2, rebuild_after_s=0.0, restart_delay_s=0.01)
+        svc = app[SERVICE]
+        executor.fail_restarts = 5
+        from comfy_tetriserve.service import recovery
+        recovery.RESTART_BACKOFF_S, saved = (0.05,), recovery.RESTART_BACKOFF_S
+        try:
+            async with running_service(app) as url, TetriServeClient(url) as client:
+                job = await client.submit(job_body({"steps": 100}, res=512))
+                await wait_for(lambda: svc.engine.busy_gpu_ids, what="placement")
+                executor.fail_device(0)
+                executor.fail_device(1)
+                with pytest.raises(JobFailed) as failed:
+                    await asyncio.wait_for(client.wait(job["job_id"]), 10)
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(url + "/v1/jobs", data=job_body({"steps": 3})) as resp:
+                        refused = resp.status, (await resp.json())["error"]["message"]
+                health = await client.health()
+                types = [e["type"] for e in svc.hub.after(0)]
+        finally:
+            recovery.RESTART_BACKOFF_S = saved
+        return failed.value, refused, health, types
+
+    failed, refused, health, types = asyncio.run(body())
+    assert "could not be restarted (2 attempts; last: WorkerError: simulated restart failure)" in str(failed)
+    assert refused[0] == 503 and "could not be restarted" in refused[1]
+    assert health["executor_state"] == "broken" and "restart the service" in health["executor_error"]
+    assert types.count("executor_restart_failed") == 2 and "executor_broken" in types
+
+
+def test_a_policy_that_cannot_place_on_the_degraded_devices_triggers_a_rebuild_not_a_failure():
+    class WidePolicy:
+        """Only ever uses all four devices (as a fixed sp4 baseline would)."""
+        name = "wide"
+
+        def plan_round(self, view, cost):
+            from comfy_tetriserve.types import Assignment, RoundPlan
+            if view.busy_gpu_ids or len(view.gpu_ids) < 4:
+                return RoundPlan(view.round_index, 0.0, ())
+            snap = view.plannable[0]
+            return RoundPlan(view.round_index, 0.0, (Assignment((snap.request_id,), tuple(view.gpu_ids),
+                                                                min(5, snap.steps_left)),))
+
+    async def body():
+        app, executor = make_app(policy=WidePolicy(), rebuild_after_s=60.0)
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            a = await client.submit(job_body({"steps": 30}, res=512))
+            b = await client.submit(job_body({"steps": 30, "seed": 1}, res=512))
+            await wait_for(lambda: svc.engine.busy_gpu_ids, what="placement")
+            executor.fail_device(3)
+            return [await client.wait(j["job_id"]) for j in (a, b)], executor.num_restarts, svc.metrics.plan_errors_total
+
+    statuses, restarts, plan_errors = asyncio.run(body())
+    assert all(s["status"] == "finished" for s in statuses)
+    assert restarts == 1 and plan_errors == 0
