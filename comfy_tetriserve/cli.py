@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("comfy_tetriserve.sim.bench", "simulate the paper's evaluation and print SAR tables, plots and JSON"),
     "profile": ("comfy_tetriserve.engine.profile", "measure per-step times on this machine's devices"),
     "selfcheck": ("comfy_tetriserve.engine.selfcheck", "prove sequence-parallel steps equal single-device steps"),
+    "reliability": ("comfy_tetriserve.reliability.command",
+                    "fault, soak and hostile-input drills against a real service (CPU workers, tiny models)"),
 }
 
 

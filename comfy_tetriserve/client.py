@@ -195,6 +195,10 @@ class TetriServeClient:
     async def openapi(self) -> dict:
         return await self._request("GET", "/v1/openapi.json")
 
+    async def executor(self) -> dict:
+        """The devices' health: recovery state, faults, restarts, each worker (``GET /v1/executor``)."""
+        return await self._request("GET", "/v1/executor")
+
     async def metrics(self) -> str:
         return await self._request("GET", "/v1/metrics", want="text")
 

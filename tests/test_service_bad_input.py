@@ -187,3 +187,32 @@ def test_limits_per_tenant_and_overall_give_429():
             assert codes == [202, 202, 429, 202, 429]
 
     asyncio.run(body())
+
+
+def test_the_hostile_catalogue_is_refused_while_good_jobs_keep_finishing(tmp_path):
+    """Every case of reliability.hostile (broken safetensors, nesting bombs, path-like model names,
+    symlinks out of the model folder, protocol abuse, floods) against a live service, with a client
+    submitting good jobs all along (the same catalogue runs on real workers in test_reliability.py)."""
+    from types import SimpleNamespace
+
+    from comfy_tetriserve.reliability.hostile import CASES, run_hostile
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-flux.safetensors").write_bytes(b"a model file")
+    limits = {"max_open_jobs_per_tenant": 6, "max_leases_per_tenant": 4, "max_event_streams": 24,
+              "max_image_tokens": 1024}
+    settings = SimpleNamespace(max_body_mb=2.0, body_timeout_s=0.5)
+
+    async def body():
+        app, _ = make_service_app(time_scale=20.0, model_dir=(str(tmp_path / "models"),),
+                                  max_body_mb=settings.max_body_mb, body_timeout_s=settings.body_timeout_s, **limits)
+        async with running_service(app) as url:
+            return await run_hostile(url, {"flux": "flux-sim", "sd3": "sd3-sim"}, tmp_path, settings, limits,
+                                     timeout_s=120)
+
+    report = asyncio.run(body())
+    assert report.sent == len(CASES) >= 50
+    assert not report.failures, [(c.name, c.statuses, c.message) for c in report.failures]
+    assert report.refused == report.sent and report.requests > 200
+    assert report.good_jobs >= 3 and report.good_finished == report.good_jobs
+    assert report.service_alive

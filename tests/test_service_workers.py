@@ -432,7 +432,7 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes_from_its_last_round_exact
             while not any(e["type"] == "step" and e["step"] >= 9 for e in events):
                 await asyncio.sleep(0.002)
             waiting = await client.submit(encode_job(job_tensors("sd3", 4), waiting_settings))
-            before = (await client._request("GET", "/v1/executor"))["workers"]
+            before = (await client.executor())["workers"]
             os.kill(before[2]["pid"], signal.SIGKILL)
             t0 = time.monotonic()
             while h.svc.engine.healthy_gpu_ids == (0, 1, 2, 3) and time.monotonic() - t0 < 5:
@@ -441,7 +441,7 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes_from_its_last_round_exact
             final = await asyncio.wait_for(running_wait, 120)
             await client.wait(waiting["job_id"], timeout_s=60)
             out = [decode_result(await client.result(j["job_id"]))[0]["latent"] for j in (running, waiting)]
-            after = (await client._request("GET", "/v1/executor"))
+            after = await client.executor()
             return events, final, out, before, after, noticed_s
 
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..cost import CostModel
 from ..engine.engine import Engine
@@ -41,12 +42,39 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
                413: "payload_too_large", 415: "unsupported_media_type", 429: "too_many_requests"}
 
 
+class MalformedRequestLogFilter(logging.Filter):
+    """aiohttp logs every request it cannot parse (a giant header line, a TLS hello on the HTTP port)
+    as an ERROR with a traceback; a hostile client could fill the log that way. Such a request was
+    answered 400 already: log one INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "refused a malformed request: %s", (str(exc).splitlines()[0][:200],)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_log_filter() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestLogFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestLogFilter())
+
+
 def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message, "status": status}}, status=status)
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
+    response = await _answer(request, handler)
+    if response.status >= 400 and SERVICE in request.app:
+        request.app[SERVICE].metrics.on_http_error(response.status)
+    return response
+
+
+async def _answer(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except TetriServeError as exc:
@@ -69,6 +97,7 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
                cost: CostModel | None = None) -> web.Application:
     """The service as an aiohttp application (see the module docstring)."""
     config.validate()
+    install_log_filter()
     middlewares = [error_middleware] + ([token_middleware(config.token)] if config.token else [])
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
 

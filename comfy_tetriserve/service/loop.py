@@ -145,6 +145,11 @@ class EngineLoop:
         if not self.accepting:
             await self.executor.release(job.job_id)
             raise ServiceUnavailable("the service is shutting down")
+        try:  # again, with no await until the job is stored: concurrent submits cannot all pass the limits
+            self.store.check_capacity(job.tenant)
+        except TetriServeError:
+            await self.executor.release(job.job_id)
+            raise
         self.engine.submit(job.request)
         self.store.add(job)
         self.store.journal.accepted(job.job_id, job.tenant, job.settings.job_key)

@@ -84,6 +84,7 @@ class ServiceMetrics:
     drift: dict[tuple[str, int], DriftStat] = field(default_factory=lambda: defaultdict(DriftStat))
     jobs_requeued_total: int = 0  # jobs put back in the queue after a device fault
     jobs_lost_in_restart_total: int = 0  # jobs an earlier run accepted and never finished (from the journal)
+    http_errors: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # answers >= 400, by status
     _tenants: set[str] = field(default_factory=set)
 
     def label(self, tenant: str) -> str:
@@ -94,6 +95,9 @@ class ServiceMetrics:
             self._tenants.add(tenant)
             return tenant
         return OTHER_TENANT
+
+    def on_http_error(self, status: int) -> None:
+        self.http_errors[status] += 1
 
     def on_submit(self, tenant: str) -> None:
         self.jobs_submitted[self.label(tenant)] += 1
@@ -178,6 +182,9 @@ class ServiceMetrics:
                  [({"model": m, "sp_degree": k}, d.ratio) for (m, k), d in sorted(self.drift.items())])
         w.family("tetriserve_cost_model_drift_ratio", "gauge", "The cost model's own drift report.",
                  [({"key": key}, value) for key, value in sorted(cost_drift.items())])
+        w.family("tetriserve_http_errors_total", "counter",
+                 "Requests answered with an error, by status (4xx: refused input; counted even when the client left).",
+                 [({"status": st}, n) for st, n in sorted(self.http_errors.items())])
         w.family("tetriserve_jobs_held", "gauge", "Jobs the service holds (unfinished, or ended with the result kept).",
                  [({}, jobs_held)])
         w.family("tetriserve_jobs_requeued_total", "counter", "Jobs put back in the queue after a device fault.",

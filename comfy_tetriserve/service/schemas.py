@@ -40,6 +40,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 MAX_CFG = 100.0
 MAX_PRIORITY = 1000
+MAX_SCHEDULE_FACTOR = 10  # steps / denoise may reach this many times max_steps
 DEFAULT_FLUX_GUIDANCE = 3.5
 
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
@@ -109,6 +110,10 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     denoise = _number(s.get("denoise", 1.0), "denoise")
     if not 0.0 < denoise <= 1.0:
         raise InvalidRequest(f"denoise must be in (0, 1], got {denoise}")
+    if s.get("steps") is not None and denoise <= 0.9999 and s["steps"] / denoise > MAX_SCHEDULE_FACTOR * limits.max_steps:
+        # ComfyUI computes a schedule of steps / denoise steps and keeps the tail: bound its length
+        raise InvalidRequest(f"denoise {denoise:g} is too small for {s['steps']} steps: the full schedule would have "
+                             f"{s['steps'] / denoise:.3g} steps, more than {MAX_SCHEDULE_FACTOR * limits.max_steps}")
     if s.get("shift") is not None and not 0.0 < _number(s["shift"], "shift") <= 100.0:
         raise InvalidRequest("shift must be in (0, 100]")
     cfg = _number(s.get("cfg", 1.0), "cfg")

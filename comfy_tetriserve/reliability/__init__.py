@@ -1,0 +1,1 @@
+"""Reliability drills against a real service: worker faults, a soak, hostile input (``comfy-tetriserve reliability``)."""
