@@ -219,7 +219,8 @@ def test_a_policy_that_cannot_place_on_the_degraded_devices_triggers_a_rebuild_n
             b = await client.submit(job_body({"steps": 30, "seed": 1}, res=512))
             await wait_for(lambda: svc.engine.busy_gpu_ids, what="placement")
             executor.fail_device(3)
-            return [await client.wait(j["job_id"]) for j in (a, b)], executor.num_restarts, svc.metrics.plan_errors_total
+            statuses = [await client.wait(j["job_id"]) for j in (a, b)]
+            return statuses, executor.num_restarts, svc.metrics.plan_errors_total
 
     statuses, restarts, plan_errors = asyncio.run(body())
     assert all(s["status"] == "finished" for s in statuses)

@@ -418,7 +418,6 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes_from_its_last_round_exact
     """
     h.policy.round_steps = 4
     h.policy.wide_only = True
-    pool = h.svc.executor
     flux, sd3 = model_name("flux"), model_name("sd3")
     settings = {"model": flux, "steps": 40, "seed": 4}
     tensors = job_tensors("flux", 4)

@@ -45,8 +45,8 @@ LIMITS = {"max_open_jobs_per_tenant": 12, "max_leases_per_tenant": 6, "max_event
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="drills to run, in order")
-    parser.add_argument("--workers", type=int, default=2, help="CPU workers of the service (cpu:N)")
-    parser.add_argument("--soak-jobs", type=int, default=2000, help="jobs of the soak")
+    parser.add_argument("--workers", type=int, default=4, help="CPU workers of the service (cpu:N; CI uses 2)")
+    parser.add_argument("--soak-jobs", type=int, default=5000, help="jobs of the soak")
     parser.add_argument("--soak-clients", type=int, default=4, help="clients (tenants) of the soak")
     parser.add_argument("--concurrency", type=int, default=3, help="jobs each client keeps in flight")
     parser.add_argument("--check-every", type=int, default=10, help="compare every Nth soak job with the direct run")
@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase-timeout-s", type=float, default=1800.0, help="time limit of each phase")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the comparison with direct one-device sampling")
-    parser.add_argument("--workdir", type=Path, help="folder for models, logs and the journal (default: a temporary one)")
+    parser.add_argument("--workdir", type=Path,
+                        help="folder for models, logs and the journal (default: a temporary one)")
     parser.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="write the full report here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill timing")
 
@@ -155,7 +156,8 @@ def checks(report: dict, opts: Options) -> dict[str, tuple[bool, str]]:
                                          f"{f['faults_injected']} of {opts.fault_kills} asked")
         out["faults: pool rebuilt after each kill"] = (
             all(k.get("recovered_s") is not None for k in f["kills"]) and f["pool_restarts"] >= f["faults_injected"],
-            f"{f['pool_restarts']} rebuilds; slowest {f['recovered_max_s']:.1f} s, noticed within {f['noticed_max_s']:.2f} s")
+            f"{f['pool_restarts']} rebuilds; slowest {f['recovered_max_s']:.1f} s, "
+            f"noticed within {f['noticed_max_s']:.2f} s")
         if opts.reference:
             out["faults: results equal the direct run"] = (
                 f["checked_vs_direct"] == f["jobs_finished"] and f["max_rel_err"] <= 1e-5,
@@ -163,8 +165,10 @@ def checks(report: dict, opts: Options) -> dict[str, tuple[bool, str]]:
         if f["poison"] is not None:
             p = f["poison"]
             out["faults: poison job fails with its reason"] = (
-                p["failed_with_reason"] and p["kills"] == opts.max_job_faults and p["bystanders_finished"] == p["bystanders"],
-                f"{p['status']} after {p['kills']} kills; {p['bystanders_finished']}/{p['bystanders']} bystanders finished")
+                p["failed_with_reason"] and p["kills"] == opts.max_job_faults
+                and p["bystanders_finished"] == p["bystanders"],
+                f"{p['status']} after {p['kills']} kills; "
+                f"{p['bystanders_finished']}/{p['bystanders']} bystanders finished")
     if "soak" in report:
         s = report["soak"]
         out["soak: every job ended as asked"] = (not s["not_as_asked"] and s["jobs_ended"] == opts.soak_jobs,
@@ -207,7 +211,8 @@ def summary(report: dict) -> str:
         s = report["soak"]
         growth = "n/a" if s["rss_growth"] is None else f"{s['rss_growth'] * 100:+.1f} %"
         lines.append(f"  soak     : {s['jobs_submitted']} jobs submitted / {s['jobs_ended']} ended "
-                     f"({s['finished']} finished, {s['cancelled_as_asked']} cancelled as asked) in {s['duration_s']:.0f} s")
+                     f"({s['finished']} finished, {s['cancelled_as_asked']} cancelled as asked) "
+                     f"in {s['duration_s']:.0f} s")
         lines.append(f"  memory   : RSS {s['rss_early_mb'] or 0:.0f} -> {s['rss_late_mb'] or 0:.0f} MiB ({growth}), "
                      f"{s['jobs_held_after']} jobs held after expiry")
     if "hostile" in report:

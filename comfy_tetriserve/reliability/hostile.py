@@ -226,7 +226,8 @@ submit_case("model ../../etc/passwd", 400, "..")(lambda c: c.body({"model": "../
 submit_case("model /etc/passwd", 400, "absolute")(lambda c: c.body({"model": "/etc/passwd"}))
 submit_case("model C:\\Windows\\win.ini", 400, "backslash")(lambda c: c.body({"model": "C:\\Windows\\win.ini"}))
 submit_case("model with a NUL byte", 400, "control")(lambda c: c.body({"model": "tiny-flux.safetensors\0.txt"}))
-submit_case("model random:flux-dev (a loader spec)", 404, "unknown model")(lambda c: c.body({"model": "random:flux-dev"}))
+submit_case("model random:flux-dev (a loader spec)", 404, "unknown model")(
+    lambda c: c.body({"model": "random:flux-dev"}))
 submit_case("model ~/.ssh/id_rsa", 404, "unknown model")(lambda c: c.body({"model": "~/.ssh/id_rsa"}))
 
 
@@ -274,7 +275,8 @@ async def _long_id(ctx: Ctx) -> Refusal:
 
 @case("events after a negative sequence number")
 async def _bad_after(ctx: Ctx) -> Refusal:
-    return expect("events after a negative sequence number", await send(ctx, "GET", "/v1/events?after=-5"), 400, "after")
+    got = await send(ctx, "GET", "/v1/events?after=-5")
+    return expect("events after a negative sequence number", got, 400, "after")
 
 
 @case("board window of NaN seconds")
@@ -494,7 +496,8 @@ async def run_hostile(url: str, models: dict[str, str], workdir: Path, settings,
             while not stop.is_set() or i < 3:
                 spec = make_spec(700_000 + i, models, steps=(3, 6), resolutions=(16, 32), dims=dims)
                 good.append(spec)
-                out = await run_job(client, spec, "fetch", tenant="good", timeout_s=max(t0 + timeout_s - time.monotonic(), 5))
+                out = await run_job(client, spec, "fetch", tenant="good",
+                                    timeout_s=max(t0 + timeout_s - time.monotonic(), 5))
                 if out.status == "finished":
                     finished.append(out.job_id)
                 i += 1

@@ -208,6 +208,7 @@ class SoakReport:
     rss_late_mb: float | None = None
     rss_max_mb: float | None = None
     rss_growth: float | None = None
+    rss_profile_mb: list[float | None] = field(default_factory=list)  # median RSS per tenth of the jobs ended
     jobs_held_after: int | None = None
     duration_s: float = 0.0
 
@@ -254,7 +255,8 @@ async def soak(svc: ServiceProcess, reference: Reference | None, models: dict[st
                 out = await run_vanishing(client, spec, tenant=tenant)
                 vanished.append(out)
             else:
-                keep = reference is not None and action == "fetch" and (index % check_every == 0 or index % 10 in (4, 9))
+                keep = reference is not None and action == "fetch" and (
+                    index % check_every == 0 or index % 10 in (4, 9))
                 out = await run_job(client, spec, action, tenant=tenant, timeout_s=max(deadline - time.monotonic(), 1),
                                     keep_latent=keep)
                 outcomes.append(out)
@@ -299,6 +301,9 @@ async def soak(svc: ServiceProcess, reference: Reference | None, models: dict[st
         report.rss_growth = late / early - 1.0
     if sampler.samples:
         report.rss_max_mb = max(rss for *_, rss in sampler.samples) / mb
+        for tenth in range(10):
+            rss = sampler.plateau(tenth / 10, (tenth + 1) / 10, num_jobs)
+            report.rss_profile_mb.append(None if rss is None else round(rss / mb, 1))
     return report
 
 

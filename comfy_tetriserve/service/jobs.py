@@ -27,7 +27,7 @@ from .journal import JobJournal
 from .schemas import JobSettings
 from .settings import ServiceConfig
 
-MAX_TOMBSTONES = 100_000
+MAX_TOMBSTONES = 20_000  # forgotten jobs that still answer 410 (about 3 MB)
 MAX_LEASES = 10_000
 
 

@@ -195,7 +195,8 @@ class ServiceMetrics:
         if recovery is not None:
             w.family("tetriserve_executor_state", "gauge", "The executor's recovery state (1 for the current one).",
                      [({"state": st}, int(recovery["state"] == st)) for st in RECOVERY_STATES])
-            w.family("tetriserve_worker_faults_total", "counter", "Device faults (workers that died or ran out of memory).",
+            w.family("tetriserve_worker_faults_total", "counter",
+                     "Device faults (workers that died or ran out of memory).",
                      [({}, recovery["num_faults"])])
             w.family("tetriserve_pool_restarts_total", "counter", "Times the worker pool was rebuilt.",
                      [({}, recovery["num_restarts"])])

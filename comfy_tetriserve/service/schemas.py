@@ -110,7 +110,8 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     denoise = _number(s.get("denoise", 1.0), "denoise")
     if not 0.0 < denoise <= 1.0:
         raise InvalidRequest(f"denoise must be in (0, 1], got {denoise}")
-    if s.get("steps") is not None and denoise <= 0.9999 and s["steps"] / denoise > MAX_SCHEDULE_FACTOR * limits.max_steps:
+    longest = MAX_SCHEDULE_FACTOR * limits.max_steps
+    if s.get("steps") is not None and denoise <= 0.9999 and s["steps"] / denoise > longest:
         # ComfyUI computes a schedule of steps / denoise steps and keeps the tail: bound its length
         raise InvalidRequest(f"denoise {denoise:g} is too small for {s['steps']} steps: the full schedule would have "
                              f"{s['steps'] / denoise:.3g} steps, more than {MAX_SCHEDULE_FACTOR * limits.max_steps}")
