@@ -206,7 +206,9 @@ def summary(report: dict) -> str:
                      f"{f['resumed_from_steps']}, {f['pool_restarts']} pool rebuilds)")
         if f["poison"]:
             p = f["poison"]
-            lines.append(f"  poison   : {p['status']} after {p['kills']} kills: {p['error'][:110]}")
+            lines.append(f"  poison   : {p['status']} after {p['kills']} kills, "
+                         f"{p['bystanders_finished']}/{p['bystanders']} bystanders finished; the job's error:")
+            lines.append(f"             {p['error']}")
     if "soak" in report:
         s = report["soak"]
         growth = "n/a" if s["rss_growth"] is None else f"{s['rss_growth'] * 100:+.1f} %"
