@@ -225,3 +225,25 @@ def test_a_policy_that_cannot_place_on_the_degraded_devices_triggers_a_rebuild_n
     statuses, restarts, plan_errors = asyncio.run(body())
     assert all(s["status"] == "finished" for s in statuses)
     assert restarts == 1 and plan_errors == 0
+
+
+def test_a_hung_device_is_found_by_the_stall_watchdog_and_its_job_resumes():
+    async def body():
+        app, executor = make_app(stall_timeout_s=0.3, rebuild_after_s=0.0)
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            job = await client.submit(job_body({"steps": 40}, res=512))
+            await wait_for(lambda: svc.store.jobs[job["job_id"]].steps_done >= 6, what="steps")
+            gpu = svc.store.jobs[job["job_id"]].gpu_ids[0]
+            executor.stalled.add(gpu)  # alive, but makes no progress: no sentinel would ever fire
+            events = []
+            status = await client.wait(job["job_id"], on_event=events.append, timeout_s=20)
+            stalled = [e for e in svc.hub.after(0) if e["type"] == "executor_stalled"]
+        return status, events, stalled, executor.num_restarts
+
+    status, events, stalled, restarts = asyncio.run(body())
+    assert status["status"] == "finished" and status["num_faults"] == 1
+    assert "completed no step for" in status["last_fault"] and "hung" in status["last_fault"]
+    requeued = [e for e in events if e["type"] == "requeued"]
+    assert len(requeued) == 1 and requeued[0]["steps_done"] == 5  # its last completed round (rounds of 5)
+    assert len(stalled) == 1 and restarts == 1

@@ -94,6 +94,8 @@ class SimulatedExecutor:
         self.dead: dict[int, str] = {}
         #: restarts still to fail (drills of a pool that cannot come back)
         self.fail_restarts = 0
+        #: devices that hang: assignments on them make no progress until they are killed
+        self.stalled: set[int] = set()
         self.num_restarts = 0
         self.on_fault: Callable[[WorkerFault], None] | None = None
         #: (request_ids, gpu_ids, num_steps) of recent assignments (the last 10000), for tests and the demo
@@ -134,6 +136,12 @@ class SimulatedExecutor:
         if self.on_fault is not None:
             self.on_fault(WorkerFault(gpu_ids=(gpu_id,), reason=reason, request_ids=tuple(hit)))
 
+    def kill_workers(self, gpu_ids, reason: str) -> None:
+        """As the worker pool's: the devices die (``fail_device``) with ``reason``."""
+        for g in gpu_ids:
+            if g not in self.dead:
+                self.fail_device(g, f"simulated device {g} killed ({reason})")
+
     async def restart(self) -> None:
         self._restarting = True
         try:
@@ -142,6 +150,7 @@ class SimulatedExecutor:
                 self.fail_restarts -= 1
                 raise WorkerError("simulated restart failure")
             self.dead.clear()
+            self.stalled.clear()
             self.num_restarts += 1
         finally:
             self._restarting = False
@@ -212,6 +221,9 @@ class SimulatedExecutor:
                 # takes effect at the next step boundary, as on real workers.
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(lost_flag.wait(), max(started_at + (len(step_times) + 1) * step_s - t0, 0.0))
+                while self.stalled.intersection(assignment.gpu_ids) and ids not in self._lost:  # hangs
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(lost_flag.wait(), 0.05)
                 if ids in self._lost:
                     break
                 measured = self._clock() - t0

@@ -653,6 +653,16 @@ class WorkerPool:
                     except OSError:  # a dead worker's assignment ends with an error anyway
                         pass
 
+    def kill_workers(self, ranks, reason: str) -> None:
+        """Kill these workers (SIGKILL) because of ``reason`` (e.g. they hang); their deaths follow as usual."""
+        for rank in ranks:
+            if rank < len(self._procs) and self._procs[rank].is_alive() and rank not in self.dead:
+                self._last_words[rank] = reason
+                try:
+                    os.kill(self._procs[rank].pid, signal.SIGKILL)
+                except ProcessLookupError:  # gone meanwhile: its sentinel reports it
+                    pass
+
     async def inject_fault(self, rank: int, kind: str) -> None:
         """Fault drills: worker ``rank`` fails its next step with ``kind`` "oom" (out of memory) or
         "cuda" (an unrecoverable device error, after which it exits)."""

@@ -10,9 +10,10 @@ Starts ``comfy-tetriserve serve`` on a free loopback port with CPU workers and t
   (RSS) between an early plateau (20-30 % of the jobs ended) and a late one (90-100 %) must grow
   by less than ``--max-rss-growth``; afterwards the service must hold no job.
 - **hostile**: every case of ``hostile.CASES`` while a client keeps submitting good jobs.
-- **faults**: at least ``--fault-jobs`` jobs while ``--fault-kills`` workers are killed (SIGKILL,
-  SIGTERM) under running assignments, one after another once the pool is whole again; every
-  job must finish with the direct run's result. Then a poison job that takes its worker down
+- **faults**: at least ``--fault-jobs`` jobs while ``--fault-kills`` workers are taken down under
+  running assignments (SIGKILL, SIGTERM, and SIGSTOP: a hang the service's stall watchdog must
+  find), one after another once the pool is whole again; every job must finish with the direct
+  run's result. Then a poison job that takes its worker down
   each time it runs must fail with the reason after ``--max-job-faults`` kills, while bystanders
   finish.
 
@@ -156,8 +157,8 @@ def checks(report: dict, opts: Options) -> dict[str, tuple[bool, str]]:
                                          f"{f['faults_injected']} of {opts.fault_kills} asked")
         out["faults: pool rebuilt after each kill"] = (
             all(k.get("recovered_s") is not None for k in f["kills"]) and f["pool_restarts"] >= f["faults_injected"],
-            f"{f['pool_restarts']} rebuilds; slowest {f['recovered_max_s']:.1f} s, "
-            f"noticed within {f['noticed_max_s']:.2f} s")
+            f"{f['pool_restarts']} rebuilds; slowest {f['recovered_max_s']:.1f} s; deaths noticed within "
+            f"{f['noticed_max_s']:.2f} s, hangs within {f['hang_noticed_max_s']:.1f} s")
         if opts.reference:
             out["faults: results equal the direct run"] = (
                 f["checked_vs_direct"] == f["jobs_finished"] and f["max_rel_err"] <= 1e-5,

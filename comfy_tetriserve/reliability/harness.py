@@ -67,6 +67,7 @@ class ServiceSettings:
     max_body_mb: float = 8.0
     body_timeout_s: float = 2.0
     lease_s: float = 30.0
+    stall_timeout_s: float = 3.0  # the drill's hung workers (SIGSTOP) are found after this long
     extra: tuple[str, ...] = ()
 
 
@@ -104,7 +105,8 @@ class ServiceProcess:
                 "--result-ttl-s", str(s.result_ttl_s), "--fetched-ttl-s", str(s.fetched_ttl_s),
                 "--max-job-faults", str(s.max_job_faults), "--rebuild-after-s", str(s.rebuild_after_s),
                 "--max-body-mb", str(s.max_body_mb), "--body-timeout-s", str(s.body_timeout_s),
-                "--lease-s", str(s.lease_s), "--journal", str(self.workdir / "journal.jsonl"), *s.extra]
+                "--lease-s", str(s.lease_s), "--stall-timeout-s", str(s.stall_timeout_s),
+                "--journal", str(self.workdir / "journal.jsonl"), *s.extra]
 
     def start(self) -> "ServiceProcess":
         paths = prepare_models(self.workdir / "models")

@@ -29,8 +29,9 @@ from .reference import REL_TOL, JobSpec, Reference, make_spec, rel_err
 
 log = logging.getLogger(__name__)
 
-#: how the drill kills workers: the OOM killer's SIGKILL and a plain SIGTERM (no core-dumping signals)
-KILL_SIGNALS = (signal.SIGKILL, signal.SIGTERM)
+#: how the drill takes workers down: the OOM killer's SIGKILL, a plain SIGTERM, and SIGSTOP (a hang: the
+#: process lives on, stuck, until the service's stall watchdog kills it). No core-dumping signals.
+KILL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP)
 
 
 @dataclass
@@ -321,7 +322,8 @@ class FaultReport:
     checked_vs_direct: int = 0
     max_rel_err: float = 0.0
     pool_restarts: int = 0
-    noticed_max_s: float = 0.0
+    noticed_max_s: float = 0.0  # deaths (SIGKILL, SIGTERM): seen by the process sentinel
+    hang_noticed_max_s: float = 0.0  # hangs (SIGSTOP): seen by the stall watchdog
     recovered_max_s: float = 0.0
     poison: dict | None = None
     duration_s: float = 0.0
@@ -436,7 +438,9 @@ async def faults(svc: ServiceProcess, reference: Reference | None, models: dict[
     report.jobs_lost = len(report.lost)
     report.jobs_requeued = sum(o.num_requeued for o in outcomes)
     report.resumed_from_steps = sorted(step for o in outcomes for step in o.resumed_from)
-    report.noticed_max_s = max((k["noticed_s"] or float("inf") for k in report.kills), default=0.0)
+    noticed = [(k["signal"], k["noticed_s"] if k["noticed_s"] is not None else float("inf")) for k in report.kills]
+    report.noticed_max_s = max((t for sig, t in noticed if sig != "SIGSTOP"), default=0.0)
+    report.hang_noticed_max_s = max((t for sig, t in noticed if sig == "SIGSTOP"), default=0.0)
     report.recovered_max_s = max((k["recovered_s"] or float("inf") for k in report.kills), default=0.0)
     if reference is not None:
         for o in outcomes:

@@ -67,6 +67,8 @@ class EngineLoop:
         self._stopping = False
         self._closed = False
         self.recovery = ExecutorRecovery(executor, engine, config, clock, hub, self.wake, self._stop_inflight)
+        self._progress_at: dict[tuple[str, ...], float] = {}  # in-flight assignment -> its last step (or start)
+        self._stalled: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -269,6 +271,7 @@ class EngineLoop:
         started_at = self.clock.now()
         start_steps = self.engine.state(a.request_ids[0]).steps_done
         counted = True  # the fault counts against the jobs (they were on the devices)
+        self._progress_at[a.request_ids] = started_at
         try:
             result = await self.executor.execute(a, self._on_step)
         except DevicesUnavailable as exc:  # planned on a device that failed a moment ago: nothing ran
@@ -281,6 +284,8 @@ class EngineLoop:
                                       error=f"executor error: {type(exc).__name__}: {exc}")
         finally:
             self._flight.pop(a.request_ids, None)
+            self._progress_at.pop(a.request_ids, None)
+            self._stalled.discard(a.request_ids)
         if result.lost:
             self._requeue(a, result, counted)
         else:
@@ -291,6 +296,9 @@ class EngineLoop:
         job = self.store.jobs.get(request_id)
         if job is None or job.status.is_terminal:
             return
+        for ids in self._progress_at:
+            if request_id in ids:
+                self._progress_at[ids] = self.clock.now()
         job.steps_done = step_index
         self._emit(job, "step", step=step_index, num_steps=job.request.num_steps, step_s=step_s)
 
@@ -401,8 +409,27 @@ class EngineLoop:
             await asyncio.sleep(self.config.housekeeping_s)
             try:
                 await self.expire(self.clock.now())
+                self.check_stalls(self.clock.now())
             except Exception:  # noqa: BLE001
                 log.exception("housekeeping failed")
+
+    def check_stalls(self, now: float) -> None:
+        """Kill the workers of an assignment that completed no step for ``stall_timeout_s`` (a hang:
+        a process that is alive but stuck, which no sentinel reports); its jobs then resume elsewhere."""
+        limit = self.config.stall_timeout_s
+        kill = getattr(self.executor, "kill_workers", None)
+        if not limit or kill is None:
+            return
+        for a in self.engine.inflight():
+            since = self._progress_at.get(a.request_ids)
+            if since is None or a.request_ids in self._stalled or now - since < limit:
+                continue
+            self._stalled.add(a.request_ids)
+            reason = f"the assignment on devices {list(a.gpu_ids)} completed no step for {now - since:.0f} s (hung)"
+            log.error("%s; killing its workers", reason)
+            self.hub.append({"type": "executor_stalled", "gpu_ids": list(a.gpu_ids), "job_ids": list(a.request_ids),
+                             "error": reason})
+            kill(a.gpu_ids, reason)
 
     async def expire(self, now: float) -> None:
         for lease in self.store.expired_leases(now):

@@ -70,7 +70,7 @@ SCHEMAS: dict = {
             "type": {"enum": ["ping", "queued", "placed", "step", "waiting", "requeued", "cancelling", "finished",
                               "failed", "cancelled", "model_loading", "model_loaded", "model_failed", "lease_expired",
                               "service_stopping", "executor_fault", "executor_draining", "executor_restarting",
-                              "executor_restarted", "executor_restart_failed", "executor_broken",
+                              "executor_restarted", "executor_restart_failed", "executor_broken", "executor_stalled",
                               "jobs_lost_in_restart"]},
             "seq": {"type": "integer"}, "at": {"type": "number"}, "job_id": {"type": "string"},
             "gpu_ids": {"type": "array", "items": {"type": "integer"}}, "sp_degree": {"type": "integer"},

@@ -25,7 +25,8 @@ a GPU box (weights reloaded), during which nothing runs. So the service degrades
    and new submits get 503.
 
 Events on the service stream: ``executor_fault``, ``executor_draining``, ``executor_restarting``,
-``executor_restarted``, ``executor_restart_failed``, ``executor_broken``.
+``executor_restarted``, ``executor_restart_failed``, ``executor_broken`` (and, from the loop's stall
+watchdog, ``executor_stalled``: a hung assignment whose workers it killed).
 """
 from __future__ import annotations
 

@@ -54,6 +54,9 @@ class ServiceConfig:
         3, help="a job that was on the devices when workers failed this many times fails (a poison job cannot take "
                 "the box down forever); before that it resumes from its last completed round")
     max_restart_attempts: int = field(5, help="failed pool rebuilds in a row before the service gives up (503)")
+    stall_timeout_s: float = field(
+        600.0, help="an assignment that completes no step for this long is hung: its workers are killed and its "
+                    "jobs resume elsewhere (0: never)")
     restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
     journal: str = field(
         "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
@@ -85,8 +88,9 @@ class ServiceConfig:
                      "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
-        if not self.rebuild_after_s >= 0:
-            raise InvalidRequest("rebuild_after_s must be >= 0")
+        for name in ("rebuild_after_s", "stall_timeout_s"):
+            if not getattr(self, name) >= 0:
+                raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",
                      "max_image_tokens", "max_text_tokens", "max_leases_per_tenant", "max_event_streams",
                      "max_job_faults", "max_restart_attempts"):
