@@ -1,7 +1,8 @@
 """``comfy-tetriserve reliability`` at CI size: a real service (2 CPU workers, tiny FLUX and SD3),
-500 soak jobs with flat memory, every hostile input refused while good jobs finish, at least 3
-worker kills during at least 50 jobs with none lost (results equal to direct sampling), and a
-poison job that fails with its reason. The full-size run is in docs/reliability.md."""
+500 soak jobs with flat memory, every hostile input refused while good jobs finish, the service
+killed under 8 jobs (every client told, every resubmit finished), at least 3 worker faults during
+at least 50 jobs with none lost (results equal to direct sampling), and a poison job that fails with
+its reason. The full-size run is in docs/reliability.md."""
 from __future__ import annotations
 
 import json
@@ -42,12 +43,17 @@ def test_ci_size_drills_pass_with_nothing_lost(tmp_path, capsys):
     assert soak["checked_vs_direct"] >= 40 and soak["max_rel_err"] <= 1e-5
     assert soak["determinism_pairs"] >= 20 and soak["determinism_max_rel_err"] <= 1e-5
 
+    restart = report["restart"]
+    assert restart["unfinished_at_kill"] >= 1 and not restart["silent"]
+    assert restart["told_lost"] == restart["lost_counted"] == restart["resubmitted"] >= 1
+    assert restart["finished"] == restart["jobs_submitted"] == 8
+
     hostile = report["hostile"]
     assert hostile["sent"] == len(CASES) >= 30 and hostile["refused"] == hostile["sent"]
     assert hostile["good_finished"] == hostile["good_jobs"] > 0 and hostile["service_alive"]
     assert report["service"]["exit_code"] == 0
 
-    for line in ("workers killed / 0 jobs lost", "500 jobs submitted / 500 ended",
+    for line in ("workers killed / 0 jobs lost", "500 jobs submitted / 500 ended", "8/8 finished after resubmitting",
                  f"{len(CASES)} sent / {len(CASES)} refused", "PASS"):
         assert line in printed, (line, printed)
 

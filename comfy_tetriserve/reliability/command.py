@@ -10,6 +10,9 @@ Starts ``comfy-tetriserve serve`` on a free loopback port with CPU workers and t
   (RSS) between an early plateau (20-30 % of the jobs ended) and a late one (90-100 %) must grow
   by less than ``--max-rss-growth``; afterwards the service must hold no job.
 - **hostile**: every case of ``hostile.CASES`` while a client keeps submitting good jobs.
+- **restart**: ``--restart-jobs`` jobs in flight when the service is killed (SIGKILL) and started
+  again on the same port and journal: every client must hear that its job was lost (the new run's
+  journal), and its resubmit under the same job key must finish.
 - **faults**: at least ``--fault-jobs`` jobs while ``--fault-kills`` workers are taken down under
   running assignments (SIGKILL, SIGTERM, and SIGSTOP: a hang the service's stall watchdog must
   find), one after another once the pool is whole again; every job must finish with the direct
@@ -39,7 +42,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PHASES = ("soak", "hostile", "faults")
+PHASES = ("soak", "hostile", "restart", "faults")
 LIMITS = {"max_open_jobs_per_tenant": 12, "max_leases_per_tenant": 6, "max_event_streams": 64,
           "max_image_tokens": 4096}
 
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fault-jobs", type=int, default=200, help="jobs of the fault drill (at least)")
     parser.add_argument("--fault-kills", type=int, default=10, help="workers killed during the fault drill")
     parser.add_argument("--no-poison", dest="poison", action="store_false", help="skip the poison-job drill")
+    parser.add_argument("--restart-jobs", type=int, default=8, help="jobs in flight when the service is killed")
     parser.add_argument("--max-job-faults", type=int, default=2, help="the service's --max-job-faults")
     parser.add_argument("--rebuild-after-s", type=float, default=5.0, help="the service's --rebuild-after-s")
     parser.add_argument("--phase-timeout-s", type=float, default=1800.0, help="time limit of each phase")
@@ -80,6 +84,7 @@ class Options:
     fault_jobs: int = 50
     fault_kills: int = 3
     poison: bool = True
+    restart_jobs: int = 8
     max_job_faults: int = 2
     rebuild_after_s: float = 5.0
     phase_timeout_s: float = 1800.0
@@ -100,7 +105,7 @@ async def run_drills(opts: Options) -> dict:
     from .harness import ServiceProcess, ServiceSettings
     from .hostile import run_hostile
     from .reference import Reference
-    from .workload import faults, soak
+    from .workload import faults, restart_drill, soak
 
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="tetriserve-reliability-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +132,9 @@ async def run_drills(opts: Options) -> dict:
             elif phase == "hostile":
                 r = await run_hostile(svc.url, families, workdir, settings, LIMITS, timeout_s=opts.phase_timeout_s)
                 report["hostile"] = {**dataclasses.asdict(r), "failures": [c.name for c in r.failures]}
+            elif phase == "restart":
+                r = await restart_drill(svc, families, num_jobs=opts.restart_jobs, timeout_s=opts.phase_timeout_s)
+                report["restart"] = dataclasses.asdict(r)
             elif phase == "faults":
                 r = await faults(svc, reference, families, min_jobs=opts.fault_jobs, num_kills=opts.fault_kills,
                                  num_clients=3, concurrency=opts.concurrency, max_jobs=max(opts.fault_jobs * 4, 200),
@@ -185,6 +193,13 @@ def checks(report: dict, opts: Options) -> dict[str, tuple[bool, str]]:
                 and s["determinism_max_rel_err"] <= 1e-5,
                 f"{s['checked_vs_direct']} vs direct (max {s['max_rel_err']:.1e}), {s['determinism_pairs']} "
                 f"repeated pairs (max {s['determinism_max_rel_err']:.1e})")
+    if "restart" in report:
+        r = report["restart"]
+        out["restart: every client told, every resubmit finished"] = (
+            not r["silent"] and r["finished"] == r["jobs_submitted"] == opts.restart_jobs
+            and r["told_lost"] == r["resubmitted"] == r["lost_counted"] and r["told_lost"] >= 1,
+            f"{r['unfinished_at_kill']} unfinished at the kill, {r['told_lost']} told lost, "
+            f"{r['lost_counted']} counted by the new run, {r['finished']}/{r['jobs_submitted']} finished")
     if "hostile" in report:
         h = report["hostile"]
         out["hostile: every bad input refused"] = (h["refused"] == h["sent"] and not h["failures"],
@@ -200,16 +215,6 @@ def checks(report: dict, opts: Options) -> dict[str, tuple[bool, str]]:
 
 def summary(report: dict) -> str:
     lines = ["comfy-tetriserve reliability"]
-    if "faults" in report:
-        f = report["faults"]
-        lines.append(f"  faults   : {f['faults_injected']} workers killed / {f['jobs_lost']} jobs lost "
-                     f"({f['jobs_submitted']} jobs, {f['jobs_requeued']} resumed from a checkpoint at steps "
-                     f"{f['resumed_from_steps']}, {f['pool_restarts']} pool rebuilds)")
-        if f["poison"]:
-            p = f["poison"]
-            lines.append(f"  poison   : {p['status']} after {p['kills']} kills, "
-                         f"{p['bystanders_finished']}/{p['bystanders']} bystanders finished; the job's error:")
-            lines.append(f"             {p['error']}")
     if "soak" in report:
         s = report["soak"]
         growth = "n/a" if s["rss_growth"] is None else f"{s['rss_growth'] * 100:+.1f} %"
@@ -223,6 +228,21 @@ def summary(report: dict) -> str:
         lines.append(f"  bad input: {h['sent']} sent / {h['refused']} refused ({h['requests']} requests); "
                      f"{h['good_finished']}/{h['good_jobs']} good jobs finished meanwhile; "
                      f"service {'alive' if h['service_alive'] else 'DOWN'}")
+    if "restart" in report:
+        r = report["restart"]
+        lines.append(f"  restart  : service killed with {r['unfinished_at_kill']} jobs unfinished / "
+                     f"{r['told_lost']} clients told their job was lost, {r['finished']}/{r['jobs_submitted']} "
+                     f"finished after resubmitting; back in {r['down_s']:.1f} s")
+    if "faults" in report:
+        f = report["faults"]
+        lines.append(f"  faults   : {f['faults_injected']} workers killed / {f['jobs_lost']} jobs lost "
+                     f"({f['jobs_submitted']} jobs, {f['jobs_requeued']} resumed from a checkpoint at steps "
+                     f"{f['resumed_from_steps']}, {f['pool_restarts']} pool rebuilds)")
+        if f["poison"]:
+            p = f["poison"]
+            lines.append(f"  poison   : {p['status']} after {p['kills']} kills, "
+                         f"{p['bystanders_finished']}/{p['bystanders']} bystanders finished; the job's error:")
+            lines.append(f"             {p['error']}")
     for name, (ok, what) in report["checks"].items():
         lines.append(f"  [{'ok' if ok else 'FAIL'}] {name}: {what}")
     lines.append(f"  {'PASS' if report['verdict'] else 'FAIL'} in {report['duration_s']:.0f} s")

@@ -152,6 +152,12 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL the service process alone, as a crash would (its workers leave when their pipes close)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """Graceful stop (SIGINT), then kill if it does not end in time. Returns the exit code."""
         if self.proc is None:

@@ -77,14 +77,15 @@ async def wait_job(client: TetriServeClient, job_id: str, on_event: Callable[[di
 
 async def submit_retrying(client: TetriServeClient, body: bytes, job_key: str, lease: str | None = None,
                           timeout_s: float = 60.0) -> dict:
-    """Submit; a 429 (the service is full) is retried after a pause, as a well-behaved client does."""
+    """Submit; a 429 (the service is full) or a 409 for a model still loading (a service that has just
+    started) is retried after a pause, as a well-behaved client does."""
     deadline = time.monotonic() + timeout_s
     pause = 0.05
     while True:
         try:
             return await client.submit(body, job_key=job_key, lease=lease)
-        except TooManyRequests:
-            if time.monotonic() > deadline:
+        except (TooManyRequests, Conflict) as exc:
+            if time.monotonic() > deadline or (isinstance(exc, Conflict) and "loading" not in str(exc)):
                 raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
@@ -493,3 +494,77 @@ async def poison_drill(control: TetriServeClient, client: TetriServeClient, mode
             "failed_with_reason": "times" in error and "--max-job-faults" in error,
             "bystanders_finished": sum(1 for o in bystanders if o.status == "finished"),
             "bystanders": len(bystanders)}
+
+
+# ------------------------------------------------------------------------------ a killed service
+@dataclass
+class RestartReport:
+    jobs_submitted: int = 0
+    unfinished_at_kill: int = 0
+    told_lost: int = 0  # clients that heard "lost in a restart" (ServiceRestarted with the journal's words)
+    resubmitted: int = 0
+    finished: int = 0
+    silent: list[str] = field(default_factory=list)  # jobs whose client heard nothing clear
+    lost_counted: int | None = None  # the new run's tetriserve_jobs_lost_in_restart_total
+    down_s: float = 0.0
+    duration_s: float = 0.0
+
+
+async def restart_drill(svc: ServiceProcess, models: dict[str, str], *, num_jobs: int, timeout_s: float) -> RestartReport:
+    """Kill the service (SIGKILL) with jobs in flight, start it again on the same port and journal:
+    every client must hear that its job was lost, and its resubmit under the same key must finish."""
+    from ..client import ServiceRestarted
+    from ..errors import ServiceUnavailable
+
+    report = RestartReport()
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    accepted: list[str] = []
+
+    async def one(i: int) -> None:
+        spec = make_spec(800_000 + i, models, steps=(300, 400), resolutions=(48, 64))
+        key = f"restart-{i}-{uuid.uuid4().hex[:6]}"
+        body = spec.body(job_key=key)
+        async with TetriServeClient(svc.url, timeout_s=30, retries=2, backoff_s=0.2) as client:
+            receipt = await submit_retrying(client, body, key)
+            accepted.append(receipt["job_id"])
+            report.jobs_submitted += 1
+            job_id, resubmitted = receipt["job_id"], False
+            while time.monotonic() < deadline:
+                try:
+                    await client.wait(job_id, timeout_s=max(deadline - time.monotonic(), 1))
+                    report.finished += 1
+                    report.resubmitted += resubmitted
+                    return
+                except ServiceRestarted as exc:
+                    if "lost" in str(exc) and not resubmitted:
+                        report.told_lost += 1
+                        job_id, resubmitted = (await submit_retrying(client, body, key))["job_id"], True
+                    else:
+                        report.silent.append(f"{job_id}: {exc}")
+                        return
+                except ServiceUnavailable:
+                    await asyncio.sleep(0.5)  # the service is away: ask again when it is back
+                except (JobFailed, JobCancelled) as exc:
+                    report.silent.append(f"{job_id}: {exc}")
+                    return
+            report.silent.append(f"{job_id}: no answer within the time limit")
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(num_jobs)]
+    async with TetriServeClient(svc.url, timeout_s=30) as control:
+        while len(accepted) < num_jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # some steps run
+        statuses = [await control.status(j) for j in accepted]
+        report.unfinished_at_kill = sum(1 for s in statuses if s["status"] not in ("finished", "failed", "cancelled"))
+    t_kill = time.monotonic()
+    await asyncio.to_thread(svc.kill)
+    await asyncio.to_thread(svc.start)
+    report.down_s = time.monotonic() - t_kill
+    await asyncio.gather(*tasks)
+    async with TetriServeClient(svc.url) as control:
+        metrics = await control.metrics()
+    line = next((x for x in metrics.splitlines() if x.startswith("tetriserve_jobs_lost_in_restart_total ")), None)
+    report.lost_counted = int(float(line.split()[-1])) if line else None
+    report.duration_s = time.monotonic() - t0
+    return report
