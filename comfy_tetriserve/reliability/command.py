@@ -137,7 +137,8 @@ async def run_drills(opts: Options) -> dict:
                 report["restart"] = dataclasses.asdict(r)
             elif phase == "faults":
                 r = await faults(svc, reference, families, min_jobs=opts.fault_jobs, num_kills=opts.fault_kills,
-                                 num_clients=3, concurrency=opts.concurrency, max_jobs=max(opts.fault_jobs * 4, 200),
+                                 num_clients=3, concurrency=opts.concurrency,
+                                 max_jobs=max(opts.fault_jobs * 4, opts.fault_jobs + 150 * opts.fault_kills),
                                  poison=opts.poison, timeout_s=opts.phase_timeout_s, seed=opts.seed)
                 report["faults"] = dataclasses.asdict(r)
             log.info("%s drill done in %.1f s", phase, time.monotonic() - t_phase)
