@@ -167,7 +167,7 @@ def test_graceful_shutdown_reports_every_unfinished_job():
 class RecordingOnlineCost:
     """A stand-in for the planner's OnlineCostModel: prices like PowerLawCost, records observations."""
 
-    inner: PowerLawCost = field(default_factory=lambda: PowerLawCost(base_s=0.02))
+    inner: PowerLawCost = field(default_factory=lambda: PowerLawCost(base_s=0.08))
     seen: list = field(default_factory=list)
 
     def step_time_s(self, model, height, width, batch, sp_degree):
@@ -196,9 +196,10 @@ def test_measured_step_times_feed_the_cost_model_and_drift_metrics():
         for model, h, w, batch, degree, measured in cost.seen:
             assert (model, h, w, batch, degree) == ("flux-sim", 512, 512, 2, 2)
             predicted = cost.step_time_s(model, h, w, batch, degree)
-            assert measured == pytest.approx(1.5 * predicted, rel=0.5)
+            # simulated steps sleep 1.5x the prediction (~35 ms); a busy machine only makes them longer
+            assert 0.9 * 1.5 * predicted <= measured <= 3 * 1.5 * predicted
         drift_line = next(line for line in text.splitlines() if line.startswith("tetriserve_step_time_drift_ratio{"))
-        assert 'sp_degree="2"' in drift_line and 1.2 < float(drift_line.split()[-1]) < 2.5
+        assert 'sp_degree="2"' in drift_line and 1.3 < float(drift_line.split()[-1]) < 4.5
         assert 'tetriserve_cost_model_drift_ratio{key="flux-sim@2"} 1.25' in text
 
     asyncio.run(body())
