@@ -252,3 +252,26 @@ def test_round_length_can_follow_the_tightest_slack():
     assert a.num_steps >= 5
     (b,) = run(make_view([big]), tau_slack_frac=0.5).assignments
     assert b.num_steps == 1 and b.num_steps * t8 >= 0.5 * 0.17  # never shorter than one step
+
+
+def test_scale_up_and_background_stay_within_the_parallel_capacity():
+    import dataclasses
+
+    from comfy_tetriserve.cost import ProfileCostModel
+
+    shared = ProfileCostModel(dataclasses.replace(COST.table, extra={"parallel_capacity": 4}))
+    lone = make_view([make_request(res=1024, deadline_s=3.0)])
+    (a,) = TetriServePolicy().plan_round(lone, shared).assignments
+    assert a.sp_degree == 4  # 8 without the capacity (test_lone_request_gets_its_plan_then_idle_gpus)
+    assert TetriServePolicy(use_parallel_capacity=False).plan_round(lone, shared).assignments[0].sp_degree == 8
+    # planned work is not bounded: two requests that each need 4 GPUs both run
+    tight = make_view([make_request(res=1024, deadline_s=2.78, request_id=f"t{i}") for i in range(2)])
+    plan = TetriServePolicy().plan_round(tight, shared)
+    validate_plan(tight, plan, shared.allowed_degrees)
+    assert sum(x.sp_degree for x in plan.assignments) == 8
+    # best-effort pieces never make more GPUs busy than the capacity
+    busy = RequestSnapshot(make_request(res=1024, deadline_s=3.0), 0, gpu_ids=(0, 1, 2),
+                           running_until_at=0.2, steps_in_flight=2)
+    pieces = [make_request(res=256, deadline_s=None, request_id=f"be{i}") for i in range(4)]
+    out = TetriServePolicy().plan_round(make_view([busy] + pieces, busy=(0, 1, 2)), shared)
+    assert sum(x.sp_degree for x in out.assignments) == 1

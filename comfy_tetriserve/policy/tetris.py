@@ -39,7 +39,12 @@ option that controls each is in brackets; docs/planner.md measures them):
    most occupied, keeping large blocks whole [``placement_fit``] (policy.common.Placer).
 7. Elastic scale-up [``scale_up``]: idle GPUs double the degree of admitted requests, best
    parallel efficiency first, when the step gets ``min_speedup`` faster; then doomed requests
-   get what is still idle. Two arrival-aware limits exist as options and are off by default
+   get what is still idle. On a box whose devices share hardware, the cost model's
+   ``parallel_capacity`` (devices that step at profiled speed at once) bounds scale-up: a grant
+   never makes more devices busy than that [``use_parallel_capacity``]; a busy CPU worker on
+   shared cores is not free capacity, and growing a group then slows every running step. Planned
+   work is not bounded (a loaded profile prices it at the busy box's speed). Two arrival-aware
+   limits exist as options and are off by default
    (docs/planner.md measures them: both cost deadlines): ``scale_up_reserve`` GPUs are never
    granted by scale-up, and a grant beyond the planned degree runs at most
    ``scale_up_commit_s`` (then its GPUs return to the pool and the gap is re-planned).
@@ -64,7 +69,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..cost import CostModel
+from ..cost import CostModel, parallel_capacity
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
 from .common import EPS, Placer, plan_allocation, usable_degrees
 from .packing import admit_by_deadline, choose_round_end, group_knapsack
@@ -131,6 +136,7 @@ class TetriServePolicy:
     scale_up_reserve: int = 0
     scale_up_commit_s: float = 0.0
     tau_slack_frac: float = 0.0
+    use_parallel_capacity: bool = True
 
     def __post_init__(self) -> None:
         if self.tau_rule not in TAU_RULES and not self.tau_rule.startswith("fixed:"):
@@ -206,19 +212,20 @@ class TetriServePolicy:
         else:
             tau = self.background_round_s
         placer = Placer(view, preserve=self.placement, fit=self.placement_fit)
+        capacity = parallel_capacity(cost) if self.use_parallel_capacity else None
         chosen = self._pack(live, placer.num_free, now, tau, fresh=window is None)
         chosen = self._place(chosen, placer, view, now, tau, fresh=window is None)
         if self.scale_up:
-            self._scale_up(chosen, placer, view, tau)
+            self._scale_up(chosen, placer, view, tau, capacity)
         if doomed and placer.num_free > 0:  # after scale-up: GPUs go to the admitted first
             extra = self._pack(doomed, placer.num_free, now, tau, fresh=window is None)
             extra = self._place(extra, placer, view, now, tau, fresh=window is None)
             if self.scale_up:
-                self._scale_up(extra, placer, view, tau)
+                self._scale_up(extra, placer, view, tau, capacity)
             chosen += extra
-        bg = self._background(background, placer, view, tau, fresh=window is None)
+        bg = self._background(background, placer, view, tau, fresh=window is None, capacity=capacity)
         if self.scale_up:
-            self._scale_up(bg, placer, view, tau)
+            self._scale_up(bg, placer, view, tau, capacity)
         out = chosen + bg
         self._fill(out, {id(x) for x in chosen}, tau, window is None)
         assignments = tuple(Assignment(x.ids, x.group, x.chosen[1]) for x in out)
@@ -394,10 +401,14 @@ class TetriServePolicy:
             placed.append(x)
         return placed
 
-    def _scale_up(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float) -> None:
+    def _scale_up(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float,
+                  capacity: int | None = None) -> None:
         """Double degrees with idle GPUs, best parallel efficiency first, if the doubled group is
-        placeable; ``scale_up_reserve`` GPUs are never granted."""
+        placeable; ``scale_up_reserve`` GPUs are never granted, and no grant makes more than
+        ``capacity`` GPUs busy."""
         spare = placer.num_free - self.scale_up_reserve
+        if capacity is not None:
+            spare = min(spare, capacity - len(placer.occupied))
         while spare > 0:
             best = None
             for x in items:
@@ -434,20 +445,24 @@ class TetriServePolicy:
             spare -= k
 
     def _background(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float,
-                    fresh: bool) -> list[_Item]:
+                    fresh: bool, capacity: int | None = None) -> list[_Item]:
         """LATE and BEST_EFFORT requests on leftover GPUs, oldest first, in pieces that end within tau.
 
         First at most ``late_max_gpus`` GPUs each; a request whose step is too long for that
         waits for a second pass, which gives it the smallest idle group whose step fits. A piece
         never outlasts the round, so background work cannot delay the next round's deadlines
-        (with no deadline work at all, rounds are ``background_round_s`` long).
+        (with no deadline work at all, rounds are ``background_round_s`` long). Nor does it make
+        more than ``capacity`` GPUs busy (shared hardware: it would slow the deadline work).
         """
+        def room() -> int:
+            return placer.num_free if capacity is None else min(placer.num_free, capacity - len(placer.occupied))
+
         out, waiting = [], []
         items = sorted(items, key=lambda x: (x.snaps[0].request.arrival_at, x.snaps[0].request_id))
         for x in items:
-            if placer.num_free <= 0:
+            if room() <= 0:
                 return out
-            small = [k for k in x.times if k <= self.late_max_gpus and x.times[k] <= tau + EPS]
+            small = [k for k in x.times if k <= min(self.late_max_gpus, room()) and x.times[k] <= tau + EPS]
             if not small:
                 waiting.append(x)
                 continue
@@ -460,7 +475,7 @@ class TetriServePolicy:
             out.append(x)
         for x in waiting:
             for k in sorted(x.times):
-                if x.times[k] > tau + EPS or k > placer.num_free:
+                if x.times[k] > tau + EPS or k > room():
                     continue
                 g = placer.place(k, x.prefer)
                 if g is not None:
