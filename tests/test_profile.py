@@ -28,13 +28,17 @@ def test_profile_command_writes_a_planner_table(tmp_path):
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, "-m", "comfy_tetriserve", "profile", "--devices", "cpu:2",
                            "--model", "tiny=random:tiny-sd3", "--res", "64", "--steps", "2", "--warmup", "1",
-                           "--dtype", "fp32", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--dtype", "fp32", "--loaded", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = load_profile(out)
     assert set(table.models) == {"tiny"} and table.models["tiny"].num_text_tokens == 333
     assert sorted(r.sp_degree for r in table.rows) == [1, 2]
     assert all(r.includes_comm and r.height == r.width == 64 for r in table.rows)
     assert "2 x cpu" in table.device
+    # --loaded: measured with the other device busy, and the parallel capacity of the two workers
+    assert "loaded" in table.how and table.extra["parallel_capacity"] in (1, 2)
+    assert set(table.extra["step_ms_by_busy_devices"]) == {"1", "2"}
 
 
 def test_parallel_capacity_from_steps_with_more_devices_busy():
