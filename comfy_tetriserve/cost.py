@@ -42,6 +42,11 @@ PROFILE_FORMAT = "comfy-tetriserve-profile/1"
 
 @runtime_checkable
 class CostModel(Protocol):
+    """Step times of the box. A cost model may also have ``parallel_capacity`` (int or None):
+    how many devices can step at once at their profiled speed, when the devices share hardware
+    (CPU workers sharing fewer cores); None or absent: every device is real capacity. Policies
+    read it with ``parallel_capacity(cost)``; wrappers forward it."""
+
     def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
         """Predicted wall time of one denoising step on ``sp_degree`` GPUs (compute + communication)."""
         ...
@@ -214,6 +219,13 @@ class ProfileCostModel:
             self._memo[key] = t
         return t
 
+    @property
+    def parallel_capacity(self) -> int | None:
+        """Devices that step at their profiled speed at once (``extra["parallel_capacity"]`` of
+        the table, written by ``comfy-tetriserve profile --loaded``); None: all of them."""
+        value = self.table.extra.get("parallel_capacity")
+        return int(value) if value is not None else None
+
     def comm_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
         comm = self._comm_by_model.get(model)
         return comm_time_s(comm, self.model_profile(model), height, width, batch, sp_degree) if comm else 0.0
@@ -301,6 +313,10 @@ class OnlineCostModel:
     def allowed_degrees(self, model: str) -> tuple[int, ...]:
         return self.base.allowed_degrees(model)
 
+    @property
+    def parallel_capacity(self) -> int | None:
+        return parallel_capacity(self.base)
+
     def factor(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
         f = self._factor.get((model, sp_degree, self._bucket(height, width, batch)))
         if f is None:
@@ -331,6 +347,12 @@ class OnlineCostModel:
 
     def observations(self) -> int:
         return sum(self._count.values())
+
+
+def parallel_capacity(cost: CostModel) -> int | None:
+    """The cost model's ``parallel_capacity`` (see CostModel), None when it has none."""
+    value = getattr(cost, "parallel_capacity", None)
+    return int(value) if value is not None and value >= 1 else None
 
 
 # ------------------------------------------------------------------------------- loading

@@ -1,6 +1,7 @@
 """The profile cost model, the shipped H200 profile and the online correction."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,6 +19,7 @@ from comfy_tetriserve.cost import (
     comm_time_s,
     load_cost_model,
     load_profile,
+    parallel_capacity,
     save_profile,
 )
 from comfy_tetriserve.errors import InvalidRequest
@@ -160,3 +162,12 @@ def test_online_model_clips_outliers_and_follows_drift(h200):
     assert online.observations() == 61
     with pytest.raises(InvalidRequest):
         OnlineCostModel(h200, alpha=0.0)
+
+
+def test_parallel_capacity_comes_from_the_profile_and_passes_through_the_online_model(h200):
+    assert h200.parallel_capacity is None and parallel_capacity(h200) is None
+    shared = ProfileCostModel(dataclasses.replace(h200.table, extra={"parallel_capacity": 2}))
+    assert shared.parallel_capacity == 2 and parallel_capacity(shared) == 2
+    online = OnlineCostModel(shared)
+    assert online.parallel_capacity == 2 and parallel_capacity(OnlineCostModel(h200)) is None
+    assert shared.with_table(h200.table).parallel_capacity == 2  # adding models keeps the box's capacity

@@ -158,6 +158,9 @@ def test_the_demo_command_end_to_end(tmp_path, monkeypatch):
     assert not measured and str(path) == summary["profile"]
     assert all("cached" in line for line in said)
     assert {r.model for r in table.rows} == set(names.values()) and {r.sp_degree for r in table.rows} == {1, 2, 4}
+    # measured loaded, with the parallel capacity of the four workers (at least 1, at most 4)
+    assert "loaded" in table.how and 1 <= table.extra["parallel_capacity"] <= 4
+    assert set(table.extra["step_ms_by_busy_devices"]) == {"1", "2", "3", "4"}
 
 
 def test_cost_drift_from_the_metrics_by_model_and_degree():

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from comfy_tetriserve.cost import load_cost_model
 from comfy_tetriserve.plan import all_subset_groups, validate_plan
 from comfy_tetriserve.policy import make_policy, policy_names
-from comfy_tetriserve.policy.packing import choose_round_end, group_knapsack
+from comfy_tetriserve.policy.packing import admit_by_deadline, choose_round_end, group_knapsack
 from comfy_tetriserve.policy.tetris import TetriServePolicy
+from comfy_tetriserve.sim.simulator import SimConfig, Simulation
 from comfy_tetriserve.sim.workload import make_random_view
 from comfy_tetriserve.types import RequestSnapshot, SchedulerView
 
@@ -145,7 +146,9 @@ def test_idle_engine_never_gets_an_empty_plan():
 
 
 def test_bad_options_are_rejected():
-    for bad in ({"tau_rule": "x"}, {"tie_break": "x"}, {"mix_order": "x"}, {"granularity_steps": 0}):
+    for bad in ({"tau_rule": "x"}, {"tie_break": "x"}, {"mix_order": "x"}, {"granularity_steps": 0},
+                {"admit_margin_frac": 1.0}, {"plan_margin_frac": -0.1}, {"scale_up_reserve": -1},
+                {"scale_up_commit_s": -1.0}):
         with pytest.raises(ValueError):
             TetriServePolicy(**bad)
 
@@ -159,3 +162,116 @@ def test_round_end_avoids_idle_gpus():
     assert choose_round_end([(8, 0.9, 50), (1, 0.03, 50)], 0.2) == pytest.approx(0.9)
     # a request with one step left ends the round with it rather than idling 8 GPUs to tau
     assert choose_round_end([(8, 0.1, 1)], 0.5) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------ contention margins and arrivals
+def _fluid_feasible(jobs, capacity, now=0.0):
+    cum = 0.0
+    for d, w, _ in sorted(jobs):
+        cum += w
+        if cum > capacity * (d - now) + 1e-9:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_admission_keeps_as_many_as_brute_force(seed):
+    rng = random.Random(seed)
+    jobs = [(rng.choice([0.5, 1.0, 1.5, 2.0, 3.0]), rng.choice([0.5, 1.0, 2.0, 4.0, 6.0]), True)
+            for _ in range(rng.randint(1, 7))]
+    capacity = rng.choice([2.0, 4.4, 8.0])
+    dropped = admit_by_deadline(jobs, capacity, 0.0)
+    kept = [j for i, j in enumerate(jobs) if i not in dropped]
+    assert _fluid_feasible(kept, capacity)
+    best = max(len(c) for r in range(len(jobs) + 1) for c in itertools.combinations(jobs, r)
+               if _fluid_feasible(c, capacity))
+    assert len(kept) == best
+
+
+def test_admission_drops_the_most_work_and_never_a_running_request():
+    jobs = [(1.0, 4.0, True), (2.0, 6.0, True), (2.0, 8.0, True)]
+    assert admit_by_deadline(jobs, 8.0, 0.0) == {2}  # 18 GPU s due by 2 s on 8 GPUs: the biggest goes
+    assert admit_by_deadline(jobs, 8.0 * 0.55, 0.0) == {1, 2}  # less capacity, fewer admitted
+    running = [(1.0, 7.0, False), (1.0, 2.0, True)]
+    assert admit_by_deadline(running, 8.0, 0.0) == {1}  # the running request has more work but stays
+
+
+def test_admission_margin_grows_with_contention():
+    # eight 256 px requests (3 s, one GPU each) and two 1024 px ones: the fluid test admits one
+    # 1024 px request; under this contention (10 live on 8 GPUs) the margin keeps both back
+    small = [make_request(res=256, deadline_s=3.0 + 0.01 * i, request_id=f"s{i}") for i in range(8)]
+    big = [make_request(res=1024, deadline_s=4.0, request_id=f"b{i}") for i in range(2)]
+    view = make_view(small + big)
+    assert "admitted=8 doomed=2" in run(view, batching=False).note
+    assert "admitted=9 doomed=1" in run(view, batching=False, admit_margin_frac=0.0).note
+    # with two live requests there is no contention: both margins are zero, the plan is the paper's
+    pair = make_view([make_request(res=1024, deadline_s=3.0), make_request(res=512, deadline_s=2.0)])
+    assert run(pair) == run(pair, plan_margin_frac=0.0, admit_margin_frac=0.0)
+
+
+def test_scale_up_reserve_keeps_gpus_out_of_scale_up():
+    r = make_request(res=1024, deadline_s=3.0)
+    assert sum(a.sp_degree for a in run(make_view([r])).assignments) == 8
+    reserved = run(make_view([r]), scale_up_reserve=1)
+    assert sum(a.sp_degree for a in reserved.assignments) <= 7
+
+
+def test_scale_up_grant_is_bounded_and_planned_steps_are_not():
+    r = make_request(res=1024, deadline_s=3.0, request_id="lone")
+    t8 = COST.step_time_s("flux-dev", 1024, 1024, 1, 8)
+    (free,) = run(make_view([r])).assignments
+    assert free.sp_degree == 8 and free.num_steps * t8 > 0.1  # unbounded: the grant fills the round
+    (bounded,) = run(make_view([r]), scale_up_commit_s=0.04).assignments
+    assert bounded.sp_degree == 8 and bounded.num_steps * t8 <= max(0.04, t8) + 1e-9
+    # a request running at its planned degree keeps its steps: only grants beyond the plan are cut
+    tight = [make_request(res=1024, deadline_s=2.78, request_id=f"t{i}") for i in range(2)]  # plan: k4 only
+    plain = run(make_view(tight), scale_up_commit_s=0.04)
+    assert [a.sp_degree for a in plain.assignments] == [4, 4]
+    assert all(a.num_steps * COST.step_time_s("flux-dev", 1024, 1024, 1, 4) > 0.04 for a in plain.assignments)
+
+
+def test_an_arrival_is_not_blocked_by_a_scale_up_grant_beyond_the_bound():
+    first = make_request(res=512, deadline_s=4.0, request_id="first")  # alone: scaled up to 8 GPUs
+    second = make_request(res=512, deadline_s=4.0, arrival_at=0.03, request_id="second")
+    t8 = COST.step_time_s("flux-dev", 512, 512, 1, 8)
+    waits = {}
+    for bound in (0.0, 0.03):
+        sim = Simulation([first, second], make_policy("tetriserve", scale_up_commit_s=bound), COST, SimConfig())
+        sim.run()
+        st = sim.engine.state("second")
+        assert st.met_deadline
+        waits[bound] = st.first_step_at - second.arrival_at
+    assert waits[0.0] > 0.1  # waits for the round that scale-up filled (5 steps at 8 GPUs)
+    assert waits[0.03] <= 0.03 + t8 + 0.002  # the grant ends within the bound (+ the step in flight)
+
+
+def test_round_length_can_follow_the_tightest_slack():
+    big = make_request(res=2048, deadline_s=6.0)  # 0.17 s of slack at 8 GPUs
+    t8 = COST.step_time_s("flux-dev", 2048, 2048, 1, 8)
+    (a,) = run(make_view([big])).assignments
+    assert a.num_steps >= 5
+    (b,) = run(make_view([big]), tau_slack_frac=0.5).assignments
+    assert b.num_steps == 1 and b.num_steps * t8 >= 0.5 * 0.17  # never shorter than one step
+
+
+def test_scale_up_and_background_stay_within_the_parallel_capacity():
+    import dataclasses
+
+    from comfy_tetriserve.cost import ProfileCostModel
+
+    shared = ProfileCostModel(dataclasses.replace(COST.table, extra={"parallel_capacity": 4}))
+    lone = make_view([make_request(res=1024, deadline_s=3.0)])
+    (a,) = TetriServePolicy().plan_round(lone, shared).assignments
+    assert a.sp_degree == 4  # 8 without the capacity (test_lone_request_gets_its_plan_then_idle_gpus)
+    assert TetriServePolicy(use_parallel_capacity=False).plan_round(lone, shared).assignments[0].sp_degree == 8
+    # planned work is not bounded: two requests that each need 4 GPUs both run
+    tight = make_view([make_request(res=1024, deadline_s=2.78, request_id=f"t{i}") for i in range(2)])
+    plan = TetriServePolicy().plan_round(tight, shared)
+    validate_plan(tight, plan, shared.allowed_degrees)
+    assert sum(x.sp_degree for x in plan.assignments) == 8
+    # best-effort pieces never make more GPUs busy than the capacity
+    busy = RequestSnapshot(make_request(res=1024, deadline_s=3.0), 0, gpu_ids=(0, 1, 2),
+                           running_until_at=0.2, steps_in_flight=2)
+    pieces = [make_request(res=256, deadline_s=None, request_id=f"be{i}") for i in range(4)]
+    out = TetriServePolicy().plan_round(make_view([busy] + pieces, busy=(0, 1, 2)), shared)
+    assert sum(x.sp_degree for x in out.assignments) == 1

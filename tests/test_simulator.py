@@ -67,3 +67,22 @@ def test_all_subset_groups_run():
     assert len(res.outcomes) == 20
     with pytest.raises(ValueError):
         simulate(trace, make_policy("tetriserve"), COST, SimConfig(groups="some"))
+
+
+def test_shared_cores_slow_steps_while_more_devices_are_busy_than_cores():
+    cost = PowerLawCost(base_s=0.1)
+    config = SimConfig(num_gpus=2, dispatch_overhead_s=0.0, shared_cores=1.0, shared_exponent=1.0)
+    a = make_request(res=1024, num_steps=10, deadline_s=None, request_id="a")
+    alone = simulate([a], make_policy("sp1"), cost, config)
+    step = cost.step_time_s("flux-dev", 1024, 1024, 1, 1)
+    assert alone.outcomes[0].finished_at == pytest.approx(10 * step)  # one busy device: profiled speed
+    b = make_request(res=1024, num_steps=10, deadline_s=None, request_id="b")
+    both = simulate([a, b], make_policy("sp1"), cost, config)
+    assert [o.finished_at for o in both.outcomes] == pytest.approx([20 * step, 20 * step])  # two share one core
+    # b arrives when a is half done: a runs alone, then both at half speed, then b alone
+    late_b = make_request(res=1024, num_steps=10, deadline_s=None, request_id="b", arrival_at=5 * step)
+    ends = {o.request.request_id: o.finished_at for o in simulate([a, late_b], make_policy("sp1"), cost,
+                                                                   config).outcomes}
+    assert ends["a"] == pytest.approx(15 * step) and ends["b"] == pytest.approx(20 * step)
+    independent = simulate([a, b], make_policy("sp1"), cost, SimConfig(num_gpus=2, dispatch_overhead_s=0.0))
+    assert [o.finished_at for o in independent.outcomes] == pytest.approx([10 * step, 10 * step])

@@ -8,9 +8,14 @@ Both live under ``config.home_dir()/demo`` (``TETRISERVE_HOME``, default ~/.cach
   same loaders as real checkpoints.
 - ``profiles/profile-<key>.json``: T(model, resolution, degree) measured through a worker pool
   with ``engine.profile`` (the format ``--cost PATH`` reads), each point the median of three
-  passes over all points (a load burst from another process spoils one pass, not the point). The key hashes the machine
-  (host name, CPU model and count, torch version), the devices, the dtype, what is measured, and
-  the model files' contents: another machine or another model gets its own profile.
+  passes over all points (a load burst from another process spoils one pass, not the point).
+  Each point is measured *loaded* (``PROFILE_LOADED``): the same request runs at the same degree
+  on every other group of the workers meanwhile. The demo's workers outnumber a small machine's
+  cores, so a worker steps 2-2.4x slower when the others are busy; a profile measured one request
+  at a time would tell the planner of four devices where the box has about two. The key hashes
+  the machine (host name, CPU model and count, torch version), the devices, the dtype, what is
+  measured and how, and the model files' contents: another machine or another model gets its own
+  profile.
 """
 from __future__ import annotations
 
@@ -40,6 +45,9 @@ PROFILE_WARMUP = 2
 #: the whole profile is measured this many times and each point keeps its median: a burst of load
 #: from other processes on a shared machine then spoils one pass of a point, not the point
 PROFILE_PASSES = 3
+#: measure every point with the other workers busy (engine.profile's ``loaded``): the cost model
+#: then describes the box when it is busy, where a plan's promises matter
+PROFILE_LOADED = True
 
 Say = Callable[[str], None]
 
@@ -98,7 +106,8 @@ def file_digest(path: Path) -> str:
 def profile_key(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int, ...]], devices: str,
                 dtype: str, text_tokens: int) -> str:
     parts = {"machine": machine_description(), "devices": devices, "dtype": dtype,
-             "steps": [PROFILE_STEPS, PROFILE_WARMUP, PROFILE_PASSES], "text_tokens": text_tokens,
+             "steps": [PROFILE_STEPS, PROFILE_WARMUP, PROFILE_PASSES], "loaded": PROFILE_LOADED,
+             "text_tokens": text_tokens,
              "models": {name: [file_digest(p), list(resolutions[name])] for name, p in sorted(models.items())}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -106,7 +115,7 @@ def profile_key(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int,
 async def measure_profile(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int, ...]], devices: str,
                           dtype: str, text_tokens: int, say: Say = print) -> ProfileTable:
     """Every model at its resolutions and every allowed degree, through one worker pool."""
-    from ..engine.profile import ProfileSpec, device_description, profile_model
+    from ..engine.profile import ProfileSpec, capacity_extra, device_description, measure_concurrency, profile_model
     from ..engine.workers import WorkerPool
 
     pool = WorkerPool(devices)
@@ -115,14 +124,30 @@ async def measure_profile(models: Mapping[str, Path], resolutions: Mapping[str, 
     try:
         profiles: dict[str, ModelProfile] = {}
         passes: dict[tuple, list[float]] = {}
+        busy_passes: dict[int, list[float]] = {}
+        first = next(iter(models))  # the concurrency test: the first model at its largest size
         for n in range(PROFILE_PASSES):
             for name, path in models.items():
                 spec = ProfileSpec(resolutions=tuple((r, r) for r in resolutions[name]), steps=PROFILE_STEPS,
-                                   warmup=PROFILE_WARMUP, text_tokens=text_tokens)
+                                   warmup=PROFILE_WARMUP, text_tokens=text_tokens, loaded=PROFILE_LOADED)
                 profiles[name], model_rows = await profile_model(pool, name, str(path), dtype, spec)
                 for r in model_rows:
                     passes.setdefault((r.model, r.height, r.width, r.batch, r.sp_degree), []).append(r.compute_s)
+            if PROFILE_LOADED:
+                res = max(resolutions[first])
+                by_busy = await measure_concurrency(pool, first, pool.models()[first], res, res, text_tokens,
+                                                    PROFILE_STEPS, PROFILE_WARMUP)
+                for b, t in by_busy.items():
+                    busy_passes.setdefault(b, []).append(t)
             say(f"  pass {n + 1}/{PROFILE_PASSES} measured")
+        extra: dict = {"machine": machine_description()}
+        if busy_passes:
+            res = max(resolutions[first])
+            extra.update(capacity_extra({b: statistics.median(ts) for b, ts in busy_passes.items()},
+                                        f"{first} {res}x{res}"))
+            say(f"  parallel capacity: {extra['parallel_capacity']} of {len(pool.devices)} workers step at full speed "
+                f"at once (ms per step with 1..{len(busy_passes)} busy: "
+                + ", ".join(f"{v:.0f}" for v in extra["step_ms_by_busy_devices"].values()) + ")")
         rows = tuple(ProfileRow(model=m, height=h, width=w, batch=b, sp_degree=k, compute_s=statistics.median(ts),
                                 includes_comm=True) for (m, h, w, b, k), ts in passes.items())
         for name in models:
@@ -133,8 +158,10 @@ async def measure_profile(models: Mapping[str, Path], resolutions: Mapping[str, 
                             how=f"comfy-tetriserve demo: per point the median over {PROFILE_PASSES} passes of the "
                                 f"median of {PROFILE_STEPS} sampler steps after {PROFILE_WARMUP} warm-up steps, "
                                 f"measured by the group leader in the worker pool ({dtype}, {text_tokens} text "
-                                f"tokens), one request at a time",
-                            extra={"machine": machine_description()})
+                                f"tokens), "
+                                + ("loaded: every other group of the point's degree ran the same request meanwhile"
+                                   if PROFILE_LOADED else "one request at a time"),
+                            extra=extra)
     finally:
         await pool.close()
 

@@ -7,6 +7,17 @@ all-to-alls, the end-of-step gather, the stop flag), so the rows are written wit
 ``includes_comm: true``. The median step time becomes ``compute_s`` of the profile table row
 (cost.py's format), which the planner reads (``--cost PATH``).
 
+``--loaded`` measures every point while the other devices are busy too: the same request runs,
+at the same degree, on every other disjoint group of the pool (one request per group, until the
+point's measured steps are done). Devices that share hardware (CPU workers sharing cores, GPUs
+sharing a host link) step slower when their neighbours work; a profile measured one request at
+a time then promises capacity the box does not have once it is busy. A loaded profile describes
+the busy box, which is when the planner's decisions matter. It also measures the pool's
+*parallel capacity*: the same request at degree 1 on 1, 2, ... devices at once; the capacity is
+the most devices that step within ``CAPACITY_TOLERANCE`` of the time one device takes alone
+(``extra["parallel_capacity"]`` of the table; the planner's scale-up never makes more devices
+busy than that). Four CPU workers on two cores: 2. Eight GPUs: 8.
+
     comfy-tetriserve profile --devices cuda:0-7 --model flux-dev=/models/flux1-dev.safetensors \\
         --res 512 768 1024 --batch 1 2 --out profiles/this-box.json
 
@@ -41,6 +52,23 @@ class ProfileSpec:
     steps: int = 5
     warmup: int = 2
     text_tokens: int | None = None  # None: the family's usual count (FLUX 512, SD3 333)
+    loaded: bool = False  # measure with every other disjoint group running the same request
+
+
+#: a device count is within the parallel capacity while its step takes at most this x the time alone
+CAPACITY_TOLERANCE = 1.25
+
+
+def load_groups(groups, group: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The pool's groups of ``group``'s size that are disjoint from it and from each other
+    (first fit in the pool's order): where the background load runs while ``group`` is measured."""
+    out: list[tuple[int, ...]] = []
+    taken = set(group)
+    for g in groups:
+        if len(g) == len(group) and taken.isdisjoint(g):
+            out.append(g)
+            taken.update(g)
+    return out
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -88,6 +116,7 @@ async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileS
                 rid = f"profile-{name}-{height}x{width}-b{batch}-k{k}"
                 job = synthetic_job(rid, name, info, height, width, batch, tokens, spec.warmup + spec.steps)
                 await pool.admit(job)
+                load = await _start_load(pool, spec, name, info, height, width, batch, tokens, rid, group)
                 try:
                     times: list[float] = []
                     for n, keep in ((spec.warmup, False), (spec.steps, True)):
@@ -99,12 +128,80 @@ async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileS
                         if keep:
                             times.extend(result.step_times_s)
                 finally:
+                    await _stop_load(pool, load)
                     await pool.release(rid)
                 step_s = statistics.median(times)
                 rows.append(ProfileRow(model=name, height=height, width=width, batch=batch, sp_degree=k,
                                        compute_s=step_s, includes_comm=True))
                 log.info("%s %dx%d batch %d degree %d: %.4f s/step", name, height, width, batch, k, step_s)
     return profile, rows
+
+
+async def _start_load(pool, spec: ProfileSpec, name: str, info, height: int, width: int, batch: int,
+                      tokens: int, rid: str, group: tuple[int, ...]) -> list[tuple[str, asyncio.Task]]:
+    """With ``spec.loaded``: the same request on every other disjoint group, running (with room
+    to spare) until stopped; its own warm-up steps come first, so the load is on before the
+    measured request's warm-up ends."""
+    if not spec.loaded:
+        return []
+    load = []
+    room = 50 * (spec.warmup + spec.steps) + 50
+    for i, g in enumerate(load_groups(pool.groups, group)):
+        lid = f"{rid}-load{i}"
+        await pool.admit(synthetic_job(lid, name, info, height, width, batch, tokens, room))
+        load.append((lid, asyncio.ensure_future(pool.execute(Assignment((lid,), g, room)))))
+    return load
+
+
+async def _stop_load(pool, load: list[tuple[str, asyncio.Task]]) -> None:
+    if not load:
+        return
+    await pool.stop(tuple(lid for lid, _ in load))
+    for lid, task in load:
+        result = await task
+        await pool.release(lid)
+        if result.error:
+            log.warning("background load %s ended with an error: %s", lid, result.error)
+
+
+async def measure_concurrency(pool, name: str, info, height: int, width: int, tokens: int, steps: int,
+                              warmup: int) -> dict[int, float]:
+    """Median step time (s) of the same degree-1 request on b devices at once, b = 1 .. devices."""
+    singles = [g for g in pool.groups if len(g) == 1]
+    out: dict[int, float] = {}
+    for b in range(1, len(singles) + 1):
+        rids = [f"capacity-{name}-{b}-{i}" for i in range(b)]
+        for rid in rids:
+            await pool.admit(synthetic_job(rid, name, info, height, width, 1, tokens, warmup + steps))
+        try:
+            times: list[float] = []
+            for n, keep in ((warmup, False), (steps, True)):
+                if n == 0:
+                    continue
+                results = await asyncio.gather(*(pool.execute(Assignment((rid,), g, n))
+                                                  for rid, g in zip(rids, singles)))
+                for r in results:
+                    if r.error:
+                        raise RuntimeError(f"capacity measurement: {r.error}")
+                    if keep:
+                        times.extend(r.step_times_s)
+        finally:
+            for rid in rids:
+                await pool.release(rid)
+        out[b] = statistics.median(times)
+    return out
+
+
+def capacity_from(step_s_by_busy: dict[int, float], tolerance: float = CAPACITY_TOLERANCE) -> int:
+    """The most devices busy at once whose steps (and those of every smaller count) stay within
+    ``tolerance`` x the step alone."""
+    alone = step_s_by_busy[1]
+    capacity = 1
+    for b in sorted(step_s_by_busy):
+        if step_s_by_busy[b] > tolerance * alone:
+            break
+        capacity = b
+    return capacity
 
 
 def device_description(pool) -> str:
@@ -124,15 +221,33 @@ async def profile(devices: str, models: dict[str, str], dtype: str, spec: Profil
         for name, source in models.items():
             profiles[name], model_rows = await profile_model(pool, name, source, dtype, spec)
             rows.extend(model_rows)
+        extra = {}
+        if spec.loaded:
+            name = next(iter(models))
+            height, width = max(spec.resolutions, key=lambda hw: hw[0] * hw[1])
+            by_busy = await measure_concurrency(pool, name, pool.models()[name], height, width,
+                                                profiles[name].num_text_tokens, spec.steps, spec.warmup)
+            extra = capacity_extra(by_busy, f"{name} {height}x{width}")
         return ProfileTable(
             models=profiles, rows=tuple(rows), comm=None, device=device_description(pool),
             measured_on=_dt.date.today().isoformat(),
             how=(f"comfy-tetriserve profile: median of {spec.steps} sampler steps after {spec.warmup} warm-up steps, "
                  f"measured by the group leader inside the worker pool ({dtype}, Ulysses all-to-alls and the "
-                 f"end-of-step gather included)"),
+                 f"end-of-step gather included"
+                 + ("; loaded: every other disjoint group of the same size ran the same request meanwhile)"
+                    if spec.loaded else ", one request at a time)")),
+            extra=extra,
         )
     finally:
         await pool.close()
+
+
+def capacity_extra(step_s_by_busy: dict[int, float], what: str) -> dict:
+    """The profile table's ``extra`` entries for a concurrency measurement."""
+    return {"parallel_capacity": capacity_from(step_s_by_busy),
+            "parallel_capacity_how": (f"{what} at degree 1 on 1..{len(step_s_by_busy)} devices at once; the most "
+                                      f"devices whose step stays within {CAPACITY_TOLERANCE}x the step alone"),
+            "step_ms_by_busy_devices": {str(b): round(t * 1000, 2) for b, t in sorted(step_s_by_busy.items())}}
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
@@ -158,6 +273,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per point (default: 2)")
     parser.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: FLUX 512, SD3 333)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: bf16)")
+    parser.add_argument("--loaded", action="store_true",
+                        help="measure each point while every other disjoint group of its size runs the same "
+                             "request (devices that share hardware: the busy box's step times), and the "
+                             "parallel capacity (how many devices step at full speed at once)")
     parser.add_argument("--out", required=True, help="profile table file to write (JSON)")
 
 
@@ -165,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = ProfileSpec(resolutions=tuple(parse_resolution(r) for r in args.res), batches=tuple(args.batch),
                            degrees=tuple(args.degrees) if args.degrees else None, steps=args.steps,
-                           warmup=args.warmup, text_tokens=args.text_tokens)
+                           warmup=args.warmup, text_tokens=args.text_tokens, loaded=args.loaded)
         if spec.steps < 1 or spec.warmup < 0 or any(b < 1 for b in spec.batches):
             raise InvalidRequest("--steps must be >= 1, --warmup >= 0, batches >= 1")
         models = parse_models(args.model)

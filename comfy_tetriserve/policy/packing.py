@@ -1,6 +1,7 @@
-"""The two small optimisations inside a TetriServe round, as pure functions (tested on their own)."""
+"""The small optimisations inside a TetriServe round, as pure functions (tested on their own)."""
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 from .common import EPS
@@ -67,3 +68,28 @@ def choose_round_end(rows: Sequence[tuple[int, float, int]], tau: float, max_fra
         return (waste + overhead) / e
 
     return min(sorted(cands), key=idle_rate)
+
+
+def admit_by_deadline(jobs: Sequence[tuple[float, float, bool]], capacity_gpus: float, now: float) -> set[int]:
+    """Moore-Hodgson over GPU time: which jobs to drop so that the rest can finish together.
+
+    ``jobs``: (deadline, GPU seconds still needed, droppable) each. In deadline order, add each
+    job's work; whenever the work due by a deadline exceeds ``capacity_gpus`` x the time until
+    it, drop the droppable job with the most work so far (equal work to 0.1 GPU s: the later
+    deadline). Returns the indices dropped. Maximises the number kept on a single pooled machine
+    of ``capacity_gpus`` GPUs (a fluid model: any job may use any share of the GPUs at any time).
+    """
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0], not jobs[i][2], i))
+    heap: list[tuple[float, float, float, int]] = []
+    cum = 0.0
+    dropped: set[int] = set()
+    for i in order:
+        d, w, droppable = jobs[i]
+        cum += w
+        if droppable:
+            heapq.heappush(heap, (-round(w, 1), -d, w, i))
+        while heap and cum > capacity_gpus * (d - now) + EPS:
+            _, _, w_j, j = heapq.heappop(heap)
+            cum -= w_j
+            dropped.add(j)
+    return dropped

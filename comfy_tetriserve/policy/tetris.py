@@ -8,16 +8,23 @@ option that controls each is in brackets; docs/planner.md measures them):
 2. Allocation, least GPU time: for each LIVE request the cheapest plan (GPU time = degree x step
    time) that meets its deadline with its remaining steps: one degree, or two degrees whose mix
    just meets it (policy.common.plan_allocation). Re-planned every round from the budget left,
-   keeping ``plan_margin_frac`` x min(1, (live requests - ``margin_free_live``) / GPUs) of the
-   budget in reserve: under contention a plan that just meets its deadline breaks at the first
-   delay (our addition; zero with up to two live requests, as in most rounds of the paper's load).
+   keeping ``plan_margin_frac`` x c of the budget in reserve, c = min(1, (live requests -
+   ``margin_free_live``) / GPUs) the *contention*: under contention a plan that just meets its
+   deadline breaks at the first delay (our addition; zero with up to two live requests, as in
+   most rounds of the paper's load).
 3. Admission [``admission``]: Moore-Hodgson over GPU time decides which LIVE requests can finish
-   *together* (deadline order; when the work due by a deadline exceeds N GPUs x the time to it,
-   the request with the most work is *doomed* for this round). Doomed requests only get GPUs the
-   admitted ones leave idle, and are reconsidered next round. Not in the paper; without it the
-   per-request survival test below lets the box chase requests that cannot all finish.
+   *together* (deadline order; when the work due by a deadline exceeds N GPUs x the time to it x
+   (1 - ``admit_margin_frac`` x c), the request with the most work is *doomed* for this round).
+   Doomed requests only get GPUs the admitted ones leave idle, and are reconsidered next round.
+   Not in the paper; without it the per-request survival test below lets the box chase requests
+   that cannot all finish. The capacity margin: the test pools GPU time as a fluid, but a request
+   pushed back by earlier deadlines needs faster, costlier degrees later, and rounds leave GPUs
+   idle at their ends; both grow with the number of requests sharing the box, and without the
+   margin the box spends GPU time on requests it later drops or that miss by a few steps.
 4. Round length tau = ``granularity_steps`` x the fastest step of the slowest LIVE request
    [``tau_rule``]: a 2048 px request runs about 5 steps per round at 8 GPUs, smaller ones more.
+   Option (off by default, measured worse): ``tau_slack_frac`` caps tau at that share of the
+   tightest slack of a LIVE request at its fastest degree (never below one such step).
 5. Packing (the paper's group knapsack over GPUs): each admitted request offers "run nothing" or
    q = min(steps planned at k, floor(tau / T_k)) steps at a degree k of its allocation
    [``mix_order``: only the slower, cheaper degree of a two-degree plan first; the re-plan moves
@@ -32,7 +39,15 @@ option that controls each is in brackets; docs/planner.md measures them):
    most occupied, keeping large blocks whole [``placement_fit``] (policy.common.Placer).
 7. Elastic scale-up [``scale_up``]: idle GPUs double the degree of admitted requests, best
    parallel efficiency first, when the step gets ``min_speedup`` faster; then doomed requests
-   get what is still idle.
+   get what is still idle. On a box whose devices share hardware, the cost model's
+   ``parallel_capacity`` (devices that step at profiled speed at once) bounds scale-up: a grant
+   never makes more devices busy than that [``use_parallel_capacity``]; a busy CPU worker on
+   shared cores is not free capacity, and growing a group then slows every running step. Planned
+   work is not bounded (a loaded profile prices it at the busy box's speed). Two arrival-aware
+   limits exist as options and are off by default
+   (docs/planner.md measures them: both cost deadlines): ``scale_up_reserve`` GPUs are never
+   granted by scale-up, and a grant beyond the planned degree runs at most
+   ``scale_up_commit_s`` (then its GPUs return to the pool and the gap is re-planned).
 8. LATE and BEST_EFFORT requests get at most ``late_max_gpus`` GPU each from what is still idle
    (oldest first), in pieces that end within the round, then are scaled up with whatever is idle
    after that: they never take a GPU a deadline request was given. With no deadline work at all
@@ -51,14 +66,13 @@ and the next round starts when all are done. Busy GPUs are simply not offered.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from dataclasses import dataclass, field
 
-from ..cost import CostModel
+from ..cost import CostModel, parallel_capacity
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
 from .common import EPS, Placer, plan_allocation, usable_degrees
-from .packing import choose_round_end, group_knapsack
+from .packing import admit_by_deadline, choose_round_end, group_knapsack
 
 #: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
 SURVIVE = 1_000_000_000
@@ -83,6 +97,7 @@ class _Item:
     work_s: float = 0.0  # GPU seconds of the allocation
     rank: int = 0
     chosen: tuple[int, int] | None = None  # (degree, steps)
+    scaled: bool = False  # granted a degree beyond its plan by elastic scale-up
     group: tuple[int, ...] = ()
 
     @property
@@ -114,9 +129,14 @@ class TetriServePolicy:
     align_max_frac: float = 1.5
     round_overhead_s: float = 0.001
     admission: bool = True
-    plan_margin_frac: float = 0.15
+    plan_margin_frac: float = 0.2
+    admit_margin_frac: float = 0.45
     margin_free_live: int = 2
     background_round_s: float = 0.15
+    scale_up_reserve: int = 0
+    scale_up_commit_s: float = 0.0
+    tau_slack_frac: float = 0.0
+    use_parallel_capacity: bool = True
 
     def __post_init__(self) -> None:
         if self.tau_rule not in TAU_RULES and not self.tau_rule.startswith("fixed:"):
@@ -127,6 +147,11 @@ class TetriServePolicy:
             raise ValueError(f"mix_order must be one of {MIX_ORDERS}")
         if self.granularity_steps < 1:
             raise ValueError("granularity_steps must be >= 1")
+        for name in ("plan_margin_frac", "admit_margin_frac"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1)")
+        if self.scale_up_reserve < 0 or self.scale_up_commit_s < 0 or self.tau_slack_frac < 0:
+            raise ValueError("scale_up_reserve, scale_up_commit_s and tau_slack_frac must be >= 0")
 
     def for_forecast(self) -> "TetriServePolicy":
         """The same planner for a world without further arrivals (sim.forecast): background work
@@ -159,9 +184,11 @@ class TetriServePolicy:
                 live.append(item)
             else:  # LATE or BEST_EFFORT
                 background.append(item)
-        # plan margin: a share of each budget kept in reserve, growing with contention (live
-        # requests per GPU): a plan that just meets its deadline breaks at the first delay
-        margin = self.plan_margin_frac * min(1.0, max(len(live) - self.margin_free_live, 0) / max(n, 1))
+        # contention (live requests per GPU beyond the first few) scales two margins: a share of
+        # each budget kept in reserve (a plan that just meets its deadline breaks at the first
+        # delay) and a share of the GPU time admission may count on
+        contention = min(1.0, max(len(live) - self.margin_free_live, 0) / max(n, 1))
+        margin = self.plan_margin_frac * contention
         for item in live:
             budget = item.deadline - now
             alloc = plan_allocation(item.times, item.left, budget * (1.0 - margin)) or \
@@ -173,35 +200,41 @@ class TetriServePolicy:
             live = self._batch(live, cost, now, n)
         doomed: list[_Item] = []
         if self.admission and live:
-            live, doomed = self._admit(live, self._running_work(view, cost, n), now, n)
+            live, doomed = self._admit(live, self._running_work(view, cost, n), now, n,
+                                       1.0 - self.admit_margin_frac * contention)
         if window is not None:
             tau = window
         elif live:
             tau = self._tau(live)
+            if self.tau_slack_frac > 0:
+                tight = min(x.deadline - now - x.left * x.t_min for x in live)
+                tau = max(min(tau, self.tau_slack_frac * tight), max(x.t_min for x in live))
         else:
             tau = self.background_round_s
         placer = Placer(view, preserve=self.placement, fit=self.placement_fit)
+        capacity = parallel_capacity(cost) if self.use_parallel_capacity else None
         chosen = self._pack(live, placer.num_free, now, tau, fresh=window is None)
         chosen = self._place(chosen, placer, view, now, tau, fresh=window is None)
         if self.scale_up:
-            self._scale_up(chosen, placer, view, tau)
+            self._scale_up(chosen, placer, view, tau, capacity)
         if doomed and placer.num_free > 0:  # after scale-up: GPUs go to the admitted first
             extra = self._pack(doomed, placer.num_free, now, tau, fresh=window is None)
             extra = self._place(extra, placer, view, now, tau, fresh=window is None)
             if self.scale_up:
-                self._scale_up(extra, placer, view, tau)
+                self._scale_up(extra, placer, view, tau, capacity)
             chosen += extra
-        bg = self._background(background, placer, view, tau, fresh=window is None)
+        bg = self._background(background, placer, view, tau, fresh=window is None, capacity=capacity)
         if self.scale_up:
-            self._scale_up(bg, placer, view, tau)
+            self._scale_up(bg, placer, view, tau, capacity)
         out = chosen + bg
         self._fill(out, {id(x) for x in chosen}, tau, window is None)
         assignments = tuple(Assignment(x.ids, x.group, x.chosen[1]) for x in out)
         longest = max((x.chosen[1] * x.times[x.chosen[0]] for x in out), default=0.0)
         if not assignments and window is None and view.plannable:
             return self._fallback(view, cost, background + live)
+        kind = "gap" if window is not None else "round"
         return RoundPlan(view.round_index, longest, assignments,
-                         note=f"{'gap' if window is not None else 'round'} tau={tau:.3f}s live={len(live)}")
+                         note=f"{kind} tau={tau:.3f}s admitted={len(live)} doomed={len(doomed)}")
 
     # ------------------------------------------------------------------ pieces
     def _running_work(self, view: SchedulerView, cost: CostModel, n: int) -> list[tuple[float, float]]:
@@ -224,30 +257,14 @@ class TetriServePolicy:
             out.append((q.deadline_at, busy + rest))
         return out
 
-    def _admit(self, live: list[_Item], running: list[tuple[float, float]], now: float, n: int
-               ) -> tuple[list[_Item], list[_Item]]:
-        """Which LIVE requests can finish together: Moore-Hodgson over GPU time.
-
-        In deadline order, add each request's least GPU time (its allocation); whenever the work
-        due by a deadline exceeds n GPUs x the time until it, drop the admitted request with the
-        most work (running requests are never dropped). Maximises the number admitted for a
-        single pooled machine; the dropped (*doomed*) requests only get GPUs the admitted ones
-        leave idle this round, and are reconsidered next round.
-        """
-        entries = [(x.deadline, x.work_s, i) for i, x in enumerate(live)]
-        entries += [(d, w, -1) for d, w in running]
-        entries.sort(key=lambda e: (e[0], e[2] < 0, e[2]))
-        heap: list[tuple[float, float, int]] = []
-        cum = 0.0
-        dropped: set[int] = set()
-        for d, w, i in entries:
-            cum += w
-            if i >= 0:  # most work first; equal work (to 0.1 GPU s): the later deadline goes first
-                heapq.heappush(heap, (-round(w, 1), -d, w, i))
-            while heap and cum > n * (d - now) + EPS:
-                _, _, w_j, j = heapq.heappop(heap)
-                cum -= w_j
-                dropped.add(j)
+    def _admit(self, live: list[_Item], running: list[tuple[float, float]], now: float, n: int,
+               capacity_frac: float = 1.0) -> tuple[list[_Item], list[_Item]]:
+        """Which LIVE requests can finish together (packing.admit_by_deadline: Moore-Hodgson over
+        GPU time on n x ``capacity_frac`` GPUs; running requests are never dropped). The dropped
+        (*doomed*) requests only get GPUs the admitted ones leave idle this round, and are
+        reconsidered next round."""
+        jobs = [(x.deadline, x.work_s, True) for x in live] + [(d, w, False) for d, w in running]
+        dropped = admit_by_deadline(jobs, capacity_frac * n, now)
         if not dropped:
             return live, []
         return ([x for i, x in enumerate(live) if i not in dropped],
@@ -384,14 +401,20 @@ class TetriServePolicy:
             placed.append(x)
         return placed
 
-    def _scale_up(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float) -> None:
-        """Double degrees with idle GPUs, best parallel efficiency first, if the doubled group is placeable."""
-        while placer.num_free > 0:
+    def _scale_up(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float,
+                  capacity: int | None = None) -> None:
+        """Double degrees with idle GPUs, best parallel efficiency first, if the doubled group is
+        placeable; ``scale_up_reserve`` GPUs are never granted, and no grant makes more than
+        ``capacity`` GPUs busy."""
+        spare = placer.num_free - self.scale_up_reserve
+        if capacity is not None:
+            spare = min(spare, capacity - len(placer.occupied))
+        while spare > 0:
             best = None
             for x in items:
                 k = x.chosen[0]
                 k2 = 2 * k
-                if k2 not in x.times or k > placer.num_free:
+                if k2 not in x.times or k > spare:
                     continue
                 speedup = x.times[k] / x.times[k2]
                 if speedup < self.min_speedup:
@@ -418,22 +441,28 @@ class TetriServePolicy:
             q = min(x.left, max(x.chosen[1], int(max(tau, steps_time) / t2 + EPS)))
             x.chosen = (2 * k, q)
             x.group = g
+            x.scaled = True
+            spare -= k
 
     def _background(self, items: list[_Item], placer: Placer, view: SchedulerView, tau: float,
-                    fresh: bool) -> list[_Item]:
+                    fresh: bool, capacity: int | None = None) -> list[_Item]:
         """LATE and BEST_EFFORT requests on leftover GPUs, oldest first, in pieces that end within tau.
 
         First at most ``late_max_gpus`` GPUs each; a request whose step is too long for that
         waits for a second pass, which gives it the smallest idle group whose step fits. A piece
         never outlasts the round, so background work cannot delay the next round's deadlines
-        (with no deadline work at all, rounds are ``background_round_s`` long).
+        (with no deadline work at all, rounds are ``background_round_s`` long). Nor does it make
+        more than ``capacity`` GPUs busy (shared hardware: it would slow the deadline work).
         """
+        def room() -> int:
+            return placer.num_free if capacity is None else min(placer.num_free, capacity - len(placer.occupied))
+
         out, waiting = [], []
         items = sorted(items, key=lambda x: (x.snaps[0].request.arrival_at, x.snaps[0].request_id))
         for x in items:
-            if placer.num_free <= 0:
+            if room() <= 0:
                 return out
-            small = [k for k in x.times if k <= self.late_max_gpus and x.times[k] <= tau + EPS]
+            small = [k for k in x.times if k <= min(self.late_max_gpus, room()) and x.times[k] <= tau + EPS]
             if not small:
                 waiting.append(x)
                 continue
@@ -446,7 +475,7 @@ class TetriServePolicy:
             out.append(x)
         for x in waiting:
             for k in sorted(x.times):
-                if x.times[k] > tau + EPS or k > placer.num_free:
+                if x.times[k] > tau + EPS or k > room():
                     continue
                 g = placer.place(k, x.prefer)
                 if g is not None:
@@ -463,7 +492,8 @@ class TetriServePolicy:
         the longest single step and 1.5 tau, minimising idle GPU time (GPUs that finish early
         and wait for the round's last assignment) plus ``round_overhead_s`` per assignment,
         per second of round: a request stepping 0.22 s in a 0.58 s round would otherwise idle
-        a quarter of it. A slower planned degree keeps its planned share of steps.
+        a quarter of it. A slower planned degree keeps its planned share of steps. A scale-up
+        grant runs at most ``scale_up_commit_s`` when that is set (at least one step).
         """
         if not items:
             return
@@ -483,7 +513,10 @@ class TetriServePolicy:
                                    self.round_overhead_s)
         else:
             end = max(x.chosen[1] * x.times[x.chosen[0]] for x in items)
+        commit = self.scale_up_commit_s
         for x, k, t, cap in rows:
+            if x.scaled and commit > 0:
+                cap = min(cap, max(1, int(commit / t + EPS)))
             x.chosen = (k, max(1, min(cap, int(end / t + EPS))))
 
     def _batch(self, live: list[_Item], cost: CostModel, now: float, n: int) -> list[_Item]:

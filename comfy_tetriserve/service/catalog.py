@@ -161,6 +161,11 @@ class ModelCost:
         heads = self._heads.get(model)
         return tuple(d for d in degrees if heads is None or heads % d == 0)
 
+    @property
+    def parallel_capacity(self) -> int | None:
+        """Forwarded from the wrapped model (the CostModel's optional ``parallel_capacity``)."""
+        return getattr(self.base, "parallel_capacity", None)
+
     def uncorrected(self) -> CostModel:
         """These aliases and degrees over the raw (uncorrected) model: what a simulated executor runs at."""
         return _Uncorrected(self)

@@ -3,10 +3,12 @@
 Sections (``--sections``): ``sar`` (every policy x SLO scale x mix, seeds; per resolution; latency;
 gains), ``rate`` (arrival-rate sweep), ``ablation`` (planner only -> + placement -> + scale-up ->
 + batching, and the open decisions: tie-break, round length rule, two-degree order, admission,
-round alignment, GPU-id choice, aligned blocks vs all subsets, late cap, best-effort load),
+margins, round alignment, GPU-id choice, aligned blocks vs all subsets, late cap, best-effort load,
+arrival-aware limits on scale-up and round length),
 ``granularity`` (round length in steps), ``bound`` (offline MILP upper bound on small traces),
 ``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
-``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat).
+``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat; with
+the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates).
 Every simulated number comes from the cost model named in the report (``cost_model``).
 
     comfy-tetriserve bench                      # the full run (about 4 minutes on 2 busy cores)
@@ -37,6 +39,15 @@ from .workload import MIXES, WorkloadSpec, make_random_view, make_trace
 log = logging.getLogger(__name__)
 
 ALL_POLICIES = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "rssp-paper", "edf")
+#: TetriServe variants measured both on the paper's load (ablation) and in the overload section:
+#: the margins that contention scales, and the arrival-aware limits on scale-up and round length
+ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
+    "margins as before (plan 15%, admission 0%)": {"plan_margin_frac": 0.15, "admit_margin_frac": 0.0},
+    "no admission margin": {"admit_margin_frac": 0.0},
+    "scale-up: 1 GPU kept free": {"scale_up_reserve": 1},
+    "scale-up: grants end within 40 ms": {"scale_up_commit_s": 0.04},
+    "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
+}
 SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload")
 
 
@@ -334,6 +345,7 @@ class Bench:
             "two degrees: fast first": ("tetriserve", {"mix_order": "fast-first"}, None, 0.0),
             "no admission control": ("tetriserve", {"admission": False}, None, 0.0),
             "no plan margin": ("tetriserve", {"plan_margin_frac": 0.0}, None, 0.0),
+            **{name: ("tetriserve", opts, None, 0.0) for name, opts in ARRIVAL_VARIANTS.items()},
             "no round alignment": ("tetriserve", {"align_rounds": False}, None, 0.0),
             "GPU ids: lowest free": ("tetriserve", {"placement_fit": "first"}, None, 0.0),
             "groups: all subsets": ("tetriserve", {}, all_groups, 0.0),
@@ -488,10 +500,30 @@ class Bench:
             key = f"{rate:g}/min {scale}x"
             sar.setdefault(key, {})[p] = _mean(r["sar"] for r in runs)
             util.setdefault(key, {})[p] = _mean(r["utilisation"] for r in runs)
-        self.report["overload"] = {"mix": "small (256/512 px, half each)", "sar": sar, "utilisation": util}
+        # TetriServe variants where arrivals matter most: the two highest rates
+        vrates = sorted(c.overload_rates)[-2:]
+        keys, tasks = [], []
+        for name, opts in ARRIVAL_VARIANTS.items():
+            for rate in vrates:
+                for scale in scales:
+                    for seed in range(c.seeds):
+                        keys.append((name, f"{rate:g}/min {scale}x"))
+                        tasks.append(self.task("tetriserve", self.spec(mix="small", slo_scale=scale, seed=seed,
+                                                                       rate_per_min=rate), opts))
+        vgrid = self.run_grid(keys, tasks)
+        variants: dict = {}
+        for (name, key), runs in vgrid.items():
+            variants.setdefault(name, {})[key] = {"sar": _mean(r["sar"] for r in runs),
+                                                  "utilisation": _mean(r["utilisation"] for r in runs)}
+        self.report["overload"] = {"mix": "small (256/512 px, half each)", "sar": sar, "utilisation": util,
+                                   "tetriserve_variants": variants}
         rows = [[k] + [f"{sar[k][p]:.3f} ({util[k][p]:.0%})" for p in policies] for k in sar]
+        vkeys = [f"{rate:g}/min {scale}x" for rate in vrates for scale in scales]
+        vrows = [["tetriserve (default)"] + [f"{sar[k]['tetriserve']:.3f}" for k in vkeys]]
+        vrows += [[name] + [f"{variants[name][k]['sar']:.3f}" for k in vkeys] for name in variants]
         return ("Overload of small images (256/512 px only): SAR (GPU utilisation)\n"
-                + rep.format_table(["setting"] + policies, rows))
+                + rep.format_table(["setting"] + policies, rows)
+                + "\n\nTetriServe variants in overload: SAR\n" + rep.format_table(["variant"] + vkeys, vrows))
 
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -11,6 +11,12 @@ seeded Gaussian jitter of coefficient of variation ``step_jitter_cv`` (the paper
 1%). The planner sees running_until_at = its own prediction (dispatch + migration + predicted
 steps), as the live service would. Late requests are served to completion (they count as misses).
 Every number produced here comes from the cost model named in ``SimResult.cost_name``.
+
+``shared_cores`` models devices that share compute (CPU workers sharing cores): step times are
+the true cost's (measured one request at a time, a degree-k step on k busy devices), slowed by
+s(B) / s(k) while B devices are busy, s(b) = max(1, b / shared_cores) ** ``shared_exponent``
+(processor sharing, rates recomputed at every event). The exponent 1.15 matches the CPU demo's
+box (scripts/cpu_contention.py: four busy workers on two cores step 2.2-2.4x slower).
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ class SimConfig:
     link_bytes_per_s: float = 300e9
     link_alpha_s: float = 15e-6
     step_jitter_cv: float = 0.0
+    shared_cores: float = 0.0  # > 0: devices share this many cores (see the module docstring)
+    shared_exponent: float = 1.15
     seed: int = 0
     max_events: int = 10_000_000
 
@@ -122,13 +130,15 @@ class Simulation:
         self._arrivals = sorted(trace, key=lambda r: (r.arrival_at, r.request_id))
         self._ends: list[tuple[float, int, Assignment, float]] = []  # (end_at, seq, assignment, started_at)
         self._seq = 0
+        self._work: dict[int, list] = {}  # shared cores: seq -> [assignment, started_at, alone-seconds left]
+        self._last_at = 0.0
         self._next = 0
         self._last_gpus: dict[str, tuple[int, ...]] = {}
         self.num_plans = self.num_assignments = 0
         self.busy_gpu_seconds = 0.0
         self.degree_seconds: dict[int, float] = {}
         self.start_at = self._arrivals[0].arrival_at if self._arrivals else 0.0
-        self.now = self.start_at
+        self.now = self._last_at = self.start_at
 
     @property
     def done(self) -> bool:
@@ -147,20 +157,50 @@ class Simulation:
             self._step(t)
         raise RuntimeError("simulation did not finish within max_events")
 
+    def _slowdown(self, busy: int) -> float:
+        c = self.config
+        return max(1.0, busy / c.shared_cores) ** c.shared_exponent
+
+    def _advance(self, now: float) -> None:
+        """Shared cores: progress every running assignment to ``now`` at its current rate."""
+        dt = now - self._last_at
+        busy = sum(w[0].sp_degree for w in self._work.values())
+        if dt > 0 and busy:
+            s_busy = self._slowdown(busy)
+            for w in self._work.values():
+                w[2] -= dt * self._slowdown(w[0].sp_degree) / s_busy
+            self.busy_gpu_seconds += dt * busy
+        self._last_at = now
+
+    def _rebuild_ends(self, now: float) -> None:
+        busy = sum(w[0].sp_degree for w in self._work.values())
+        s_busy = self._slowdown(busy) if busy else 1.0
+        self._ends = [(now + max(w[2], 0.0) * s_busy / self._slowdown(w[0].sp_degree), seq, w[0], w[1])
+                      for seq, w in self._work.items()]
+        heapq.heapify(self._ends)
+
     def _step(self, now: float) -> None:
         engine, config = self.engine, self.config
-        while self._ends and self._ends[0][0] <= now:
-            end_at, _, a, started = heapq.heappop(self._ends)
+        shared = config.shared_cores > 0
+        if shared:
+            self._advance(now)
+        while self._ends and self._ends[0][0] <= now + (1e-12 if shared else 0.0):
+            end_at, seq, a, started = heapq.heappop(self._ends)
+            self._work.pop(seq, None)
             engine.apply_result(AssignmentResult(a, started, end_at, a.num_steps), end_at)
         while self._next < len(self._arrivals) and self._arrivals[self._next].arrival_at <= now:
             engine.submit(self._arrivals[self._next])
             self._next += 1
         plan = engine.plan(now)
-        if plan is None:
-            return
-        self.num_plans += 1
-        if plan.is_empty:
-            return
+        if plan is not None:
+            self.num_plans += 1
+            if not plan.is_empty:
+                self._start(plan, now)
+        if shared:
+            self._rebuild_ends(now)
+
+    def _start(self, plan, now: float) -> None:
+        engine, config = self.engine, self.config
         expected: dict[tuple[str, ...], float] = {}
         actual: list[tuple[Assignment, float]] = []
         for a in plan.assignments:
@@ -180,9 +220,12 @@ class Simulation:
                 self._last_gpus[rid] = a.gpu_ids
         engine.apply_plan(plan, now, expected)
         for a, dur in actual:
-            heapq.heappush(self._ends, (now + dur, self._seq, a, now))
+            if config.shared_cores > 0:
+                self._work[self._seq] = [a, now, dur]  # its end follows from the rates (_rebuild_ends)
+            else:
+                heapq.heappush(self._ends, (now + dur, self._seq, a, now))
+                self.busy_gpu_seconds += dur * a.sp_degree
             self._seq += 1
-            self.busy_gpu_seconds += dur * a.sp_degree
             self.degree_seconds[a.sp_degree] = self.degree_seconds.get(a.sp_degree, 0.0) + dur
             self.num_assignments += 1
 
