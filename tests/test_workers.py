@@ -255,17 +255,19 @@ def test_out_of_memory_on_one_device_loses_the_assignment_not_the_worker(h):
 def test_dead_worker_degrades_the_pool_and_restart_resumes_from_checkpoint(h):
     """Runs last: kills a worker (SIGKILL) under an assignment, then a CUDA-like error kills another."""
     pool = h.pool
-    steps = 400
+    steps = 150
     ref = h(sample(pool, make_job("death-ref", "sd3", steps=7, seed=9), [((0,), 7)]))
+    victim_ref = h(sample(pool, make_job("victim-ref", "sd3", steps=steps, seed=1), [((0,), steps)]))
     h(pool.admit(make_job("death", "sd3", steps=7, seed=9)))
     assert h(pool.execute(Assignment(("death",), (0, 1), 2))).error is None
-    h(pool.admit(make_job("victim", "flux", steps=steps, seed=1)))
+    h(pool.admit(make_job("victim", "sd3", steps=steps, seed=1)))
     victim_pid = pool.worker_info[3]["pid"]
     faults = []
     pool.on_fault = faults.append
+    pool.checkpoint_every_s = 0.0  # the leader checkpoints after every step of the assignment
 
     def on_step(rid, index, seconds):
-        if index == 1:
+        if index == 5:
             os.kill(victim_pid, signal.SIGKILL)
 
     try:
@@ -273,7 +275,10 @@ def test_dead_worker_degrades_the_pool_and_restart_resumes_from_checkpoint(h):
         result = h(pool.execute(Assignment(("victim",), (2, 3), steps), on_step))
         assert time.monotonic() - t0 < 60
         assert result.error and "worker 3" in result.error and "killed by SIGKILL" in result.error
-        assert result.lost and result.steps_done == 0  # nothing of this assignment was checkpointed
+        # the steps up to the leader's last checkpoint inside the assignment are kept
+        assert result.lost and 5 <= result.steps_done < steps, result
+        assert pool.checkpoint("victim").step_index == result.steps_done
+        victim_left = steps - result.steps_done
         assert pool.broken and not pool.alive and pool.needs_restart == pool.dead[3] == pool.broken
         assert faults[0].gpu_ids == (3,) and faults[0].request_ids == ("victim",) and faults[0].fatal
         # gloo: the dead rank's peer fails its collective at once and takes work again; groups without rank 3 run
@@ -293,6 +298,10 @@ def test_dead_worker_degrades_the_pool_and_restart_resumes_from_checkpoint(h):
         r = h(pool.execute(Assignment(("death",), (2, 3), 3)))  # conditioning re-sent, latent from the checkpoint
         assert r.error is None and r.steps_done == 3
         assert rel(h(pool.fetch_result("death")), ref) <= 1e-5
+        # the victim resumes from the checkpoint taken inside its lost assignment, and ends exactly
+        r = h(pool.execute(Assignment(("victim",), (0, 1, 2, 3), victim_left)))
+        assert r.error is None and r.steps_done == victim_left
+        assert rel(h(pool.fetch_result("victim")), victim_ref) <= 1e-5
         # an unrecoverable device error inside a two-device assignment: the worker reports it and exits
         h(pool.admit(make_job("cuda", "flux", steps=4, seed=2)))
         h(pool.inject_fault(1, "cuda"))
@@ -302,3 +311,4 @@ def test_dead_worker_degrades_the_pool_and_restart_resumes_from_checkpoint(h):
         assert pool.dead.keys() == {1}
     finally:
         pool.on_fault = None
+        pool.checkpoint_every_s = 1.0

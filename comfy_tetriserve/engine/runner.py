@@ -436,7 +436,9 @@ class Worker:
             stats["handoff_kinds"] = sorted({task["sources"][rid][0] for rid in rids})
             runner = StepRunner(model, comm)
             conds = [self.conds[rid] for rid in rids]
-            for _ in range(task["num_steps"]):
+            every = task.get("checkpoint_every_s")
+            last_ckpt = time.perf_counter()
+            for i in range(task["num_steps"]):
                 t0 = time.perf_counter()
                 self._raise_injected()
                 vote = 1.0 if task_id in self.stop_task_ids else 0.0
@@ -450,6 +452,11 @@ class Worker:
                         self.send("step", task_id, rid, traj.step_index, times[-1])
                 if stop:
                     break
+                if (leader and every is not None and i + 1 < task["num_steps"]
+                        and time.perf_counter() - last_ckpt >= every):
+                    # a checkpoint inside a long assignment: a death now loses at most `every` seconds
+                    self.send("ckpt", task_id, {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)})
+                    last_ckpt = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - the assignment fails; the worker lives on unless it is fatal
             kind = classify_failure(exc, self.cfg.backend, len(group))
             log.log(logging.WARNING if kind == "lost" else logging.ERROR, "worker %d: task %d failed (%s)",

@@ -9,7 +9,8 @@ What the pool keeps per request (the state a restart would resume from):
 - the job (conditioning and sampler settings) and the set of workers that already hold its
   conditioning (sent once per worker, dropped at ``release``);
 - the latest checkpoint, a CPU ``Trajectory`` returned by the group leader after every
-  assignment (latent, sigmas, step index, sampler memory);
+  assignment (latent, sigmas, step index, sampler memory), and, inside a long assignment, every
+  ``checkpoint_every_s`` seconds of it, so a death costs at most that much of a request's work;
 - which workers hold which step of the trajectory on their device.
 
 When a request's next assignment runs on a group, each member gets the trajectory from the
@@ -113,6 +114,7 @@ class _Task:
     steps_done: int | None = None
     step_times_s: tuple[float, ...] = ()
     checkpoints: dict[str, Trajectory] | None = None
+    partial: dict[str, Trajectory] | None = None  # the leader's latest checkpoint inside the assignment
     errors: list[str] = field(default_factory=list)
     retryable: bool = False  # a rank ran out of memory: the requests may resume from their checkpoints
 
@@ -122,7 +124,8 @@ class WorkerPool:
 
     def __init__(self, devices: str | Sequence[str] = "cpu:2", *, groups: Sequence[Sequence[int]] | None = None,
                  backend: str | None = None, collective_timeout_s: float = 300.0, start_timeout_s: float = 600.0,
-                 num_threads: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 num_threads: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 checkpoint_every_s: float | None = 1.0) -> None:
         self.devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
         if not self.devices:
             raise InvalidRequest("a worker pool needs at least one device")
@@ -142,6 +145,11 @@ class WorkerPool:
         cpu_workers = sum(d == "cpu" for d in self.devices)
         self.num_threads = num_threads if num_threads is not None else (
             max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0)
+        if checkpoint_every_s is not None and not checkpoint_every_s >= 0:
+            raise InvalidRequest(f"checkpoint_every_s must be >= 0 or None, got {checkpoint_every_s}")
+        #: inside an assignment, the leader sends a checkpoint after a step once this many seconds passed
+        #: since the assignment began or the last one (0: every step; None: only when it ends)
+        self.checkpoint_every_s = checkpoint_every_s
         self.clock = clock
         self._procs: list = []
         self._cmd: list = []
@@ -369,6 +377,10 @@ class WorkerPool:
                     task.on_step(rid, step_index, seconds)
                 except Exception:  # noqa: BLE001 - a progress callback must not break execution
                     log.exception("on_step callback failed")
+        elif kind == "ckpt":
+            task = self._tasks.get(msg[1])
+            if task is not None:
+                task.partial = msg[2]
         elif kind == "done":
             try:
                 self._on_done(rank, msg[1], *msg[3:])
@@ -438,19 +450,25 @@ class WorkerPool:
             self._notify(WorkerFault(reason="; ".join(errors), request_ids=a.request_ids, fatal=False))
         lost = lost or task.retryable
         steps = task.steps_done or 0
+        checkpoints = task.checkpoints
+        if not checkpoints and task.partial:  # the leader never ended it: resume from its latest checkpoint
+            checkpoints = task.partial
+            first = self._requests.get(a.request_ids[0])
+            if first is not None and a.request_ids[0] in checkpoints:
+                steps = checkpoints[a.request_ids[0]].step_index - first.checkpoint.step_index
         for rid in a.request_ids:
             req = self._requests.get(rid)
             if req is None:
                 continue
             req.task_id = None
-            if task.checkpoints and rid in task.checkpoints:
-                req.checkpoint = task.checkpoints[rid]
+            if checkpoints and rid in checkpoints:
+                req.checkpoint = checkpoints[rid]
             if errors:  # members may hold anything now: trust only the pool's checkpoint
                 req.holders.clear()
             else:
                 for g in a.gpu_ids:
                     req.holders[g] = req.checkpoint.step_index
-        if not task.checkpoints:
+        if not checkpoints:
             steps = 0  # nothing came back: nothing was checkpointed
         result = AssignmentResult(assignment=a, started_at=task.started_at, finished_at=self.clock(),
                                   steps_done=steps, step_times_s=tuple(task.step_times_s[:steps]),
@@ -599,7 +617,8 @@ class WorkerPool:
                     req.cond_on.add(rank)
             msg = {"task_id": task_id, "gpu_ids": a.gpu_ids, "leader": rank == task.leader,
                    "request_ids": a.request_ids, "num_steps": a.num_steps, "model": reqs[0].job.model,
-                   "conds": conds, "sources": {rid: src[rank] for rid, src in sources.items()}}
+                   "conds": conds, "sources": {rid: src[rank] for rid, src in sources.items()},
+                   "checkpoint_every_s": self.checkpoint_every_s}
             try:
                 self._send(rank, "run", msg)
             except OSError as exc:  # the worker is gone and its sentinel not seen yet: that will follow

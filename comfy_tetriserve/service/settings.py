@@ -57,6 +57,10 @@ class ServiceConfig:
     stall_timeout_s: float = field(
         600.0, help="an assignment that completes no step for this long is hung: its workers are killed and its "
                     "jobs resume elsewhere (0: never)")
+    checkpoint_every_s: float = field(
+        1.0, help="inside a long assignment, the workers checkpoint a job's latent after this many seconds of it, so "
+                  "a worker death costs a job at most this much work (0: after every step; the end of every "
+                  "assignment is always checkpointed)")
     restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
     journal: str = field(
         "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
@@ -88,7 +92,7 @@ class ServiceConfig:
                      "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
-        for name in ("rebuild_after_s", "stall_timeout_s"):
+        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",

@@ -91,7 +91,7 @@ def build_executor(config: ServiceConfig, cost: CostModel):
     except ImportError:
         raise InvalidRequest(f"devices {config.devices!r} need the worker pool (comfy_tetriserve.engine.workers), "
                              "which this build lacks; use sim:N to try the scheduler") from None
-    return WorkerPool(parse_devices(config.devices))
+    return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s)
 
 
 def forecast_function() -> ForecastFn | None:
