@@ -15,6 +15,13 @@ from service_helpers import job_body, make_service_app, running_service
 SLOW = PowerLawCost(base_s=0.04)
 
 
+def killed(journal: JobJournal) -> None:
+    """What a killed service leaves: its journal file as it was, and its lock dropped by the kernel."""
+    journal._file.close()
+    if journal._lock is not None:
+        journal._lock.close()
+
+
 def test_jobs_accepted_and_never_ended_are_lost_at_the_next_start(tmp_path):
     path = tmp_path / "journal.jsonl"
     first = JobJournal(path, "boot1")
@@ -23,12 +30,18 @@ def test_jobs_accepted_and_never_ended_are_lost_at_the_next_start(tmp_path):
         first.accepted(f"j-boot1-{i}", "alice", f"key{i}")
     first.ended("j-boot1-0", "finished", None)
     first.ended("j-boot1-1", "failed", "worker 2 died")
+    # while the first run lives, a second service given the same file leaves it alone
+    intruder = JobJournal(path, "intruder")
+    assert intruder.open() == [] and not intruder.enabled and intruder.past("j-boot1-2") is None
+    assert '"j-boot1-1"' in path.read_text() and "intruder" not in path.read_text()
+    first.accepted("j-boot1-3", "alice", "key3")  # the owner still writes to the live file
     # killed here: no close(); the last line was being written when the process died
     with open(path, "a") as f:
         f.write('{"e": "acc", "id": "j-boot1-9", "bo')
+    killed(first)
     second = JobJournal(path, "boot2")
     lost = second.open()
-    assert [p.job_id for p in lost] == ["j-boot1-2"] and second.num_lost_found == 1
+    assert [p.job_id for p in lost] == ["j-boot1-2", "j-boot1-3"] and second.num_lost_found == 2
     assert "earlier run of the service (boot boot1)" in second.past("j-boot1-2").message()
     assert "the job is lost" in second.past("j-boot1-2").message()
     assert second.past("j-boot1-0").status == "finished" and not second.past("j-boot1-0").lost
@@ -38,7 +51,7 @@ def test_jobs_accepted_and_never_ended_are_lost_at_the_next_start(tmp_path):
     second.close()
     # compacted: past lines, the new boot, its clean stop; a third run still knows boot1's jobs, none lost anew
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [rec["e"] for rec in lines] == ["past", "past", "past", "boot", "stop"]
+    assert [rec["e"] for rec in lines] == ["past", "past", "past", "past", "boot", "stop"]
     third = JobJournal(path, "boot3")
     assert third.open() == [] and third.past("j-boot1-2").lost
 
@@ -52,6 +65,7 @@ def test_the_journal_stays_bounded(tmp_path):
         j.accepted(f"j{i}", "t", None)
         j.ended(f"j{i}", "finished", None)
     assert len(path.read_text().splitlines()) <= 30 + 2
+    killed(j)
     again = JobJournal(path, "c", max_past=5)
     lost = again.open()
     assert [p.job_id for p in lost] == ["open-1"]  # an open job survives every compaction
@@ -111,9 +125,10 @@ def test_after_a_graceful_restart_old_jobs_say_what_became_of_them_and_a_resubmi
 def test_a_lost_job_raises_service_restarted_with_the_services_words_and_generate_submits_it_again(tmp_path):
     path = tmp_path / "journal.jsonl"
     # an earlier run accepted this job and was killed before it ended
-    killed = JobJournal(path, "deadbeef")
-    killed.open()
-    killed.accepted("j-deadbeef-000001", "default", "my-key")
+    earlier = JobJournal(path, "deadbeef")
+    earlier.open()
+    earlier.accepted("j-deadbeef-000001", "default", "my-key")
+    killed(earlier)
 
     async def body():
         app, _ = make_service_app(journal=str(path))

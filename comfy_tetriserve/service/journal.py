@@ -23,6 +23,12 @@ Every line is flushed when written, so a killed service loses nothing (the kerne
 when it grows past ``max_lines``: the past lines plus the lines of jobs this run accepted
 (all unfinished ones, the newest ``max_past`` ended ones). A journal that cannot be written is
 switched off with one error in the log; the service goes on without it.
+
+One service owns a journal at a time: ``open`` takes an exclusive lock on ``<journal>.lock``
+(held until ``close`` or the process ends; the kernel drops it when a service is killed). A
+second service given the same file (a second ``serve`` on the same port, which fails to bind
+only after the app started) runs without a journal rather than rewrite the live one. Where the
+platform has no ``fcntl`` (Windows), the lock is not taken.
 """
 from __future__ import annotations
 
@@ -31,6 +37,11 @@ import logging
 import os
 import time
 from collections import OrderedDict
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one service per journal is then up to the user
+    fcntl = None
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +94,7 @@ class JobJournal:
         self._mine: OrderedDict[str, list[dict]] = OrderedDict()  # job id -> its acc (and end) lines, this run
         self._num_open = 0
         self._file = None
+        self._lock = None  # the open lock file while this journal is owned
         self._lines = 0
         self.num_lost_found = 0  # jobs of earlier runs found lost at open
 
@@ -97,9 +109,13 @@ class JobJournal:
             return []
         found: list[PastJob] = []
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._take_lock():
+                log.error("the job journal %s belongs to another running service; going on without it: a restart "
+                          "of this one will not be able to tell clients which jobs it lost", self.path)
+                return []
             if self.path.exists():
                 found = self._read(self.path)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rewrite()
         except OSError as exc:
             self._disable(exc)
@@ -110,6 +126,18 @@ class JobJournal:
             log.warning("the journal %s has %d jobs an earlier run accepted and never finished; they are reported "
                         "lost to their clients", self.path, len(lost))
         return lost
+
+    def _take_lock(self) -> bool:
+        if fcntl is None:
+            return True
+        lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115 - held for the run
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return False
+        self._lock = lock
+        return True
 
     def _read(self, path: Path) -> list[PastJob]:
         accepted: dict[str, dict] = {}
@@ -222,6 +250,9 @@ class JobJournal:
             except OSError:
                 pass
             self._file = None
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     # ------------------------------------------------------------------ reads
     def past(self, job_id: str) -> PastJob | None:
