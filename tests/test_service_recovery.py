@@ -77,6 +77,32 @@ def test_a_dead_device_is_taken_out_at_once_and_its_job_resumes_from_its_checkpo
     assert all(not [e for e in events[j["job_id"]] if e["type"] == "requeued"] for j in jobs if j["job_id"] != victim)
 
 
+def test_a_job_in_one_long_assignment_resumes_from_its_latest_checkpoint_inside_it():
+    """The executor checkpoints inside an assignment every checkpoint_every_s: a fault loses only the steps since."""
+    async def body():
+        app, executor = make_app(num_gpus=2, policy=FifoPolicy(round_steps=100), rebuild_after_s=60.0)
+        executor.checkpoint_every_s = 0.05  # 5 steps of 10 ms
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            job = await client.submit(job_body({"steps": 100, "seed": 1}, res=512))
+            events = []
+            waiter = asyncio.ensure_future(client.wait(job["job_id"], on_event=events.append))
+            victim = svc.store.jobs[job["job_id"]]
+            await wait_for(lambda: victim.steps_done >= 30, what="steps")
+            at_fault = victim.steps_done
+            gpu = victim.gpu_ids[0]
+            executor.fail_device(gpu, f"worker {gpu} (sim) died (killed by SIGKILL)")
+            status = await waiter
+            return events, status, at_fault
+
+    events, status, at_fault = asyncio.run(body())
+    assert status["status"] == "finished" and status["steps_done"] == 100
+    (requeued,) = [e for e in events if e["type"] == "requeued"]
+    # one assignment held all 100 steps: without the checkpoints inside it the job would restart at step 0
+    assert [e["num_steps"] for e in events if e["type"] == "placed"][0] == 100
+    assert 20 <= requeued["steps_done"] <= at_fault + 2 and requeued["steps_lost"] <= 10, requeued
+
+
 def test_the_pool_is_rebuilt_when_nothing_runs_and_serves_on_every_device_again():
     async def body():
         app, executor = make_app(rebuild_after_s=60.0)

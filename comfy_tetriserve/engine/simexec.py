@@ -14,9 +14,10 @@ name ("sd3" in it: SD3, otherwise FLUX). Shapes follow the real models (FLUX.1-d
 T5 context 4096, pooled 768, guidance; SD3-medium: 24 heads, context 4096, pooled 2048).
 
 Faults (drills and tests of the service's recovery): ``fail_device(g)`` makes device ``g`` die as
-a worker would: the assignment on it ends ``lost`` (its steps since it started are not kept, as on
-the worker pool, which checkpoints at the end of an assignment), ``on_fault`` hears of it, and the
-device stays down until ``restart()`` (which takes ``restart_delay_s``).
+a worker would: the assignment on it ends ``lost`` keeping the steps up to its latest checkpoint
+(as on the worker pool: one at the end of each assignment, and one inside it once
+``checkpoint_every_s`` of the executor's clock passed since the last), ``on_fault`` hears of it,
+and the device stays down until ``restart()`` (which takes ``restart_delay_s``).
 
 Imports neither torch nor diffusers.
 """
@@ -71,7 +72,8 @@ class SimulatedExecutor:
 
     def __init__(self, num_gpus: int, cost: CostModel, *, time_scale: float = 1.0,
                  groups: tuple[tuple[int, ...], ...] | None = None, load_delay_s: float = 0.0,
-                 restart_delay_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 restart_delay_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 checkpoint_every_s: float | None = 1.0) -> None:
         if num_gpus < 1:
             raise InvalidRequest("a simulated executor needs at least one device")
         if not time_scale > 0:
@@ -82,6 +84,7 @@ class SimulatedExecutor:
         self.time_scale = time_scale
         self.load_delay_s = load_delay_s
         self._clock = clock
+        self.checkpoint_every_s = checkpoint_every_s
         self._models: dict[str, tuple[str, ModelInfo]] = {}
         self._requests: dict[str, _SimRequest] = {}
         self._stops: dict[tuple[str, ...], asyncio.Event] = {}  # in-flight assignment -> stop flag
@@ -212,6 +215,7 @@ class SimulatedExecutor:
         step_s = self.step_time_s(assignment)
         started_at = self._clock()
         step_times: list[float] = []
+        kept, kept_at = 0, started_at  # steps of this assignment up to its latest checkpoint
         try:
             for _ in range(assignment.num_steps):
                 if stop.is_set():
@@ -235,15 +239,18 @@ class SimulatedExecutor:
                     req.steps_done += 1
                     if on_step is not None:
                         on_step(rid, req.steps_done, measured)
+                every = self.checkpoint_every_s
+                if every is not None and len(step_times) < assignment.num_steps and self._clock() - kept_at >= every:
+                    kept, kept_at = len(step_times), self._clock()
         finally:
             self._stops.pop(ids, None)
             self._running.pop(ids, None)
         lost = self._lost.pop(ids, None)
-        if lost is not None:  # as on the pool: nothing of the assignment was checkpointed
+        if lost is not None:  # as on the pool: the steps after the latest checkpoint are gone
             for rid, steps in checkpoint.items():
                 if rid in self._requests:
-                    self._requests[rid].steps_done = steps
-            return AssignmentResult(assignment, started_at, self._clock(), 0, error=lost, lost=True)
+                    self._requests[rid].steps_done = steps + kept
+            return AssignmentResult(assignment, started_at, self._clock(), kept, error=lost, lost=True)
         return AssignmentResult(assignment, started_at, self._clock(), len(step_times), tuple(step_times))
 
     async def stop(self, request_ids: tuple[str, ...]) -> None:

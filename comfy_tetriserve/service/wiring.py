@@ -85,7 +85,8 @@ def build_executor(config: ServiceConfig, cost: CostModel):
         num = int(match.group(1))
         if not 1 <= num <= 1024:
             raise InvalidRequest(f"sim:N wants 1 <= N <= 1024, got {num}")
-        return SimulatedExecutor(num, cost, time_scale=config.sim_time_scale)
+        return SimulatedExecutor(num, cost, time_scale=config.sim_time_scale,
+                                 checkpoint_every_s=config.checkpoint_every_s)
     try:
         from ..engine.workers import WorkerPool, parse_devices
     except ImportError:
