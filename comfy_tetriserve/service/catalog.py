@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..cost import CostModel
+from ..cost import CostModel, parallel_capacity
 from ..errors import Conflict, InvalidRequest, NotFound, TetriServeError
 from ..engine.executor import Executor, ModelInfo
 
@@ -164,7 +164,7 @@ class ModelCost:
     @property
     def parallel_capacity(self) -> int | None:
         """Forwarded from the wrapped model (the CostModel's optional ``parallel_capacity``)."""
-        return getattr(self.base, "parallel_capacity", None)
+        return parallel_capacity(self.base)
 
     def uncorrected(self) -> CostModel:
         """These aliases and degrees over the raw (uncorrected) model: what a simulated executor runs at."""

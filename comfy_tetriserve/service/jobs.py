@@ -201,11 +201,13 @@ class JobStore:
             raise TooManyRequests(f"tenant {tenant!r} has {mine} unfinished jobs, the per-tenant limit; retry later")
 
     def add(self, job: Job) -> None:
+        """Store an admitted job (raises NotFound, storing nothing, if its lease ended meanwhile)."""
+        lease = self.lease(job.lease_id) if job.lease_id is not None else None
         self.jobs[job.job_id] = job
         if job.settings.job_key is not None:
             self._by_key[(job.tenant, job.settings.job_key)] = job.job_id
-        if job.lease_id is not None:
-            self.leases[job.lease_id].job_ids.add(job.job_id)
+        if lease is not None:
+            lease.job_ids.add(job.job_id)
 
     def forget(self, job_id: str, reason: str) -> None:
         job = self.jobs.pop(job_id)
