@@ -90,7 +90,8 @@ class JobCancelled(TetriServeError):
 
 
 class ServiceRestarted(TetriServeError):
-    """The service restarted since the job was submitted and no longer knows it."""
+    """The service stopped or restarted under the job, which is gone: submit it again (the same
+    settings give the same image)."""
 
     code = "service_restarted"
 
@@ -321,7 +322,9 @@ class TetriServeClient:
 
         ``on_event`` (sync or async) sees every event (queued, placed, step, waiting, ...). A
         broken stream is resumed where it stopped; a service that stays away raises
-        ServiceUnavailable, one that came back without the job ServiceRestarted. A failed job
+        ServiceUnavailable, one that came back without the job, or one that shut down before the
+        job finished, ServiceRestarted. When the service
+        has no event stream to spare (429), the job is followed by polling its status. A failed job
         raises JobFailed, a cancelled one JobCancelled.
         """
         async def follow() -> dict:
@@ -336,6 +339,8 @@ class TetriServeClient:
                             if inspect.isawaitable(maybe):
                                 await maybe
                         if event["type"] == "failed":  # from the event: the service may be going away
+                            if event.get("code") == "service_stopped":
+                                raise ServiceRestarted(f"job {job_id}: {event.get('error')}")
                             raise JobFailed(job_id, event.get("error") or "no reason given", event)
                         if event["type"] == "cancelled":
                             raise JobCancelled(job_id, event.get("reason"), event)
@@ -343,6 +348,8 @@ class TetriServeClient:
                             return await self._final(job_id)
                 except ServiceUnavailable:
                     pass  # reconnect below, after checking the service is the same one
+                except TooManyRequests:
+                    pass  # every event stream is taken: follow the job by its status until one frees up
                 except NotFound as exc:
                     raise await self._explain_missing(job_id, exc) from exc
                 status = await self.status(job_id)  # retries; raises ServiceRestarted / ServiceUnavailable

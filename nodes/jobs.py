@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from comfy_tetriserve.client import JobCancelled, JobFailed, TetriServeClient, decode_result, encode_job
+from comfy_tetriserve.client import (JobCancelled, JobFailed, ServiceRestarted, TetriServeClient, decode_result,
+                                     encode_job)
 from comfy_tetriserve.errors import Conflict
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often the caller checks the interrupt flag
 STATUS_REFRESH_S = 1.0  # fastest refresh of the predicted finish from the job status
 CANCEL_WAIT_S = 10.0  # how long a cancelled caller waits for the cancel to reach the service
+RESUBMITS = 1  # a job lost in a restart of the service is submitted again this many times
 
 
 @dataclass(frozen=True)
@@ -142,27 +144,41 @@ class _Closed:
 
 async def run_job_io(client: TetriServeClient, tensors: dict, settings: dict, report: Callable[[Any], None], *,
                      tenant: str, reload_model: Callable[[], Awaitable[Any]] | None = None,
-                     status_refresh_s: float = STATUS_REFRESH_S) -> RemoteResult:
+                     status_refresh_s: float = STATUS_REFRESH_S, resubmits: int = RESUBMITS) -> RemoteResult:
     """Submit under a lease, follow the events (reporting JobProgress), fetch the result.
 
     Cancelled (or failing) before the job ended: the job is cancelled at the service and the
     lease released. A submit answered "model not loaded" (e.g. the service restarted since the
-    model was loaded) calls ``reload_model`` once and submits again.
+    model was loaded) calls ``reload_model`` once and submits again. A job the service lost in a
+    restart (killed, crashed) is submitted again under a new lease, up to ``resubmits`` times:
+    sampling is deterministic, so the image is the same.
     """
+    body = await asyncio.to_thread(encode_job, tensors, settings)  # the lease rides in a header
+    for attempt in range(resubmits + 1):
+        try:
+            return await _run_job_once(client, body, report, tenant=tenant, reload_model=reload_model,
+                                       status_refresh_s=status_refresh_s)
+        except ServiceRestarted as exc:
+            if attempt == resubmits:
+                raise
+            log.warning("%s; submitting the job again", exc)
+    raise AssertionError("unreachable")
+
+
+async def _run_job_once(client: TetriServeClient, body: bytes, report: Callable[[Any], None], *, tenant: str,
+                        reload_model: Callable[[], Awaitable[Any]] | None, status_refresh_s: float) -> RemoteResult:
     job_id: str | None = None
     ended = False
     try:
         async with client.lease(tenant=tenant) as lease:
-            job_settings = {**settings, "lease": lease}
-            body = await asyncio.to_thread(encode_job, tensors, job_settings)
             try:
-                receipt = await client.submit(body)
+                receipt = await client.submit(body, lease=lease)
             except Conflict as exc:
                 if reload_model is None or "not loaded" not in str(exc) and "failed to load" not in str(exc):
                     raise
-                log.info("model %s not loaded at the service; loading it again", settings.get("model"))
+                log.info("model not loaded at the service; loading it again")
                 await reload_model()
-                receipt = await client.submit(body)
+                receipt = await client.submit(body, lease=lease)
             job_id = receipt["job_id"]
             progress = JobProgress.from_status(receipt)
             report(progress)
@@ -179,7 +195,7 @@ async def run_job_io(client: TetriServeClient, tensors: dict, settings: dict, re
 
             try:
                 status = await client.wait(job_id, on_event)
-            except (JobCancelled, JobFailed):
+            except (JobCancelled, JobFailed, ServiceRestarted):
                 ended = True  # nothing left to cancel
                 raise
             ended = True

@@ -133,7 +133,7 @@ def test_graceful_restart_gives_waiting_clients_a_clear_error():
                 job = await client.submit(job_body({"steps": 1000}, res=512))
                 waiter = asyncio.ensure_future(client.wait(job["job_id"]))
                 await asyncio.sleep(0.2)
-            with pytest.raises(JobFailed, match="shut down"):
+            with pytest.raises(ServiceRestarted, match="shut down before the job finished; submit it again"):
                 await asyncio.wait_for(waiter, 10)
             app2, _ = make_service_app()
             async with running_service(app2, port=port):
@@ -298,5 +298,25 @@ def test_a_cancelled_caller_cancels_its_job_at_the_service():
                 await asyncio.sleep(0.02)
             assert job.status.value == "cancelled" and job.steps_done < 1000
             assert not svc.engine.busy_gpu_ids
+
+    asyncio.run(body())
+
+
+def test_a_job_is_followed_by_its_status_when_every_event_stream_is_taken():
+    """429 on the event stream (the service's --max-event-streams are all held) must not end the wait."""
+    async def body():
+        app, _ = make_service_app(num_gpus=1, cost=PowerLawCost(base_s=0.02), max_event_streams=1)
+        async with running_service(app) as url, TetriServeClient(url, backoff_s=0.02) as client:
+            slow = await client.submit(job_body({"steps": 200, "tenant": "hog"}))
+            held = client.events(slow["job_id"])
+            first = await held.__anext__()  # this stream now holds the only slot
+            assert first["type"] in ("queued", "placed", "step")
+            with pytest.raises(TooManyRequests):
+                async for _ in client.events(slow["job_id"]):
+                    pass
+            job = await client.submit(job_body({"steps": 3, "tenant": "zed"}))
+            final = await asyncio.wait_for(client.wait(job["job_id"]), 30)
+            assert final["status"] == "finished"
+            await held.aclose()
 
     asyncio.run(body())

@@ -244,6 +244,31 @@ def test_a_model_the_service_lost_is_loaded_again(tmp_path):
     assert handle.family == "flux" and handle.model == "flux-file.safetensors" and handle.effective_shift == 0.9
 
 
+def test_a_job_the_service_lost_in_a_restart_is_submitted_again():
+    """The service is replaced under a running job (a new run on the same port): the node resubmits once."""
+    async def main():
+        port = free_port()
+        first, _ = make_service_app(num_gpus=2, policy=FifoPolicy(round_steps=4), time_scale=20.0)
+        second, _ = make_service_app(num_gpus=2, policy=FifoPolicy(round_steps=4))
+        seen = []
+        async with TetriServeClient(f"http://127.0.0.1:{port}", backoff_s=0.05, retries=40) as client:
+            async with running_service(first, port=port):  # a graceful stop under the job
+                task = asyncio.ensure_future(sample_remote(client, job_tensors(400, res=512), dict(SETTINGS, steps=400),
+                                                           tenant="t", on_progress=seen.append))
+                while not any(p.steps_done >= 1 for p in seen):
+                    await asyncio.sleep(0.01)
+            assert not task.done()
+            async with running_service(second, port=port):
+                result = await asyncio.wait_for(task, 30)
+                jobs = await client.jobs(tenant="t")
+        return seen, result, jobs
+
+    seen, result, jobs = asyncio.run(main())
+    assert result.status["status"] == "finished" and result.status["steps_done"] == 400
+    assert [j["status"] for j in jobs] == ["finished"]  # the second run knows only the resubmitted job
+    assert result.progress.job_id == jobs[0]["job_id"]
+
+
 def test_only_the_comfy_glue_imports_comfyui():
     """ComfyUI's modules are imported by nodes/comfy_nodes.py alone (and the test-only node pack)."""
     import re

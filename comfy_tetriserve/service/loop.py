@@ -89,8 +89,8 @@ class EngineLoop:
         for job in self.store.open_jobs():
             with contextlib.suppress(TetriServeError):
                 self.engine.cancel(job.job_id, now)
-            self._end(job, JobStatus.FAILED, now,
-                      error="the service shut down before the job finished; submit it again")
+            self._end(job, JobStatus.FAILED, now, error="the service shut down before the job finished; submit it again",
+                      code="service_stopped")
         with contextlib.suppress(Exception):
             await self._stop_inflight()
         self.hub.append({"type": "service_stopping"})
@@ -149,11 +149,11 @@ class EngineLoop:
             raise ServiceUnavailable("the service is shutting down")
         try:  # again, with no await until the job is stored: concurrent submits cannot all pass the limits
             self.store.check_capacity(job.tenant)
+            self.store.add(job)  # before the engine has it: every request the engine plans has its job
         except TetriServeError:
             await self.executor.release(job.job_id)
             raise
         self.engine.submit(job.request)
-        self.store.add(job)
         self.store.journal.accepted(job.job_id, job.tenant, job.settings.job_key)
         self.metrics.on_submit(job.tenant)
         self._refresh_predictions(job.job_id)
@@ -262,7 +262,7 @@ class EngineLoop:
                 self.engine.cancel(snap.request_id, now)
             if job is not None:
                 self._end(job, JobStatus.FAILED, now, error=error)
-                asyncio.ensure_future(self._release(snap.request_id))
+                self._background(self._release(snap.request_id))
 
     async def _run_assignment(self, a: Assignment) -> None:
         first = self.engine.state(a.request_ids[0]).request
@@ -321,10 +321,10 @@ class EngineLoop:
                 self._finish_later(job, state.finished_at)
             elif state.status is RequestStatus.FAILED:
                 self._end(job, JobStatus.FAILED, now, error=state.error)
-                asyncio.ensure_future(self._release(job.job_id))
+                self._background(self._release(job.job_id))
             elif state.status is RequestStatus.CANCELLED:
                 self._end(job, JobStatus.CANCELLED, now)
-                asyncio.ensure_future(self._release(job.job_id))
+                self._background(self._release(job.job_id))
             else:
                 job.status = JobStatus.WAITING
                 self._emit(job, "waiting", steps_done=state.steps_done)
@@ -349,10 +349,10 @@ class EngineLoop:
                 job.num_faults += 1
                 job.last_fault = result.error
             if state.status is RequestStatus.FINISHED:
-                self._finish_later(job, now)
+                self._finish_later(job, state.finished_at if state.finished_at is not None else now)
             elif state.status is RequestStatus.CANCELLED:
                 self._end(job, JobStatus.CANCELLED, now)
-                asyncio.ensure_future(self._release(job.job_id))
+                self._background(self._release(job.job_id))
             elif job.num_faults >= limit:
                 with contextlib.suppress(TetriServeError):
                     self.engine.cancel(job.job_id, now)
@@ -360,7 +360,7 @@ class EngineLoop:
                     f"the job was on the devices when they failed {job.num_faults} times (last: {result.error}); "
                     f"it is not tried again (a job that keeps taking workers down must not take the service "
                     f"with it; limit --max-job-faults {limit})"))
-                asyncio.ensure_future(self._release(job.job_id))
+                self._background(self._release(job.job_id))
             else:
                 job.status = JobStatus.WAITING
                 self.metrics.jobs_requeued_total += 1
@@ -370,7 +370,11 @@ class EngineLoop:
                 self._emit(job, "waiting", steps_done=state.steps_done)
 
     def _finish_later(self, job: Job, finished_at: float) -> None:
-        task = asyncio.ensure_future(self._finalize(job, finished_at))
+        self._background(self._finalize(job, finished_at))
+
+    def _background(self, coro) -> None:
+        """Run ``coro`` as a task that ``close`` waits for (a reference is kept until it ends)."""
+        task = asyncio.ensure_future(coro)
         self._finalizers.add(task)
         task.add_done_callback(self._finalizers.discard)
 
@@ -409,9 +413,12 @@ class EngineLoop:
             await asyncio.sleep(self.config.housekeeping_s)
             try:
                 await self.expire(self.clock.now())
+            except Exception:  # noqa: BLE001
+                log.exception("housekeeping (expiry) failed")
+            try:  # on its own: a failing expiry must not switch the stall watchdog off
                 self.check_stalls(self.clock.now())
             except Exception:  # noqa: BLE001
-                log.exception("housekeeping failed")
+                log.exception("housekeeping (stall watchdog) failed")
 
     def check_stalls(self, now: float) -> None:
         """Kill the workers of an assignment that completed no step for ``stall_timeout_s`` (a hang:
@@ -446,7 +453,8 @@ class EngineLoop:
             self.store.forget(job_id, reason)
 
     # ------------------------------------------------------------------ events
-    def _end(self, job: Job, status: JobStatus, at: float, error: str | None = None) -> None:
+    def _end(self, job: Job, status: JobStatus, at: float, error: str | None = None, code: str | None = None) -> None:
+        """End a job; ``code`` (failed only) tells clients why in a word: ``service_stopped`` (submit again)."""
         if job.status.is_terminal:
             return
         job.status = status
@@ -457,6 +465,8 @@ class EngineLoop:
             fields["met_deadline"] = job.met_deadline
         elif status is JobStatus.FAILED:
             fields["error"] = error
+            if code is not None:
+                fields["code"] = code
         else:
             fields["reason"] = job.cancel_reason
         self._emit(job, status.value, **fields)

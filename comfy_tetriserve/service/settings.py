@@ -52,7 +52,7 @@ class ServiceConfig:
                    "pool (it is rebuilt at once when nothing runs); 0: rebuild at once")
     max_job_faults: int = field(
         3, help="a job that was on the devices when workers failed this many times fails (a poison job cannot take "
-                "the box down forever); before that it resumes from its last completed round")
+                "the box down forever); before that it resumes from its latest checkpoint")
     max_restart_attempts: int = field(5, help="failed pool rebuilds in a row before the service gives up (503)")
     stall_timeout_s: float = field(
         600.0, help="an assignment that completes no step for this long is hung: its workers are killed and its "
