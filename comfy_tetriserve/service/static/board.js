@@ -88,7 +88,7 @@
     ctx.setLineDash([]);
   }
 
-  const COLUMNS = ["job", "tenant", "model", "size", "status", "steps", "GPUs", "deadline in", "predicted finish in",
+  const COLUMNS = ["job", "tenant", "model", "size", "status", "steps", "on GPUs", "deadline in", "predicted finish in",
     "slack"];
 
   function table(board, tbody = document.getElementById("jobs")) {
@@ -99,7 +99,7 @@
         `<span class="swatch" style="background:${colour(j.job_id)}"></span>${j.job_id}`,
         j.tenant, j.model, `${j.width}×${j.height}${j.batch > 1 ? " ×" + j.batch : ""}`,
         j.status + (j.simulated ? " (sim)" : ""), `${j.steps_done}/${j.num_steps}`,
-        j.gpu_ids.length ? j.gpu_ids.join(",") : "–", fmtIn(j.deadline_at, board.now_at),
+        j.status === "running" && j.gpu_ids.length ? j.gpu_ids.join(",") : "–", fmtIn(j.deadline_at, board.now_at),
         j.status === "finished" || j.status === "failed" || j.status === "cancelled" ? "–" : fmtIn(j.predicted_finish_at, board.now_at),
         j.slack_s === null ? "best effort" : j.slack_s.toFixed(1) + " s",
       ];
