@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from comfy_tetriserve.client import JobFailed, TetriServeClient
+from comfy_tetriserve.engine.executor import WorkerFault
 from comfy_tetriserve.engine.simexec import SimulatedExecutor
 from comfy_tetriserve.service.app import create_app
 from comfy_tetriserve.service.state import SERVICE
@@ -275,3 +276,56 @@ def test_a_hung_device_is_found_by_the_stall_watchdog_and_its_job_resumes():
     requeued = [e for e in events if e["type"] == "requeued"]
     assert len(requeued) == 1 and requeued[0]["steps_done"] == 5  # its last completed round (rounds of 5)
     assert len(stalled) == 1 and restarts == 1
+
+
+def test_a_device_that_keeps_dying_under_different_jobs_is_quarantined_and_a_poison_job_quarantines_none():
+    async def body():
+        app, executor = make_app(max_device_faults=3, rebuild_after_s=0.0)
+        svc = app[SERVICE]
+        recovery = svc.loop.recovery
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            # one job on device 2 three times (a poison job): one cause, no quarantine
+            for _ in range(3):
+                recovery.on_fault(WorkerFault(gpu_ids=(2,), reason="worker 2 died", request_ids=("j-poison",)))
+            assert not recovery.quarantined
+            # three deaths of its own (no job on it): quarantined at the third
+            for n in range(3):
+                executor.fail_device(1, f"worker 1 (sim) died (killed by SIGKILL) #{n}")
+                if n < 2:
+                    await wait_for(lambda: executor.num_restarts == n + 1, what=f"restart {n + 1}")
+            await asyncio.sleep(0.3)
+            # its death alone asks for no rebuild: the pool stays as it is, serving on the other three
+            assert executor.num_restarts == 2 and recovery.state.value == "ok"
+            async with aiohttp.ClientSession() as s, s.get(url + "/v1/executor") as resp:
+                executor_json = await resp.json()
+            executor.history.clear()
+            jobs = [await client.submit(job_body({"steps": 20, "seed": i}, res=512)) for i in range(6)]
+            statuses = [await client.wait(j["job_id"]) for j in jobs]
+            used = {g for _, gpus, _ in executor.history for g in gpus}
+            metrics = await client.metrics()
+            events = [e for e in svc.hub.after(0) if e["type"] == "executor_device_quarantined"]
+        return executor_json, statuses, used, metrics, events
+
+    executor_json, statuses, used, metrics, events = asyncio.run(body())
+    assert executor_json["healthy_gpu_ids"] == [0, 2, 3] and list(executor_json["quarantined"]) == ["1"]
+    assert "died 3 times" in executor_json["quarantined"]["1"] and "--max-device-faults 3" in executor_json["quarantined"]["1"]
+    assert all(s["status"] == "finished" for s in statuses) and 1 not in used and used
+    assert "tetriserve_quarantined_devices 1" in metrics
+    assert len(events) == 1 and events[0]["gpu_id"] == 1
+
+
+def test_the_last_device_that_is_not_quarantined_never_is():
+    async def body():
+        app, executor = make_app(num_gpus=2, max_device_faults=1, rebuild_after_s=0.0)
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            executor.fail_device(0)
+            await asyncio.sleep(0.1)
+            executor.fail_device(1)
+            await wait_for(lambda: executor.num_restarts >= 1 and not executor.dead, what="rebuild")
+            job = await client.submit(job_body({"steps": 10}, res=512))
+            status = await client.wait(job["job_id"])
+            return dict(svc.loop.recovery.quarantined), status
+
+    quarantined, status = asyncio.run(body())
+    assert list(quarantined) == [0] and status["status"] == "finished"

@@ -106,6 +106,8 @@ class ServiceProcess:
                 "--max-job-faults", str(s.max_job_faults), "--rebuild-after-s", str(s.rebuild_after_s),
                 "--max-body-mb", str(s.max_body_mb), "--body-timeout-s", str(s.body_timeout_s),
                 "--lease-s", str(s.lease_s), "--stall-timeout-s", str(s.stall_timeout_s),
+                # the drill kills devices on purpose, the same one several times: none is quarantined
+                "--max-device-faults", "0",
                 "--journal", str(self.workdir / "journal.jsonl"), *s.extra]
 
     def start(self) -> "ServiceProcess":

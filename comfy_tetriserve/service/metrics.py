@@ -200,4 +200,7 @@ class ServiceMetrics:
                      [({}, recovery["num_faults"])])
             w.family("tetriserve_pool_restarts_total", "counter", "Times the worker pool was rebuilt.",
                      [({}, recovery["num_restarts"])])
+            w.family("tetriserve_quarantined_devices", "gauge",
+                     "Devices out of the plan until the service restarts (--max-device-faults).",
+                     [({}, len(recovery.get("quarantined") or {}))])
         return "\n".join(w.lines) + "\n"

@@ -116,6 +116,7 @@ SCHEMAS: dict = {
                                 "gpu_ids": {"type": "array", "items": {"type": "integer"}},
                                 "healthy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
                                 "unavailable_gpu_ids": {"type": "array", "items": {"type": "integer"}},
+                                "quarantined": {"type": "object", "additionalProperties": {"type": "string"}},
                                 "busy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
                                 "workers": {"type": "array", "items": {"type": "object", "properties": {
                                     "gpu_id": {"type": "integer"}, "device": {"type": "string"},

@@ -23,9 +23,15 @@ a GPU box (weights reloaded), during which nothing runs. So the service degrades
 4. A rebuild that fails is retried with a growing pause; after ``max_restart_attempts`` failures
    in a row the executor is declared broken: the loop fails the jobs that wait (with the reason)
    and new submits get 503.
+5. **Quarantine.** A device whose worker died ``max_device_faults`` times within
+   ``device_fault_window_s``, each time under different jobs (or none), is taken out of the plan
+   until the service restarts: a rebuild brings its worker back, but the planner no longer places
+   work on it, and it alone being down asks for no rebuild. Faults that share a job count once,
+   so a poison job (which kills whatever device runs it) cannot quarantine healthy devices; that
+   is ``max_job_faults``' business. The last device that is not quarantined never is.
 
 Events on the service stream: ``executor_fault``, ``executor_draining``, ``executor_restarting``,
-``executor_restarted``, ``executor_restart_failed``, ``executor_broken`` (and, from the loop's stall
+``executor_restarted``, ``executor_restart_failed``, ``executor_broken``, ``executor_device_quarantined`` (and, from the loop's stall
 watchdog, ``executor_stalled``: a hung assignment whose workers it killed).
 """
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from ..engine.engine import Engine
@@ -81,6 +88,10 @@ class ExecutorRecovery:
         self.last_restart_s: float | None = None
         self._rebuild_reason: str | None = None
         self._next_attempt_at = 0.0
+        #: device -> its recent deaths (at, the jobs on it), within device_fault_window_s
+        self._device_faults: dict[int, deque[tuple[float, frozenset[str]]]] = {}
+        #: devices taken out of the plan until the service restarts -> why
+        self.quarantined: dict[int, str] = {}
         self._task: asyncio.Task | None = None
         if self.supported:
             executor.on_fault = self.on_fault
@@ -95,6 +106,7 @@ class ExecutorRecovery:
         unavailable = sorted(set(self.engine.all_gpu_ids) - set(self.engine.healthy_gpu_ids))
         return {"state": self.state.value, "num_faults": self.num_faults, "num_restarts": self.num_restarts,
                 "last_fault": self.last_fault, "error": self.broken_reason, "unavailable_gpu_ids": unavailable,
+                "quarantined": {str(g): why for g, why in sorted(self.quarantined.items())},
                 "degraded_since_at": self.clock.to_wall(self.degraded_since_at),
                 "last_restart_s": self.last_restart_s, "recoverable": self.supported}
 
@@ -106,15 +118,46 @@ class ExecutorRecovery:
             self.last_fault = fault.reason
             self.hub.append({"type": "executor_fault", "gpu_ids": list(fault.gpu_ids), "error": fault.reason,
                              "job_ids": list(fault.request_ids), "fatal": fault.fatal})
+            if fault.fatal:
+                for g in fault.gpu_ids:
+                    self._count_device_fault(g, frozenset(fault.request_ids), fault.reason)
         self.sync_health()
         self.wake()
+
+    def _count_device_fault(self, gpu_id: int, jobs: frozenset[str], reason: str) -> None:
+        limit = self.config.max_device_faults
+        if limit < 1 or gpu_id in self.quarantined:
+            return
+        now = self.clock.now()
+        recent = self._device_faults.setdefault(gpu_id, deque())
+        recent.append((now, jobs))
+        while recent and now - recent[0][0] > self.config.device_fault_window_s:
+            recent.popleft()
+        seen: set[str] = set()
+        causes = 0
+        for _, on_it in recent:  # faults that share a job are one cause (a poison job, not the device)
+            if not on_it & seen:
+                causes += 1
+            seen |= on_it
+        if causes < limit or len(self.quarantined) + 1 >= len(self.engine.all_gpu_ids):
+            return
+        why = (f"its worker died {causes} times within {self.config.device_fault_window_s:g} s under different "
+               f"jobs (last: {reason}); out of the plan until the service restarts (--max-device-faults {limit})")
+        self.quarantined[gpu_id] = why
+        del self._device_faults[gpu_id]
+        log.error("device %d quarantined: %s", gpu_id, why)
+        self.hub.append({"type": "executor_device_quarantined", "gpu_id": gpu_id, "reason": why})
+
+    def _unavailable(self) -> frozenset[int]:
+        """Devices the executor cannot use now, and the quarantined ones."""
+        return frozenset(self.executor.unavailable_gpu_ids) | frozenset(self.quarantined)
 
     def sync_health(self) -> None:
         """The engine's device health from the executor's (all down while draining or restarting)."""
         if not self.supported:
             return
         if self.planning:
-            down = self.executor.unavailable_gpu_ids
+            down = self._unavailable()
         else:
             down = frozenset(self.engine.all_gpu_ids)
         for g in self.engine.all_gpu_ids:
@@ -131,6 +174,8 @@ class ExecutorRecovery:
         if not self.supported or self.state is RecoveryState.BROKEN:
             return self.state is not RecoveryState.BROKEN
         need = self.executor.needs_restart
+        if need and set(self.executor.unavailable_gpu_ids) <= set(self.quarantined):
+            need = None  # only quarantined devices are down: a rebuild would bring back nothing we use
         if self.state is RecoveryState.OK and need:
             self.state = RecoveryState.DEGRADED
             self.degraded_since_at = now
@@ -153,7 +198,7 @@ class ExecutorRecovery:
             return self._rebuild_reason
         if not self.engine.inflight():
             return "nothing is running"
-        if not set(self.engine.all_gpu_ids) - set(self.executor.unavailable_gpu_ids):
+        if not set(self.engine.all_gpu_ids) - self._unavailable():
             return "no healthy device is left"
         if now - (self.degraded_since_at or now) >= self.config.rebuild_after_s:
             return f"degraded for {self.config.rebuild_after_s:g} s"

@@ -53,6 +53,10 @@ class ServiceConfig:
     max_job_faults: int = field(
         3, help="a job that was on the devices when workers failed this many times fails (a poison job cannot take "
                 "the box down forever); before that it resumes from its latest checkpoint")
+    max_device_faults: int = field(
+        3, help="a device whose worker died this many times within --device-fault-window-s, each time under different "
+                "jobs, is taken out of the plan until the service restarts (0: never)")
+    device_fault_window_s: float = field(3600.0, help="the window of --max-device-faults, in seconds")
     max_restart_attempts: int = field(5, help="failed pool rebuilds in a row before the service gives up (503)")
     stall_timeout_s: float = field(
         600.0, help="an assignment that completes no step for this long is hung: its workers are killed and its "
@@ -89,10 +93,11 @@ class ServiceConfig:
         if not 0 < self.port < 65536:
             raise InvalidRequest(f"port out of range: {self.port}")
         for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s",
-                     "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s"):
+                     "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s",
+                     "device_fault_window_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
-        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s"):
+        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",
