@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from ..engine.engine import Engine
-from ..engine.executor import WorkerFault
+from ..engine.executor import RecoverableExecutor, WorkerFault
 from .events import EventLog
 from .jobs import Clock
 from .settings import ServiceConfig
@@ -62,7 +62,7 @@ class RecoveryState(enum.Enum):
 
 
 def supports_recovery(executor) -> bool:
-    return all(hasattr(executor, name) for name in ("unavailable_gpu_ids", "needs_restart", "restart", "on_fault"))
+    return isinstance(executor, RecoverableExecutor)
 
 
 class ExecutorRecovery:
