@@ -5,9 +5,10 @@
 
 A worker pool on ``--devices`` (one thread per worker when there are more workers than cores),
 the demo's tiny FLUX (built into a temporary folder), and the median step time of degree-1 and
-degree-2 requests run alone, two at a time and four at a time on disjoint workers. The profile
-the planner uses is measured alone; on a box with fewer cores than workers the concurrent rows
-show how far that is from what the workers get when all of them are busy.
+degree-2 requests run alone, two at a time and four at a time on disjoint workers. On a box with
+fewer cores than workers the concurrent rows show how far a profile measured one request at a
+time is from what the workers get when all of them are busy; that is why the demo profiles with
+``profile --loaded`` (the other workers busy) and measures the parallel capacity.
 """
 from __future__ import annotations
 

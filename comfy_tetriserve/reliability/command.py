@@ -48,26 +48,26 @@ LIMITS = {"max_open_jobs_per_tenant": 12, "max_leases_per_tenant": 6, "max_event
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="drills to run, in order")
-    parser.add_argument("--workers", type=int, default=4, help="CPU workers of the service (cpu:N; CI uses 2)")
-    parser.add_argument("--soak-jobs", type=int, default=5000, help="jobs of the soak")
-    parser.add_argument("--soak-clients", type=int, default=4, help="clients (tenants) of the soak")
-    parser.add_argument("--concurrency", type=int, default=3, help="jobs each client keeps in flight")
-    parser.add_argument("--check-every", type=int, default=10, help="compare every Nth soak job with the direct run")
-    parser.add_argument("--max-rss-growth", type=float, default=0.10, help="largest allowed RSS growth of the soak")
-    parser.add_argument("--fault-jobs", type=int, default=200, help="jobs of the fault drill (at least)")
-    parser.add_argument("--fault-kills", type=int, default=10, help="workers killed during the fault drill")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="drills to run, in order (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=4, help="CPU workers of the service (cpu:N; CI uses 2) (default: %(default)s)")
+    parser.add_argument("--soak-jobs", type=int, default=5000, help="jobs of the soak (default: %(default)s)")
+    parser.add_argument("--soak-clients", type=int, default=4, help="clients (tenants) of the soak (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=3, help="jobs each client keeps in flight (default: %(default)s)")
+    parser.add_argument("--check-every", type=int, default=10, help="compare every Nth soak job with the direct run (default: %(default)s)")
+    parser.add_argument("--max-rss-growth", type=float, default=0.10, help="largest allowed RSS growth of the soak (default: %(default)s)")
+    parser.add_argument("--fault-jobs", type=int, default=200, help="jobs of the fault drill (at least) (default: %(default)s)")
+    parser.add_argument("--fault-kills", type=int, default=10, help="workers killed during the fault drill (default: %(default)s)")
     parser.add_argument("--no-poison", dest="poison", action="store_false", help="skip the poison-job drill")
-    parser.add_argument("--restart-jobs", type=int, default=8, help="jobs in flight when the service is killed")
-    parser.add_argument("--max-job-faults", type=int, default=2, help="the service's --max-job-faults")
-    parser.add_argument("--rebuild-after-s", type=float, default=5.0, help="the service's --rebuild-after-s")
-    parser.add_argument("--phase-timeout-s", type=float, default=1800.0, help="time limit of each phase")
+    parser.add_argument("--restart-jobs", type=int, default=8, help="jobs in flight when the service is killed (default: %(default)s)")
+    parser.add_argument("--max-job-faults", type=int, default=2, help="the service's --max-job-faults (default: %(default)s)")
+    parser.add_argument("--rebuild-after-s", type=float, default=5.0, help="the service's --rebuild-after-s (default: %(default)s)")
+    parser.add_argument("--phase-timeout-s", type=float, default=1800.0, help="time limit of each phase (default: %(default)s)")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the comparison with direct one-device sampling")
     parser.add_argument("--workdir", type=Path,
                         help="folder for models, logs and the journal (default: a temporary one)")
     parser.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="write the full report here")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill timing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill timing (default: %(default)s)")
 
 
 @dataclasses.dataclass

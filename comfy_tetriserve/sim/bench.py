@@ -42,7 +42,7 @@ ALL_POLICIES = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "rssp-paper", 
 #: TetriServe variants measured both on the paper's load (ablation) and in the overload section:
 #: the margins that contention scales, and the arrival-aware limits on scale-up and round length
 ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
-    "margins as before (plan 15%, admission 0%)": {"plan_margin_frac": 0.15, "admit_margin_frac": 0.0},
+    "fixed margins (plan 15%, admission 0%)": {"plan_margin_frac": 0.15, "admit_margin_frac": 0.0},
     "no admission margin": {"admit_margin_frac": 0.0},
     "scale-up: 1 GPU kept free": {"scale_up_reserve": 1},
     "scale-up: grants end within 40 ms": {"scale_up_commit_s": 0.04},
