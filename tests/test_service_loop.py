@@ -227,6 +227,48 @@ def test_predicted_finish_comes_from_the_forecast_when_there_is_one(monkeypatch)
     asyncio.run(body())
 
 
+def test_an_expensive_forecast_does_not_hold_up_submits(monkeypatch):
+    """With many open jobs the forecast gets slow: submits then answer with the simple estimate at once,
+    and a refresh brings the forecast shortly after (spaced so forecasts take a bounded share of the loop)."""
+    import time as time_module
+
+    calls = []
+
+    def slow_forecast(view, policy, cost):
+        calls.append(time_module.monotonic())
+        time_module.sleep(0.08)  # what 300 open jobs cost
+        return {r.request_id: view.now + 42.0 for r in view.requests}
+
+    monkeypatch.setattr(wiring, "_forecast_finish", slow_forecast)
+
+    async def body():
+        app, _ = make_service_app(cost=SLOW_COST, num_gpus=1)
+        async with running_service(app) as url, aiohttp.ClientSession() as s:
+            _, first = await submit_json(s, url, job_body({"steps": 300, "deadline_s": 100}, res=512))
+            assert first["predicted_finish_at"] - first["submitted_at"] == pytest.approx(42.0, abs=0.5)
+            answers = []
+            for i in range(5):
+                t0 = time_module.monotonic()
+                _, r = await submit_json(s, url, job_body({"steps": 300, "deadline_s": 100, "seed": i + 1}, res=512))
+                answers.append((time_module.monotonic() - t0, r))
+            # the simple estimate (300 steps of 10 ms behind the others on one device), not the forecast's 42 s
+            assert all(abs(r["predicted_finish_at"] - r["submitted_at"] - 42.0) > 1.0 for _, r in answers)
+            forecasts_during_submits = len(calls)
+            await asyncio.sleep(1.5)
+            async with s.get(f"{url}/v1/jobs/{answers[-1][1]['job_id']}") as resp:
+                status = await resp.json()
+            for r in [first] + [r for _, r in answers]:
+                async with s.post(f"{url}/v1/jobs/{r['job_id']}/cancel"):
+                    pass
+        return answers, forecasts_during_submits, status, list(calls)
+
+    answers, during, status, calls = asyncio.run(body())
+    assert during <= 2, during  # one at the first submit, at most one refresh while the others came in
+    assert status["predicted_finish_at"] - answers[-1][1]["submitted_at"] == pytest.approx(42.0, abs=2.0)
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert all(g >= 0.45 for g in gaps), gaps  # refreshes spaced out: at most 10 % of the loop's time
+
+
 def broken_forecast(view, policy, cost):
     raise RuntimeError("forecast bug")
 
