@@ -364,6 +364,8 @@ class TetriServeClient:
 
     async def _final(self, job_id: str, status: dict | None = None) -> dict:
         status = status or await self.status(job_id)
+        if status["status"] == "failed" and status.get("error_code") == "service_stopped":
+            raise ServiceRestarted(f"job {job_id}: {status.get('error')}")
         if status["status"] == "failed":
             raise JobFailed(job_id, status.get("error") or "no reason given", status)
         if status["status"] == "cancelled":

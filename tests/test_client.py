@@ -320,3 +320,16 @@ def test_a_job_is_followed_by_its_status_when_every_event_stream_is_taken():
             await held.aclose()
 
     asyncio.run(body())
+
+
+def test_a_job_the_service_stopped_under_reads_as_lost_from_its_status_too():
+    """The failed event may be missed (a stream that broke, or polling after a 429): the status says it too."""
+    async def body():
+        async with TetriServeClient("http://127.0.0.1:9") as client:
+            with pytest.raises(ServiceRestarted, match="shut down before the job finished"):
+                await client._final("j-x", {"status": "failed", "error_code": "service_stopped",
+                                            "error": "the service shut down before the job finished; submit it again"})
+            with pytest.raises(JobFailed):
+                await client._final("j-y", {"status": "failed", "error": "worker 2 died", "error_code": None})
+
+    asyncio.run(body())

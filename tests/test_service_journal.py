@@ -116,9 +116,9 @@ def test_after_a_graceful_restart_old_jobs_say_what_became_of_them_and_a_resubmi
     answers, again = asyncio.run(second_run(done_id, unfinished_id))
     status, err = answers[done_id]
     assert status == 410 and err["code"] == "gone" and "finished in an earlier run" in err["message"]
-    status, err = answers[unfinished_id]
-    assert status == 410 and err["code"] == "gone" and "failed in an earlier run" in err["message"]
-    assert "shut down before the job finished" in err["message"]
+    status, err = answers[unfinished_id]  # a graceful stop under it: lost, so clients submit it again
+    assert status == 410 and err["code"] == "job_lost" and "shut down before the job finished" in err["message"]
+    assert "submit it again" in err["message"]
     assert again["existing"] is False and again["job_id"] != unfinished_id
 
 

@@ -389,3 +389,36 @@ def test_predicted_finish_follows_the_rounds():
             assert status["status"] == "running" or status["status"] == "waiting"
 
     asyncio.run(body())
+
+
+def test_a_lease_released_while_its_job_is_admitted_refuses_the_job_and_leaves_nothing_behind():
+    """The executor's admit awaits (the worker pool sends the conditioning): the lease may end meanwhile."""
+    from comfy_tetriserve.errors import NotFound
+
+    async def body():
+        app, executor = make_service_app(cost=SLOW_COST, num_gpus=1)
+        svc = app[SERVICE]
+        gate = asyncio.Event()
+        admit = executor.admit
+
+        async def slow_admit(job):
+            await admit(job)
+            await gate.wait()
+
+        executor.admit = slow_admit
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            lease = await client.create_lease("alice")
+            submit = asyncio.ensure_future(client.submit(job_body({"steps": 5}), lease=lease["lease"]))
+            await asyncio.sleep(0.2)  # the submit now waits inside the executor's admit
+            await client.release_lease(lease["lease"])
+            gate.set()
+            with pytest.raises(NotFound, match="lease"):
+                await submit
+            stored, planned = dict(svc.store.jobs), svc.engine.view(svc.clock.now()).requests
+            job = await client.submit(job_body({"steps": 3}))  # the service goes on planning
+            final = await asyncio.wait_for(client.wait(job["job_id"]), 10)
+        return stored, planned, final
+
+    stored, planned, final = asyncio.run(body())
+    assert stored == {} and planned == ()
+    assert final["status"] == "finished"

@@ -329,3 +329,60 @@ def test_the_last_device_that_is_not_quarantined_never_is():
 
     quarantined, status = asyncio.run(body())
     assert list(quarantined) == [0] and status["status"] == "finished"
+
+
+def test_a_quarantine_the_policy_cannot_work_around_is_lifted_not_left_to_stall_the_jobs():
+    class WidePolicy:
+        """Only ever uses all four devices (as a fixed sp4 baseline would)."""
+        name = "wide"
+
+        def plan_round(self, view, cost):
+            from comfy_tetriserve.types import Assignment, RoundPlan
+            if view.busy_gpu_ids or len(view.gpu_ids) < 4:
+                return RoundPlan(view.round_index, 0.0, ())
+            snap = view.plannable[0]
+            return RoundPlan(view.round_index, 0.0, (Assignment((snap.request_id,), tuple(view.gpu_ids),
+                                                                snap.steps_left),))
+
+    async def body():
+        app, executor = make_app(policy=WidePolicy(), max_device_faults=3)
+        svc = app[SERVICE]
+        recovery = svc.loop.recovery
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            for n in range(3):  # three deaths of device 3 with nothing on it: quarantined
+                recovery.on_fault(WorkerFault(gpu_ids=(3,), reason=f"worker 3 died #{n}"))
+            assert list(recovery.quarantined) == [3] and svc.engine.healthy_gpu_ids == (0, 1, 2)
+            job = await client.submit(job_body({"steps": 10}, res=512))
+            status = await asyncio.wait_for(client.wait(job["job_id"]), 10)
+            events = [e["type"] for e in svc.hub.after(0) if e["type"].startswith("executor_")]
+            return status, dict(recovery.quarantined), events, svc.metrics.plan_errors_total
+
+    status, quarantined, events, plan_errors = asyncio.run(body())
+    assert status["status"] == "finished" and status["gpu_ids"] == [0, 1, 2, 3]
+    assert not quarantined and plan_errors == 0
+    assert events[-2:] == ["executor_device_quarantined", "executor_quarantine_lifted"], events
+
+
+def test_deaths_that_follow_a_peers_fault_in_the_same_assignment_quarantine_nothing():
+    async def body():
+        app, executor = make_app(num_gpus=2, policy=FifoPolicy(sp_degree=2, round_steps=200), max_device_faults=2,
+                                 rebuild_after_s=0.0)
+        svc = app[SERVICE]
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            for n in range(2):
+                job = await client.submit(job_body({"steps": 200, "seed": n}, res=512))
+                await wait_for(lambda: svc.store.jobs[job["job_id"]].status.value == "running", what="running")
+                group = svc.store.jobs[job["job_id"]].gpu_ids
+                # as the stall watchdog does: every rank of the assignment, first one way round, then the other,
+                # so each device dies once first (under a job) and once after its peer (collateral)
+                executor.kill_workers(group if n == 0 else group[::-1], "hung")
+                await wait_for(lambda: executor.num_restarts == n + 1, what=f"restart {n + 1}")
+                await client.cancel(job["job_id"])
+            faults = [e for e in svc.hub.after(0) if e["type"] == "executor_fault"]
+            return dict(svc.loop.recovery.quarantined), faults, group
+
+    quarantined, faults, group = asyncio.run(body())
+    # the first rank of each killed pair counts (once, under its job), its peer's death is collateral:
+    # counted as causes, the collateral deaths would have quarantined both devices (2 each, limit 2)
+    assert tuple(group) == (0, 1) and len(faults) == 4 and not quarantined, (quarantined, faults)
+    assert [f["job_ids"] != [] for f in faults] == [True, False, True, False]

@@ -48,13 +48,16 @@ class WorkerFault:
 
     ``request_ids``: the requests in flight that the fault hit (their assignment ends ``lost``).
     ``fatal``: the devices stay down until a restart (a dead process); False for a fault the
-    worker survived (it ran out of memory in one assignment).
+    worker survived (it ran out of memory in one assignment). ``collateral``: the device died after
+    its assignment had already ended lost through a peer's fault (e.g. a worker that left its broken
+    collective, or the next rank of a hung assignment the watchdog killed); the fault is the peer's.
     """
 
     gpu_ids: tuple[int, ...] = ()
     reason: str | None = None
     request_ids: tuple[str, ...] = ()
     fatal: bool = True
+    collateral: bool = False
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ class SimulatedExecutor:
             raise InvalidRequest(f"unknown device {gpu_id}")
         reason = reason or f"simulated device {gpu_id} failed"
         self.dead.setdefault(gpu_id, reason)
+        collateral = any(gpu_id in gpus and ids in self._lost for ids, (gpus, _) in self._running.items())
         hit: list[str] = []
         for ids, (gpus, lost_flag) in self._running.items():
             if gpu_id in gpus and ids not in self._lost:
@@ -137,7 +138,8 @@ class SimulatedExecutor:
                 lost_flag.set()
                 hit.extend(ids)
         if self.on_fault is not None:
-            self.on_fault(WorkerFault(gpu_ids=(gpu_id,), reason=reason, request_ids=tuple(hit)))
+            self.on_fault(WorkerFault(gpu_ids=(gpu_id,), reason=reason, request_ids=tuple(hit),
+                                      collateral=collateral and not hit))
 
     def kill_workers(self, gpu_ids, reason: str) -> None:
         """As the worker pool's: the devices die (``fail_device``) with ``reason``."""

@@ -9,8 +9,9 @@ What the pool keeps per request (the state a restart would resume from):
 - the job (conditioning and sampler settings) and the set of workers that already hold its
   conditioning (sent once per worker, dropped at ``release``);
 - the latest checkpoint, a CPU ``Trajectory`` returned by the group leader after every
-  assignment (latent, sigmas, step index, sampler memory), and, inside a long assignment, every
-  ``checkpoint_every_s`` seconds of it, so a death costs at most that much of a request's work;
+  assignment (latent, sigmas, step index, sampler memory), and, inside a long assignment, after
+  the first step that ends ``checkpoint_every_s`` seconds after the last one, so a death costs a
+  request at most about that much work plus a step;
 - which workers hold which step of the trajectory on their device.
 
 When a request's next assignment runs on a group, each member gets the trajectory from the
@@ -415,7 +416,9 @@ class WorkerPool:
             if rank in task.assignment.gpu_ids:
                 hit.extend(task.assignment.request_ids)
                 self._finish(task, error=reason, lost=True)
-        self._notify(WorkerFault(gpu_ids=(rank,), reason=reason, request_ids=tuple(hit)))
+        # it still owed a report on an assignment that a peer's fault had ended: its death follows from that
+        collateral = not hit and any(t not in self._tasks for t in self._outstanding.get(rank, ()))
+        self._notify(WorkerFault(gpu_ids=(rank,), reason=reason, request_ids=tuple(hit), collateral=collateral))
 
     def _on_done(self, rank: int, task_id: int, steps_done: int, times: tuple, checkpoints, error, stats) -> None:
         outstanding = self._outstanding.get(rank)

@@ -77,6 +77,7 @@ class Job:
     first_step_at: float | None = None
     ended_at: float | None = None
     error: str | None = None
+    error_code: str | None = None  # a failed job's reason in a word: service_stopped (submit it again)
     cancel_reason: str | None = None  # set when a cancel was asked (the job ends at its next step boundary)
     result: bytes | None = None
     fetched_at: float | None = None
@@ -127,6 +128,7 @@ class Job:
             "ended_at": clock.to_wall(self.ended_at),
             "met_deadline": self.met_deadline,
             "error": self.error,
+            "error_code": self.error_code,
             "cancel_reason": self.cancel_reason,
             "simulated": self.simulated,
             "result_ready": self.result is not None,

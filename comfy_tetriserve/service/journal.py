@@ -5,14 +5,15 @@ One JSON object per line:
 
     {"e": "boot", "boot": B, "at": T}                                     a run started
     {"e": "acc", "id": J, "boot": B, "tenant": N, "key": K, "at": T}      a job was accepted
-    {"e": "end", "id": J, "status": S, "error": E, "at": T}               it ended (finished, failed, cancelled)
+    {"e": "end", "id": J, "status": S, "error": E, "code": C, "at": T}    it ended (finished, failed, cancelled)
     {"e": "stop", "boot": B, "at": T}                                     the run stopped cleanly
     {"e": "past", "id": J, "boot": B, "tenant": N, "key": K, "status": S, "reason": E, "at": T}
 
 When a run starts it reads the file: a job accepted with no end line was **lost** (the service
-stopped before the job finished: it was killed, crashed, or the machine went down; a graceful
-stop writes a ``failed`` end line for every unfinished job first); a job with an end line ended
-as recorded, and its result (kept in memory only) is gone. The file is rewritten with those as
+stopped before the job finished: it was killed, crashed, or the machine went down). A graceful
+stop writes a ``failed`` end line with code ``service_stopped`` for every unfinished job first;
+such a job counts as lost too (it did not fail: the service went away under it). A job with any
+other end line ended as recorded, and its result (kept in memory only) is gone. The file is rewritten with those as
 ``past`` lines (the newest ``max_past``) and the new run's ``boot`` line. Asking the new run
 for such a job answers 410: code ``job_lost`` for a lost job, ``gone`` for an ended one, with a
 message saying so. A client that submits the job again under the same job key gets a fresh
@@ -62,12 +63,17 @@ class PastJob:
     status: str
     reason: str | None
     at: float
+    code: str | None = None  # the end line's code (service_stopped: a graceful stop under the job)
 
     @property
     def lost(self) -> bool:
-        return self.status == "lost"
+        return self.status == "lost" or self.code == "service_stopped"
 
     def message(self) -> str:
+        if self.code == "service_stopped":
+            return (f"job {self.job_id} was accepted by an earlier run of the service (boot {self.boot_id}) that "
+                    "shut down before the job finished; the job is lost: submit it again (the same job key starts "
+                    "a fresh run)")
         if self.lost:
             return (f"job {self.job_id} was accepted by an earlier run of the service (boot {self.boot_id}) that "
                     "stopped before the job finished (it was killed or crashed); the job is lost: submit it again "
@@ -78,7 +84,7 @@ class PastJob:
 
     def to_line(self) -> dict:
         return {"e": "past", "id": self.job_id, "boot": self.boot_id, "tenant": self.tenant, "key": self.job_key,
-                "status": self.status, "reason": self.reason, "at": self.at}
+                "status": self.status, "reason": self.reason, "at": self.at, "code": self.code}
 
 
 class JobJournal:
@@ -133,9 +139,12 @@ class JobJournal:
         lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115 - held for the run
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another service (any other error: the journal cannot be used)
             lock.close()
             return False
+        except OSError:
+            lock.close()
+            raise
         self._lock = lock
         return True
 
@@ -154,7 +163,7 @@ class JobJournal:
                 try:
                     if kind == "past":
                         self._remember(PastJob(rec["id"], str(rec["boot"]), str(rec.get("tenant", "")), rec.get("key"),
-                                               str(rec["status"]), rec.get("reason"), float(rec["at"])))
+                                               str(rec["status"]), rec.get("reason"), float(rec["at"]), rec.get("code")))
                     elif kind == "acc":
                         accepted[rec["id"]] = rec
                     elif kind == "end":
@@ -167,7 +176,7 @@ class JobJournal:
             try:
                 past = PastJob(job_id, str(acc.get("boot", "?")), str(acc.get("tenant", "")), acc.get("key"),
                                str(end["status"]) if end else "lost", end.get("error") if end else None,
-                               float((end or acc).get("at", 0.0)))
+                               float((end or acc).get("at", 0.0)), end.get("code") if end else None)
             except (TypeError, ValueError):
                 continue
             self._remember(past)
@@ -227,11 +236,11 @@ class JobJournal:
         self._num_open += 1
         self._write(rec)
 
-    def ended(self, job_id: str, status: str, error: str | None) -> None:
+    def ended(self, job_id: str, status: str, error: str | None, code: str | None = None) -> None:
         recs = self._mine.get(job_id)
         if self._file is None or recs is None or len(recs) != 1:
             return
-        rec = {"e": "end", "id": job_id, "status": status, "error": error, "at": time.time()}
+        rec = {"e": "end", "id": job_id, "status": status, "error": error, "code": code, "at": time.time()}
         recs.append(rec)
         self._num_open -= 1
         while len(self._mine) - self._num_open > self.max_past:

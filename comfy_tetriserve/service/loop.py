@@ -45,7 +45,8 @@ PREDICTION_REFRESH_S = 0.5  # re-forecast open jobs after assignments end, at mo
 #: 30 ms with 64 and 200 ms with 256 (h200 profile, tetriserve). A submit waits for one only while it costs
 #: less than this; beyond, the receipt carries the simple estimate and a refresh follows shortly.
 FORECAST_SYNC_BUDGET_S = 0.05
-#: Refreshes take at most this share of the event loop's time (they are spaced out as forecasts grow).
+#: Refreshes (after assignments end, and the ones that follow submits) are spaced so that they take at most
+#: this share of the event loop's time; submit-time forecasts, each under the budget above, come on top.
 FORECAST_DUTY = 0.1
 
 
@@ -188,7 +189,11 @@ class EngineLoop:
 
     def _scheduled_refresh(self) -> None:
         self._refresh_handle = None
-        if not self._closed and self.store.open_jobs():
+        if self._closed or not self.store.open_jobs():
+            return
+        if time.monotonic() - self._forecast_done_at < self._refresh_interval_s():
+            self._schedule_refresh()  # one ran meanwhile (an assignment ended): keep them spaced
+        else:
             self._refresh_predictions()
 
     def _refresh_predictions(self, job_id: str | None = None) -> None:
@@ -267,6 +272,9 @@ class EngineLoop:
                                               f"{len(self.engine.healthy_gpu_ids)} healthy devices ({exc})")
                 self.wake()
                 return
+            if self.recovery.lift_quarantine(f"the policy cannot place the waiting jobs without them ({exc})"):
+                self.wake()
+                return
             # PlanError: a policy bug; fail what it could not plan, loudly
             self.metrics.plan_errors_total += 1
             log.error("policy produced an invalid plan: %s", exc)
@@ -276,6 +284,9 @@ class EngineLoop:
             return
         self.metrics.on_decision(time.perf_counter() - t0)
         if plan.is_empty:
+            if not self.engine.inflight() and self.recovery.lift_quarantine(
+                    "the policy places none of the waiting jobs on the devices left"):
+                self.wake()  # nothing runs and nothing was placed: without them the jobs would wait forever
             return
         self.engine.apply_plan(plan, now)
         for a in plan.assignments:
@@ -493,6 +504,7 @@ class EngineLoop:
         job.status = status
         job.ended_at = at
         job.error = error
+        job.error_code = code
         fields: dict = {"ended_at": self.clock.to_wall(at), "steps_done": job.steps_done}
         if status is JobStatus.FINISHED:
             fields["met_deadline"] = job.met_deadline
@@ -504,7 +516,7 @@ class EngineLoop:
             fields["reason"] = job.cancel_reason
         self._emit(job, status.value, **fields)
         self.metrics.on_job_end(job.tenant, status.value, job.deadline_at is not None, job.met_deadline)
-        self.store.journal.ended(job.job_id, status.value, error)
+        self.store.journal.ended(job.job_id, status.value, error, code)
 
     def _emit(self, job: Job, event_type: str, **fields) -> None:
         if event_type == "placed":

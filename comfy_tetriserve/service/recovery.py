@@ -28,7 +28,10 @@ a GPU box (weights reloaded), during which nothing runs. So the service degrades
    until the service restarts: a rebuild brings its worker back, but the planner no longer places
    work on it, and it alone being down asks for no rebuild. Faults that share a job count once,
    so a poison job (which kills whatever device runs it) cannot quarantine healthy devices; that
-   is ``max_job_faults``' business. The last device that is not quarantined never is.
+   is ``max_job_faults``' business; nor do deaths that follow a peer's fault in the same assignment
+   (``WorkerFault.collateral``). The last device that is not quarantined never is, and a policy
+   that cannot place the waiting jobs without the quarantined devices (a fixed degree that needs an
+   aligned block the quarantine broke) gets them back (``executor_quarantine_lifted``).
 
 Events on the service stream: ``executor_fault``, ``executor_draining``, ``executor_restarting``,
 ``executor_restarted``, ``executor_restart_failed``, ``executor_broken``, ``executor_device_quarantined`` (and, from the loop's stall
@@ -118,7 +121,7 @@ class ExecutorRecovery:
             self.last_fault = fault.reason
             self.hub.append({"type": "executor_fault", "gpu_ids": list(fault.gpu_ids), "error": fault.reason,
                              "job_ids": list(fault.request_ids), "fatal": fault.fatal})
-            if fault.fatal:
+            if fault.fatal and not fault.collateral:
                 for g in fault.gpu_ids:
                     self._count_device_fault(g, frozenset(fault.request_ids), fault.reason)
         self.sync_health()
@@ -147,6 +150,18 @@ class ExecutorRecovery:
         del self._device_faults[gpu_id]
         log.error("device %d quarantined: %s", gpu_id, why)
         self.hub.append({"type": "executor_device_quarantined", "gpu_id": gpu_id, "reason": why})
+
+    def lift_quarantine(self, why: str) -> bool:
+        """Put every quarantined device back into the plan (a policy that cannot work without them);
+        returns whether there were any."""
+        if not self.quarantined:
+            return False
+        gpu_ids = sorted(self.quarantined)
+        log.error("quarantine of devices %s lifted: %s", gpu_ids, why)
+        self.hub.append({"type": "executor_quarantine_lifted", "gpu_ids": gpu_ids, "reason": why})
+        self.quarantined.clear()
+        self.sync_health()
+        return True
 
     def _unavailable(self) -> frozenset[int]:
         """Devices the executor cannot use now, and the quarantined ones."""

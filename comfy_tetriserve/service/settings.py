@@ -63,8 +63,8 @@ class ServiceConfig:
                     "jobs resume elsewhere (0: never)")
     checkpoint_every_s: float = field(
         1.0, help="inside a long assignment, the workers checkpoint a job's latent after this many seconds of it, so "
-                  "a worker death costs a job at most this much work (0: after every step; the end of every "
-                  "assignment is always checkpointed)")
+                  "a worker death costs a job at most about this much work plus a step (0: after every step; the "
+                  "end of every assignment is always checkpointed)")
     restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
     journal: str = field(
         "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
