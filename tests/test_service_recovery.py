@@ -16,6 +16,7 @@ from comfy_tetriserve.engine.executor import WorkerFault
 from comfy_tetriserve.engine.simexec import SimulatedExecutor
 from comfy_tetriserve.service.app import create_app
 from comfy_tetriserve.service.state import SERVICE
+from comfy_tetriserve.types import Assignment, RoundPlan
 from factories import PowerLawCost
 from service_helpers import FifoPolicy, job_body, make_config, running_service
 
@@ -227,19 +228,22 @@ def test_a_pool_that_cannot_be_rebuilt_fails_waiting_jobs_with_the_reason_and_re
     assert types.count("executor_restart_failed") == 2 and "executor_broken" in types
 
 
+class WidePolicy:
+    """Only ever uses all four devices (as a fixed sp4 baseline would), ``round_steps`` at a time."""
+    name = "wide"
+
+    def __init__(self, round_steps: int = 5) -> None:
+        self.round_steps = round_steps
+
+    def plan_round(self, view, cost):
+        if view.busy_gpu_ids or len(view.gpu_ids) < 4:
+            return RoundPlan(view.round_index, 0.0, ())
+        snap = view.plannable[0]
+        return RoundPlan(view.round_index, 0.0, (Assignment((snap.request_id,), tuple(view.gpu_ids),
+                                                            min(self.round_steps, snap.steps_left)),))
+
+
 def test_a_policy_that_cannot_place_on_the_degraded_devices_triggers_a_rebuild_not_a_failure():
-    class WidePolicy:
-        """Only ever uses all four devices (as a fixed sp4 baseline would)."""
-        name = "wide"
-
-        def plan_round(self, view, cost):
-            from comfy_tetriserve.types import Assignment, RoundPlan
-            if view.busy_gpu_ids or len(view.gpu_ids) < 4:
-                return RoundPlan(view.round_index, 0.0, ())
-            snap = view.plannable[0]
-            return RoundPlan(view.round_index, 0.0, (Assignment((snap.request_id,), tuple(view.gpu_ids),
-                                                                min(5, snap.steps_left)),))
-
     async def body():
         app, executor = make_app(policy=WidePolicy(), rebuild_after_s=60.0)
         svc = app[SERVICE]
@@ -332,20 +336,8 @@ def test_the_last_device_that_is_not_quarantined_never_is():
 
 
 def test_a_quarantine_the_policy_cannot_work_around_is_lifted_not_left_to_stall_the_jobs():
-    class WidePolicy:
-        """Only ever uses all four devices (as a fixed sp4 baseline would)."""
-        name = "wide"
-
-        def plan_round(self, view, cost):
-            from comfy_tetriserve.types import Assignment, RoundPlan
-            if view.busy_gpu_ids or len(view.gpu_ids) < 4:
-                return RoundPlan(view.round_index, 0.0, ())
-            snap = view.plannable[0]
-            return RoundPlan(view.round_index, 0.0, (Assignment((snap.request_id,), tuple(view.gpu_ids),
-                                                                snap.steps_left),))
-
     async def body():
-        app, executor = make_app(policy=WidePolicy(), max_device_faults=3)
+        app, executor = make_app(policy=WidePolicy(round_steps=1000), max_device_faults=3)
         svc = app[SERVICE]
         recovery = svc.loop.recovery
         async with running_service(app) as url, TetriServeClient(url) as client:
