@@ -140,7 +140,9 @@ def test_the_pool_is_rebuilt_when_nothing_runs_and_serves_on_every_device_again(
 
 def test_under_load_the_rebuild_waits_for_rebuild_after_s_then_drains_without_losing_steps():
     async def body():
-        app, executor = make_app(rebuild_after_s=0.3)
+        # each job in one long assignment (120 steps of 10 ms): no quiet moment comes before rebuild_after_s
+        # (with short rounds that all end together, a busy machine can see one and rebuild at once, as it should)
+        app, executor = make_app(rebuild_after_s=0.3, policy=FifoPolicy())
         svc = app[SERVICE]
         async with running_service(app) as url, TetriServeClient(url) as client:
             jobs = [await client.submit(job_body({"steps": 120, "seed": i}, res=512)) for i in range(6)]
