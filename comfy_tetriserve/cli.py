@@ -19,8 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("comfy_tetriserve.service.serve_cmd", "run the scheduler service (one per GPU box)"),
     "demo": ("comfy_tetriserve.demo.command", "CPU demo: tiny models, 4 workers, a mixed workload under two policies"),
     "bench": ("comfy_tetriserve.sim.bench", "simulate the paper's evaluation and print SAR tables, plots and JSON"),
-    "profile": ("comfy_tetriserve.engine.profile", "measure per-step times on this machine's devices"),
-    "selfcheck": ("comfy_tetriserve.engine.selfcheck", "prove sequence-parallel steps equal single-device steps"),
+    "profile": ("comfy_tetriserve.worker.profile", "measure per-step times on this machine's devices"),
+    "selfcheck": ("comfy_tetriserve.worker.selfcheck", "prove sequence-parallel steps equal single-device steps"),
     "reliability": ("comfy_tetriserve.reliability.command",
                     "fault, soak and hostile-input drills against a real service (CPU workers, tiny models)"),
 }

@@ -35,7 +35,7 @@ from server import PromptServer
 
 from comfy_tetriserve import config as config_module
 from comfy_tetriserve.client import TetriServeClient
-from comfy_tetriserve.engine.samplers import SAMPLERS as SERVICE_SAMPLERS
+from comfy_tetriserve.sampling.names import SAMPLER_NAMES as SERVICE_SAMPLERS
 
 from .conditioning import ConditioningError, job_conditioning
 from .jobs import JobProgress, deadline_setting, sample_remote

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-import comfy_tetriserve.service as _service_pkg
+import comfy_tetriserve as _package
 from comfy_tetriserve.client import TetriServeClient
 from comfy_tetriserve.errors import TetriServeError
 
-BOARD_JS = Path(_service_pkg.__file__).parent / "static" / "board.js"
+BOARD_JS = Path(_package.__file__).parent / "service" / "static" / "board.js"  # a file, not an import
 DEFAULT_WINDOW_S = 60.0
 MAX_WINDOW_S = 3600.0
 PREFIX = "/tetriserve"

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 
 async def measure(devices: str, resolutions: list[int], steps: int, text_tokens: int) -> list[dict]:
-    from comfy_tetriserve.engine.profile import synthetic_job
-    from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
-    from comfy_tetriserve.engine.workers import WorkerPool
+    from comfy_tetriserve.worker.profile import synthetic_job
+    from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
+    from comfy_tetriserve.worker.pool import WorkerPool
     from comfy_tetriserve.types import Assignment
 
     pool = WorkerPool(devices)

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the pac
 
 import torch  # noqa: E402
 
-from comfy_tetriserve.engine.models import DEFAULT_TEXT_TOKENS, PRESETS, LoadedModel  # noqa: E402
-from comfy_tetriserve.engine.tiny import random_model  # noqa: E402
+from comfy_tetriserve.worker.models import DEFAULT_TEXT_TOKENS, PRESETS, LoadedModel  # noqa: E402
+from comfy_tetriserve.worker.tiny import random_model  # noqa: E402
 from comfy_tetriserve.types import Assignment  # noqa: E402
 
 REAL = {"flux": "flux-dev", "sd3": "sd3-medium"}
@@ -148,8 +148,8 @@ def phase_a(report: Report, family: str, preset: str, device: torch.device, dtyp
 
 
 def job(rid: str, model: str, family: str, config: dict, px: int, tokens: int, steps: int):
-    from comfy_tetriserve.engine.executor import SamplingJob
-    from comfy_tetriserve.engine.samplers import compute_sigmas, prepare_noise
+    from comfy_tetriserve.core.executor import SamplingJob
+    from comfy_tetriserve.worker.samplers import compute_sigmas, prepare_noise
 
     g = torch.Generator().manual_seed(1)
     lat = torch.zeros(1, 16, px // 8, px // 8)
@@ -161,7 +161,7 @@ def job(rid: str, model: str, family: str, config: dict, px: int, tokens: int, s
 
 
 async def phase_b(report: Report, presets: dict, device: str, dtype: str, px: int, steps: int) -> None:
-    from comfy_tetriserve.engine.workers import WorkerPool
+    from comfy_tetriserve.worker.pool import WorkerPool
 
     pool = WorkerPool([device])
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ async def phase_b(report: Report, presets: dict, device: str, dtype: str, px: in
 
 
 async def phase_c(report: Report, presets: dict, device: str, dtype: str, px: int, steps: int) -> None:
-    from comfy_tetriserve.engine.workers import WorkerPool
+    from comfy_tetriserve.worker.pool import WorkerPool
 
     pool = WorkerPool([device, device], backend="gloo")
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ import torch.multiprocessing as tmp  # noqa: E402
 def _flag_rank(rank: int, store: str, reps: int, queue) -> None:
     import torch.distributed as dist
 
-    from comfy_tetriserve.engine.parallel import GroupComm, gather_tokens
+    from comfy_tetriserve.worker.parallel import GroupComm, gather_tokens
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -86,9 +86,9 @@ def measure_flag(reps: int) -> dict:
 
 
 async def measure_handoff(devices: str, px: int, reps: int) -> dict:
-    from comfy_tetriserve.engine.executor import SamplingJob
-    from comfy_tetriserve.engine.samplers import compute_sigmas, prepare_noise
-    from comfy_tetriserve.engine.workers import WorkerPool
+    from comfy_tetriserve.core.executor import SamplingJob
+    from comfy_tetriserve.worker.samplers import compute_sigmas, prepare_noise
+    from comfy_tetriserve.worker.pool import WorkerPool
     from comfy_tetriserve.types import Assignment
 
     pool = WorkerPool(devices)

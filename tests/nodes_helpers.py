@@ -80,8 +80,8 @@ def write_comfy_sd3(path: Path, seed: int = 3) -> Path:
     diffusion_models. Text width 32, pooled width 16."""
     from safetensors.torch import save_file
 
-    from comfy_tetriserve.engine.convert import COMFY_PREFIX, from_diffusers
-    from comfy_tetriserve.engine.tiny import TINY_SD3_CONFIG, random_model
+    from comfy_tetriserve.worker.convert import COMFY_PREFIX, from_diffusers
+    from comfy_tetriserve.worker.tiny import TINY_SD3_CONFIG, random_model
 
     config = dict(TINY_SD3_CONFIG, attention_head_dim=64, num_attention_heads=2, caption_projection_dim=128,
                   dual_attention_layers=[])
@@ -94,7 +94,7 @@ def write_comfy_sd3(path: Path, seed: int = 3) -> Path:
 def write_tiny_flux(path: Path, seed: int = 5) -> Path:
     """The engine's tiny FLUX-dev (ComfyUI's single-file layout; ComfyUI itself cannot load it:
     its FLUX detection fixes the width at 3072)."""
-    from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
+    from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint("flux", "comfy", path, seed=seed)
 

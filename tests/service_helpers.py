@@ -10,7 +10,7 @@ import torch
 from aiohttp import web
 from safetensors.torch import save
 
-from comfy_tetriserve.engine.simexec import SimulatedExecutor
+from comfy_tetriserve.core.sim_executor import SimulatedExecutor
 from comfy_tetriserve.service.app import create_app
 from comfy_tetriserve.service.settings import ServiceConfig
 from comfy_tetriserve.service.state import SERVICE

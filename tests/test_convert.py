@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_tetriserve.engine.convert import (
+from comfy_tetriserve.worker.convert import (
     COMFY_PREFIX,
     detect_layout,
     flux_rope_axes,
@@ -12,7 +12,7 @@ from comfy_tetriserve.engine.convert import (
     infer_config,
     to_diffusers,
 )
-from comfy_tetriserve.engine.tiny import FAMILY_LAYOUTS, model_class, model_kwargs, tiny_state_dict
+from comfy_tetriserve.worker.tiny import FAMILY_LAYOUTS, model_class, model_kwargs, tiny_state_dict
 from comfy_tetriserve.errors import InvalidRequest
 
 

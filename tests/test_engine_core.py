@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from factories import PowerLawCost, make_request
 
-from comfy_tetriserve.engine.engine import Engine
+from comfy_tetriserve.core.engine import Engine
 from comfy_tetriserve.errors import Conflict, NotFound, PlanError
 from comfy_tetriserve.types import Assignment, AssignmentResult, RequestStatus, RoundPlan
 

@@ -12,8 +12,8 @@ import comfy_tetriserve
 PKG_DIR = Path(comfy_tetriserve.__file__).parent
 
 # Modules that must import with torch, diffusers and ComfyUI all missing.
-TORCH_FREE_PACKAGES = ("policy", "sim")
-TORCH_FREE_MODULES = ("types", "plan", "cost", "errors", "config", "cli", "engine.engine", "client")
+TORCH_FREE_PACKAGES = ("core", "policy", "sim")
+TORCH_FREE_MODULES = ("types", "plan", "cost", "errors", "config", "cli", "client", "sampling.names")
 
 
 def torch_free_modules() -> list[str]:
@@ -52,7 +52,7 @@ def test_blocker_really_blocks():
 
 def test_core_imports_without_torch_and_comfyui():
     modules = torch_free_modules()
-    assert "comfy_tetriserve.engine.engine" in modules and "comfy_tetriserve.plan" in modules
+    assert "comfy_tetriserve.core.engine" in modules and "comfy_tetriserve.plan" in modules
     proc = run_blocked(
         "import importlib, sys\n"
         f"for m in {modules!r}:\n"
@@ -97,3 +97,55 @@ def test_pack_root_imports_outside_comfyui():
         "print('ok')\n"
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def _package_modules(pkg: str) -> list[str]:
+    return [f"comfy_tetriserve.{pkg}"] + [f"comfy_tetriserve.{pkg}.{m.name}"
+                                          for m in pkgutil.iter_modules([str(PKG_DIR / pkg)])]
+
+
+def test_service_and_nodes_import_no_worker_module():
+    """The service reaches the workers only through the executor (created on demand), and the node side
+    shares names and tensor helpers with the service, never the worker: importing every service module
+    and every node-side module of the package loads no ``comfy_tetriserve.worker`` module."""
+    modules = _package_modules("service") + ["comfy_tetriserve.sampling.latents", "comfy_tetriserve.sampling.schedules"]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        "leaked = sorted(k for k in sys.modules if k.startswith('comfy_tetriserve.worker') or k.split('.')[0] == 'diffusers')\n"
+        "assert not leaked, leaked\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # nodes/ is imported by ComfyUI, not by tests: read its imports instead
+    offenders = [f"{p.name}: {line.strip()}" for p in (PKG_DIR.parent / "nodes").glob("*.py")
+                 for line in p.read_text(encoding="utf-8").splitlines()
+                 if line.strip().startswith(("from comfy_tetriserve.worker", "import comfy_tetriserve.worker",
+                                             "from comfy_tetriserve.service", "import comfy_tetriserve.service",
+                                             "from comfy_tetriserve import service"))]
+    assert not offenders, offenders
+
+
+def test_nothing_imports_upward():
+    """Lower layers never import higher ones: core/policy/sim/sampling never import service, worker (except
+    sampling -> nothing above it), demo, reliability or cli; the service never imports demo or reliability."""
+    rules = {
+        "core": ("service", "worker", "demo", "reliability", "cli", "sim", "policy"),
+        "policy": ("service", "worker", "demo", "reliability", "cli", "sim", "core"),
+        "sampling": ("service", "worker", "demo", "reliability", "cli", "core", "sim", "policy"),
+        "sim": ("service", "worker", "demo", "reliability", "cli"),
+        "service": ("demo", "reliability", "cli"),
+        "worker": ("service", "demo", "reliability", "cli", "sim", "policy"),
+    }
+    offenders = []
+    for pkg, banned in rules.items():
+        for path in (PKG_DIR / pkg).glob("*.py"):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                s = line.strip()
+                for b in banned:
+                    if s.startswith((f"from ..{b} ", f"from ..{b}.", f"from .. import {b}", f"import comfy_tetriserve.{b}",
+                                     f"from comfy_tetriserve.{b}")):
+                        offenders.append(f"{pkg}/{path.name}: {s}")
+    assert not offenders, offenders

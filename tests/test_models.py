@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_tetriserve.engine.models import allowed_degrees, load_transformer, model_info
-from comfy_tetriserve.engine.tiny import FAMILY_LAYOUTS, random_model, tiny_state_dict, write_tiny_checkpoint
+from comfy_tetriserve.worker.models import allowed_degrees, load_transformer, model_info
+from comfy_tetriserve.worker.tiny import FAMILY_LAYOUTS, random_model, tiny_state_dict, write_tiny_checkpoint
 from comfy_tetriserve.errors import InvalidRequest
 
 HERE = Path(__file__).parent
@@ -56,8 +56,8 @@ def test_every_layout_loads_the_same_model(files, family):
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_forward_equals_bare_diffusers_forward(family):
     """Degree 1 with our processors and loop is the diffusers model's own computation (fp32)."""
-    from comfy_tetriserve.engine.models import LoadedModel
-    from comfy_tetriserve.engine.tiny import TINY_CONFIGS
+    from comfy_tetriserve.worker.models import LoadedModel
+    from comfy_tetriserve.worker.tiny import TINY_CONFIGS
 
     config = dict(TINY_CONFIGS[family])
     module = random_model(config, seed=2)
@@ -149,7 +149,7 @@ def test_bad_sources_are_refused_clearly(tmp_path, files):
     with pytest.raises(InvalidRequest, match="unknown dtype"):
         load_transformer(str(files["flux", "bfl"]), dtype="int8")
     with pytest.raises(InvalidRequest, match="degree 3"):
-        from comfy_tetriserve.engine.parallel import GroupComm
+        from comfy_tetriserve.worker.parallel import GroupComm
         run_model = load_transformer(str(files["flux", "bfl"]), dtype="fp32")
         d = inputs("flux")
         run_model.forward(d["x"], d["sigma"], d["context"], d["pooled"], d["guidance"],
@@ -171,8 +171,8 @@ def test_matches_comfyui_own_implementation(tmp_path, case):
     comfy_dir, comfy_python = os.environ.get("TETRISERVE_COMFYUI"), os.environ.get("TETRISERVE_COMFYUI_PYTHON")
     if not comfy_dir or not comfy_python:
         pytest.skip("TETRISERVE_COMFYUI and TETRISERVE_COMFYUI_PYTHON not set")
-    from comfy_tetriserve.engine.convert import COMFY_PREFIX, from_diffusers
-    from comfy_tetriserve.engine.tiny import TINY_SD3_CONFIG
+    from comfy_tetriserve.worker.convert import COMFY_PREFIX, from_diffusers
+    from comfy_tetriserve.worker.tiny import TINY_SD3_CONFIG
 
     family = "flux" if case.startswith("flux") else "sd3"
     if family == "flux":

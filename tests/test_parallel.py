@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 
-from comfy_tetriserve.engine.parallel import SeqShard, split_range, split_sizes
+from comfy_tetriserve.worker.parallel import SeqShard, split_range, split_sizes
 
 
 def test_split_sizes_uneven_and_covering():
@@ -36,8 +36,8 @@ def _group_main(rank: int, world: int, store: str, cases: dict, queue) -> None:
     """One rank: every family's sharded forward at every degree <= world; results to the queue."""
     import torch.distributed as dist
 
-    from comfy_tetriserve.engine.models import load_transformer
-    from comfy_tetriserve.engine.parallel import GroupComm
+    from comfy_tetriserve.worker.models import load_transformer
+    from comfy_tetriserve.worker.parallel import GroupComm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -74,8 +74,8 @@ def run_sharded(cases: dict, world: int) -> dict:
 @pytest.mark.slow
 def test_sharded_forward_equals_single_device(tmp_path):
     """Odd token counts (7 text, 63 image: like 1008 px) over degrees 2 and 4, batch of 2, both families."""
-    from comfy_tetriserve.engine.models import load_transformer
-    from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
+    from comfy_tetriserve.worker.models import load_transformer
+    from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
 
     cases = {}
     for family, layout in (("flux", "bfl"), ("sd3", "sd3_single")):

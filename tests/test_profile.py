@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from comfy_tetriserve.cost import load_profile
-from comfy_tetriserve.engine.profile import parse_models, parse_resolution
+from comfy_tetriserve.worker.profile import parse_models, parse_resolution
 from comfy_tetriserve.errors import InvalidRequest
 
 
@@ -42,7 +42,7 @@ def test_profile_command_writes_a_planner_table(tmp_path):
 
 
 def test_parallel_capacity_from_steps_with_more_devices_busy():
-    from comfy_tetriserve.engine.profile import capacity_extra, capacity_from
+    from comfy_tetriserve.worker.profile import capacity_extra, capacity_from
 
     cpu_box = {1: 0.082, 2: 0.082, 3: 0.116, 4: 0.168}  # four workers on two cores (demo profile)
     assert capacity_from(cpu_box) == 2
@@ -54,7 +54,7 @@ def test_parallel_capacity_from_steps_with_more_devices_busy():
 
 
 def test_background_load_runs_on_disjoint_groups_of_the_same_size():
-    from comfy_tetriserve.engine.profile import load_groups
+    from comfy_tetriserve.worker.profile import load_groups
     from comfy_tetriserve.plan import aligned_groups
 
     groups = aligned_groups(range(4))

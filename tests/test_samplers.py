@@ -1,4 +1,4 @@
-"""engine/samplers.py and engine/schedules.py: schedules, sampler math, resumability, errors.
+"""worker/samplers.py and sampling/schedules.py: schedules, sampler math, resumability, errors.
 
 Parity with ComfyUI itself is in test_samplers_parity.py.
 """
@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from comfy_tetriserve.engine import samplers as S
+from comfy_tetriserve.worker import samplers as S
 from comfy_tetriserve.errors import InvalidRequest
 
 FLOW_FAMILIES = tuple(S.FAMILIES)

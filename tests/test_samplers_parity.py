@@ -1,4 +1,4 @@
-"""Parity of engine/samplers.py with ComfyUI's own sampling code.
+"""Parity of worker/samplers.py with ComfyUI's own sampling code.
 
 tests/data/sampler_reference.safetensors was written by tests/tools/make_sampler_reference.py
 running ComfyUI's functions (KSampler sigmas, KSamplerAdvanced windows, ModelSamplingFlux,
@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from comfy_tetriserve import config
-from comfy_tetriserve.engine import samplers as S
+from comfy_tetriserve.worker import samplers as S
 from comfy_tetriserve.errors import InvalidRequest
 
 HERE = Path(__file__).parent

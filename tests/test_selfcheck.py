@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from comfy_tetriserve.engine.selfcheck import schedules
+from comfy_tetriserve.worker.selfcheck import schedules
 from comfy_tetriserve.plan import aligned_groups
 
 

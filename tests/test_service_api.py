@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from comfy_tetriserve.engine import samplers
+from comfy_tetriserve.worker import samplers
 from comfy_tetriserve.errors import InvalidRequest
 from comfy_tetriserve.service.app import create_app
 from comfy_tetriserve.service.settings import ServiceConfig

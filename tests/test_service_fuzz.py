@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from comfy_tetriserve.engine import samplers
+from comfy_tetriserve.worker import samplers
 from comfy_tetriserve.service.openapi import openapi_document
 from service_helpers import make_service_app, running_service
 

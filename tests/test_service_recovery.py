@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 
 from comfy_tetriserve.client import JobFailed, TetriServeClient
-from comfy_tetriserve.engine.executor import WorkerFault
-from comfy_tetriserve.engine.simexec import SimulatedExecutor
+from comfy_tetriserve.core.executor import WorkerFault
+from comfy_tetriserve.core.sim_executor import SimulatedExecutor
 from comfy_tetriserve.service.app import create_app
 from comfy_tetriserve.service.state import SERVICE
 from comfy_tetriserve.types import Assignment, RoundPlan

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comfy_tetriserve.engine.simexec import SimulatedExecutor
+from comfy_tetriserve.core.sim_executor import SimulatedExecutor
 from comfy_tetriserve.errors import InvalidRequest, NotFound
 from comfy_tetriserve.reliability.hostile import Ctx, raw
 from comfy_tetriserve.service.app import create_app

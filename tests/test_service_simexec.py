@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from comfy_tetriserve.engine.executor import Executor, SamplingJob
-from comfy_tetriserve.engine.simexec import SimulatedExecutor, sim_family
+from comfy_tetriserve.core.executor import Executor, SamplingJob
+from comfy_tetriserve.core.sim_executor import SimulatedExecutor, sim_family
 from comfy_tetriserve.errors import Conflict, InvalidRequest, NotFound
 from comfy_tetriserve.types import Assignment
 from factories import PowerLawCost

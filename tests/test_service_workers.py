@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import save
 
 from comfy_tetriserve.client import JobCancelled, TetriServeClient, decode_result, encode_job
-from comfy_tetriserve.engine import samplers
-from comfy_tetriserve.engine.models import load_transformer
-from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
-from comfy_tetriserve.engine.workers import WorkerPool
+from comfy_tetriserve.worker import samplers
+from comfy_tetriserve.worker.models import load_transformer
+from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
+from comfy_tetriserve.worker.pool import WorkerPool
 from comfy_tetriserve.service.app import create_app
 from comfy_tetriserve.service.schemas import parse_settings, resolve_job
 from comfy_tetriserve.service.state import SERVICE

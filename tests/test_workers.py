@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from comfy_tetriserve.engine.executor import DevicesUnavailable, Executor, SamplingJob
-from comfy_tetriserve.engine.samplers import SAMPLERS, compute_sigmas, prepare_noise
-from comfy_tetriserve.engine.tiny import write_tiny_checkpoint
-from comfy_tetriserve.engine.workers import WorkerPool, parse_devices
+from comfy_tetriserve.core.executor import DevicesUnavailable, Executor, SamplingJob
+from comfy_tetriserve.worker.samplers import SAMPLERS, compute_sigmas, prepare_noise
+from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
+from comfy_tetriserve.worker.pool import WorkerPool, parse_devices
 from comfy_tetriserve.errors import Conflict, InvalidRequest, NotFound, WorkerError
 from comfy_tetriserve.plan import aligned_groups
 from comfy_tetriserve.types import Assignment
@@ -103,7 +103,7 @@ def test_pool_is_an_executor_with_warm_groups(h):
 
 
 def test_selfcheck_on_the_shared_pool(h):
-    from comfy_tetriserve.engine.selfcheck import run_checks
+    from comfy_tetriserve.worker.selfcheck import run_checks
 
     report = h(run_checks(h.pool, h.tmp / "selfcheck"))
     assert set(report) == {"flux", "sd3"}
@@ -218,7 +218,7 @@ def test_caller_errors_raise_and_work_errors_return(h):
 
 def test_profile_rows_through_the_pool(h):
     from comfy_tetriserve.cost import ProfileTable, load_profile, save_profile
-    from comfy_tetriserve.engine.profile import ProfileSpec, profile_model
+    from comfy_tetriserve.worker.profile import ProfileSpec, profile_model
 
     spec = ProfileSpec(resolutions=((64, 64), (112, 144)), batches=(1, 2), steps=2, warmup=1, text_tokens=7)
     model_profile, rows = h(profile_model(h.pool, "prof", "random:tiny-flux", "fp32", spec))

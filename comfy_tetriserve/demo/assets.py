@@ -3,11 +3,11 @@
 Both live under ``config.home_dir()/demo`` (``TETRISERVE_HOME``, default ~/.cache/comfy_tetriserve):
 
 - ``models/``: ``tiny-flux.safetensors`` (FLUX in ComfyUI's prefixed BFL layout) and
-  ``tiny-sd3.safetensors`` (SD3 single-file layout), written once by ``engine.tiny`` with fixed
+  ``tiny-sd3.safetensors`` (SD3 single-file layout), written once by ``worker.tiny`` with fixed
   seeds. The service loads them by file name from this folder (``--model-dir``), through the
   same loaders as real checkpoints.
 - ``profiles/profile-<key>.json``: T(model, resolution, degree) measured through a worker pool
-  with ``engine.profile`` (the format ``--cost PATH`` reads), each point the median of three
+  with ``worker.profile`` (the format ``--cost PATH`` reads), each point the median of three
   passes over all points (a load burst from another process spoils one pass, not the point).
   Each point is measured *loaded* (``PROFILE_LOADED``): the same request runs at the same degree
   on every other group of the workers meanwhile. The demo's workers outnumber a small machine's
@@ -45,7 +45,7 @@ PROFILE_WARMUP = 2
 #: the whole profile is measured this many times and each point keeps its median: a burst of load
 #: from other processes on a shared machine then spoils one pass of a point, not the point
 PROFILE_PASSES = 3
-#: measure every point with the other workers busy (engine.profile's ``loaded``): the cost model
+#: measure every point with the other workers busy (worker.profile's ``loaded``): the cost model
 #: then describes the box when it is busy, where a plan's promises matter
 PROFILE_LOADED = True
 
@@ -60,7 +60,7 @@ def demo_home() -> Path:
 
 def ensure_models(home: Path, say: Say = print) -> dict[str, Path]:
     """family -> model file; written on first use (atomically), reused afterwards."""
-    from ..engine.tiny import write_tiny_checkpoint
+    from ..worker.tiny import write_tiny_checkpoint
 
     folder = home / "models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,8 +115,8 @@ def profile_key(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int,
 async def measure_profile(models: Mapping[str, Path], resolutions: Mapping[str, tuple[int, ...]], devices: str,
                           dtype: str, text_tokens: int, say: Say = print) -> ProfileTable:
     """Every model at its resolutions and every allowed degree, through one worker pool."""
-    from ..engine.profile import ProfileSpec, capacity_extra, device_description, measure_concurrency, profile_model
-    from ..engine.workers import WorkerPool
+    from ..worker.profile import ProfileSpec, capacity_extra, device_description, measure_concurrency, profile_model
+    from ..worker.pool import WorkerPool
 
     pool = WorkerPool(devices)
     say(f"  starting {len(pool.devices)} workers for the profile ...")

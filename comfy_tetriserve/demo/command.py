@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.DEBUG:  # keep the demo's own lines readable (-vv shows everything)
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        from ..engine.workers import parse_devices
+        from ..worker.pool import parse_devices
 
         num_workers = len(parse_devices(args.devices))
         spec = WorkloadSpec(num_jobs=args.jobs, steps=args.steps, load=args.load, num_clients=args.clients,

@@ -23,7 +23,7 @@ MODEL_FILES = {"flux": "tiny-flux.safetensors", "sd3": "tiny-sd3.safetensors"}
 
 def prepare_models(folder: Path) -> dict[str, Path]:
     """Tiny FLUX (ComfyUI's prefixed BFL layout) and SD3 (single file) checkpoints, written once."""
-    from ..engine.tiny import write_tiny_checkpoint
+    from ..worker.tiny import write_tiny_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}

@@ -88,14 +88,14 @@ class Reference:
 
     def _model(self, name: str):
         if name not in self._models:
-            from ..engine.models import load_transformer
+            from ..worker.models import load_transformer
 
             self._models[name] = load_transformer(self.paths[name], dtype="fp32", name=name)
         return self._models[name]
 
     @torch.inference_mode()
     def latent(self, spec: JobSpec) -> torch.Tensor:
-        from ..engine import samplers
+        from ..worker import samplers
         from ..service.schemas import parse_settings, resolve_job
         from ..service.settings import ServiceConfig
 

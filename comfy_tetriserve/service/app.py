@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..cost import CostModel
-from ..engine.engine import Engine
-from ..engine.executor import Executor
+from ..core.engine import Engine
+from ..core.executor import Executor
 from ..errors import TetriServeError
 from .auth import token_middleware
 from .catalog import ModelCatalog

@@ -6,7 +6,7 @@ end for an ended one (negative: late); ``late`` marks jobs that missed or are pr
 """
 from __future__ import annotations
 
-from ..engine.engine import Engine
+from ..core.engine import Engine
 from .jobs import Clock, Job, JobStatus, JobStore
 from .metrics import ServiceMetrics
 

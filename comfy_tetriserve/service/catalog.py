@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..cost import CostModel, parallel_capacity
 from ..errors import Conflict, InvalidRequest, NotFound, TetriServeError
-from ..engine.executor import Executor, ModelInfo
+from ..core.executor import Executor, ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ import contextlib
 import logging
 import time
 
-from ..engine.engine import Engine
-from ..engine.executor import DevicesUnavailable, Executor
+from ..core.engine import Engine
+from ..core.executor import DevicesUnavailable, Executor
+from ..sampling.latents import process_latent_out
 from ..errors import Conflict, ServiceUnavailable, TetriServeError
 from ..types import Assignment, AssignmentResult, RequestStatus
 from .catalog import ModelCost
@@ -426,11 +427,10 @@ class EngineLoop:
         """Collect a finished job's latent, turn it into the result body, end the job."""
         try:
             latent = await self.executor.fetch_result(job.job_id)
-            from ..engine import samplers
 
             space = job.settings.result_space or job.settings.latent_space
             if space == "vae":
-                latent = samplers.process_latent_out(job.family, latent)
+                latent = process_latent_out(job.family, latent)
             meta = {"job_id": job.job_id, "model": job.request.model, "space": space,
                     "simulated": "true" if job.simulated else "false", "num_steps": str(job.request.num_steps)}
             body = encode_result(latent.detach().to("cpu").float(), meta)

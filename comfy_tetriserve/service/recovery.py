@@ -45,8 +45,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from ..engine.engine import Engine
-from ..engine.executor import RecoverableExecutor, WorkerFault
+from ..core.engine import Engine
+from ..core.executor import RecoverableExecutor, WorkerFault
 from .events import EventLog
 from .jobs import Clock
 from .settings import ServiceConfig

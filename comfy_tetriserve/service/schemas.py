@@ -25,8 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..engine import samplers
-from ..engine.executor import ModelInfo, SamplingJob
+from ..sampling import latents, schedules
+from ..sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
+from ..core.executor import ModelInfo, SamplingJob
 from ..errors import InvalidRequest
 from .catalog import check_model_name
 from .settings import ServiceConfig
@@ -99,10 +100,10 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     for name in ("scheduler", "sampler"):
         if name in s and not isinstance(s[name], str):
             raise InvalidRequest(f"{name} must be a string")
-    if s.get("scheduler", "simple") not in samplers.SCHEDULERS:
-        raise InvalidRequest(f"unknown scheduler {s['scheduler']!r} (known: {', '.join(samplers.SCHEDULERS)})")
-    if s.get("sampler", "euler") not in samplers.SAMPLERS:
-        raise InvalidRequest(f"unknown sampler {s['sampler']!r} (known: {', '.join(samplers.SAMPLERS)})")
+    if s.get("scheduler", "simple") not in SCHEDULER_NAMES:
+        raise InvalidRequest(f"unknown scheduler {s['scheduler']!r} (known: {', '.join(SCHEDULER_NAMES)})")
+    if s.get("sampler", "euler") not in SAMPLER_NAMES:
+        raise InvalidRequest(f"unknown sampler {s['sampler']!r} (known: {', '.join(SAMPLER_NAMES)})")
     if s.get("steps") is not None:
         steps = _number(s["steps"], "steps", integer=True)
         if not 1 <= steps <= limits.max_steps:
@@ -250,14 +251,14 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
 def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Tensor], info: ModelInfo) -> SamplingJob:
     """The SamplingJob the workers run: sigmas, noise and latent space resolved (ComfyUI's rules)."""
     latent = tensors["latent"].to(torch.float32).contiguous()
-    noise = tensors["noise"].to(torch.float32) if "noise" in tensors else samplers.prepare_noise(latent, settings.seed)
+    noise = tensors["noise"].to(torch.float32) if "noise" in tensors else latents.prepare_noise(latent, settings.seed)
     if settings.latent_space == "vae" and bool(latent.count_nonzero()):
-        latent = samplers.process_latent_in(info.family, latent)
+        latent = latents.process_latent_in(info.family, latent)
     if "sigmas" in tensors:
         sigmas = tensors["sigmas"].to(torch.float32)
     else:
         assert settings.steps is not None
-        sigmas = samplers.compute_sigmas(info.family, settings.scheduler, settings.steps, settings.denoise,
+        sigmas = schedules.compute_sigmas(info.family, settings.scheduler, settings.steps, settings.denoise,
                                          settings.shift)
     guidance = settings.guidance
     if info.guidance_embeds and guidance is None:

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..engine.engine import Engine
-from ..engine.executor import Executor
+from ..core.engine import Engine
+from ..core.executor import Executor
 from .catalog import ModelCatalog, ModelCost
 from .events import EventLog
 from .jobs import Clock, JobStore

@@ -80,7 +80,7 @@ def build_executor(config: ServiceConfig, cost: CostModel):
     """``sim:N`` gives the simulated executor (priced by ``cost``); anything else the worker pool."""
     match = _SIM_RE.match(config.devices)
     if match:
-        from ..engine.simexec import SimulatedExecutor
+        from ..core.sim_executor import SimulatedExecutor
 
         num = int(match.group(1))
         if not 1 <= num <= 1024:
@@ -88,9 +88,9 @@ def build_executor(config: ServiceConfig, cost: CostModel):
         return SimulatedExecutor(num, cost, time_scale=config.sim_time_scale,
                                  checkpoint_every_s=config.checkpoint_every_s)
     try:
-        from ..engine.workers import WorkerPool, parse_devices
+        from ..worker.pool import WorkerPool, parse_devices
     except ImportError:
-        raise InvalidRequest(f"devices {config.devices!r} need the worker pool (comfy_tetriserve.engine.workers), "
+        raise InvalidRequest(f"devices {config.devices!r} need the worker pool (comfy_tetriserve.worker.pool), "
                              "which this build lacks; use sim:N to try the scheduler") from None
     return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s)
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..cost import CostModel
-from ..engine.engine import Engine
+from ..core.engine import Engine
 from ..plan import aligned_groups, all_subset_groups
 from ..types import Assignment, AssignmentResult, GenRequest, RequestState, RequestStatus
 

@@ -12,7 +12,7 @@ ModelSamplingFlux nodes), KSamplerAdvanced step windows, ModelSamplingFlux's res
 initial noise (with and without batch_index), latent format in/out, CFG, and the final LATENT of
 short trajectories of every sampler run through ComfyUI's CFGGuider.inner_sample with the
 synthetic denoisers below. tests/test_samplers_parity.py recomputes all of it with
-comfy_tetriserve.engine.samplers and compares. Everything above ``main`` must stay importable
+comfy_tetriserve.worker.samplers and compares. Everything above ``main`` must stay importable
 without ComfyUI: the test reads the case lists and the denoisers from here.
 """
 from __future__ import annotations

@@ -18,7 +18,8 @@ comfy/k_diffusion/sampling.py, comfy/sample.py) for flow models (FLUX, SD3):
   a stochastic sampler: a separate generator on the sampling device, seeded with the same seed
   when sampling starts (so on CPU its first draw equals the initial noise).
 
-Schedules (``compute_sigmas`` and friends) live in schedules.py and are re-exported here.
+Schedules (``compute_sigmas`` and friends), latent formats and initial noise live in ..sampling and are
+re-exported here.
 """
 from __future__ import annotations
 
@@ -29,11 +30,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import InvalidRequest
-from .schedules import (  # re-exported: this module is the sampling API
+from ..sampling.schedules import (  # re-exported: this module is the sampling API
     FAMILIES, SCHEDULERS, FamilySpec, ModelSampling, beta_sigmas, compute_sigmas, family_spec,
     flux_resolution_shift, model_sampling, model_sigmas, sampling_family, sigma_of_t,
     simple_sigmas, slice_sigmas, timestep_of_sigma, validate_sigmas,
 )
+from ..sampling.latents import (  # re-exported
+    check_seed, fix_empty_latent_channels, prepare_latent, prepare_noise, process_latent_in, process_latent_out,
+)
+from ..sampling.names import SAMPLER_NAMES
 
 __all__ = [
     # schedules
@@ -53,71 +58,6 @@ __all__ = [
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 RNG_KEY = "rng_state"  # memory entry holding the noise generator's state (CPU uint8)
-
-
-# ---------------------------------------------------------------- latent space and model space
-
-def process_latent_in(family: str, latent: torch.Tensor) -> torch.Tensor:
-    f = family_spec(family)
-    return (latent - f.latent_shift) * f.latent_scale
-
-
-def process_latent_out(family: str, latent: torch.Tensor) -> torch.Tensor:
-    f = family_spec(family)
-    return (latent / f.latent_scale) + f.latent_shift
-
-
-def fix_empty_latent_channels(family: str, latent: torch.Tensor) -> torch.Tensor:
-    """An all-zero latent with another channel count (e.g. a 4-channel empty latent) becomes the
-    family's all-zero latent, as ComfyUI does before it draws noise; other mismatches are errors."""
-    channels = family_spec(family).latent_channels
-    if latent.dim() != 4:
-        raise InvalidRequest(f"latent must be [B, C, H, W], got shape {tuple(latent.shape)}")
-    if latent.shape[1] == channels:
-        return latent
-    if torch.count_nonzero(latent) == 0:
-        return latent.new_zeros((latent.shape[0], channels, *latent.shape[2:]))
-    raise InvalidRequest(f"{family} latents have {channels} channels, got {latent.shape[1]}")
-
-
-def prepare_latent(family: str, latent: torch.Tensor) -> torch.Tensor:
-    """A raw (VAE-space) LATENT as the sampler sees it: channels fixed for an empty latent, then
-    the latent format's process_in, applied only when the latent has a non-zero entry (an empty
-    text-to-image latent stays all zeros). Draw the noise from the result's shape."""
-    latent = fix_empty_latent_channels(family, latent)
-    if torch.count_nonzero(latent) > 0:
-        latent = process_latent_in(family, latent)
-    return latent
-
-
-def prepare_noise(latent: torch.Tensor, seed: int, batch_inds: Sequence[int] | None = None) -> torch.Tensor:
-    """ComfyUI's initial noise: a CPU generator seeded with ``seed``, randn of the latent's shape.
-
-    With ``batch_inds`` (a LATENT's "batch_index"), image k gets the noise of draw batch_inds[k]
-    from one generator making [1, C, H, W] draws, as ComfyUI does for latents split from a batch.
-    (ComfyUI seeds torch's global generator; a private one gives the same numbers.)
-    """
-    generator = torch.Generator().manual_seed(check_seed(seed))
-    kw = dict(dtype=latent.dtype, layout=latent.layout, generator=generator, device="cpu")
-    if batch_inds is None:
-        return torch.randn(latent.size(), **kw)
-    inds = [int(i) for i in batch_inds]
-    if len(inds) != latent.shape[0] or min(inds) < 0:
-        raise InvalidRequest("batch_index must give one non-negative index per image")
-    wanted = set(inds)
-    draws = {}
-    for i in range(max(inds) + 1):
-        noise = torch.randn([1] + list(latent.size())[1:], **kw)
-        if i in wanted:
-            draws[i] = noise
-    return torch.cat([draws[i] for i in inds], dim=0)
-
-
-def check_seed(seed: int) -> int:
-    """Seeds are what ComfyUI's seed widgets allow: integers in [0, 2**64)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-        raise InvalidRequest(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return seed
 
 
 def _sigma_view(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -402,6 +342,7 @@ _STEP_FNS: dict[str, Callable[[torch.Tensor, _Step], torch.Tensor]] = {
     "ipndm": _ipndm,
     "gradient_estimation": _gradient_estimation,
 }
+assert tuple(_STEP_FNS) == SAMPLER_NAMES, "sampling/names.py must list exactly the samplers implemented here"
 
 _TWO_CALL_SAMPLERS = ("heun", "dpmpp_2s_ancestral")  # a second model call except on the last step
 

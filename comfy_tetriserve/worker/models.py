@@ -32,7 +32,7 @@ import torch
 
 from ..errors import InvalidRequest
 from .convert import FLUX_CLASS, SD3_CLASS, infer_config, to_diffusers
-from .executor import ModelInfo
+from ..core.executor import ModelInfo
 from .parallel import GroupComm, SeqShard, StepBinding, attention_backend, bind, gather_tokens, install_processors
 from .samplers import timestep_of_sigma
 from .tiny import TINY_FLUX_CONFIG, TINY_SD3_CONFIG, model_class, model_kwargs, random_model

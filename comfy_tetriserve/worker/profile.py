@@ -38,7 +38,7 @@ import torch
 from ..cost import ModelProfile, ProfileRow, ProfileTable, save_profile
 from ..errors import InvalidRequest
 from ..types import Assignment
-from .executor import SamplingJob
+from ..core.executor import SamplingJob
 from .samplers import compute_sigmas, prepare_noise
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def device_description(pool) -> str:
 
 
 async def profile(devices: str, models: dict[str, str], dtype: str, spec: ProfileSpec) -> ProfileTable:
-    from .workers import WorkerPool
+    from .pool import WorkerPool
 
     pool = WorkerPool(devices)
     await pool.start()

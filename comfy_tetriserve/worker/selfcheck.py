@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..types import Assignment
-from .executor import SamplingJob
+from ..core.executor import SamplingJob
 from .samplers import SAMPLERS, compute_sigmas, prepare_noise
 from .tiny import TINY_CONFIGS, write_tiny_checkpoint
 
@@ -119,7 +119,7 @@ async def run_checks(pool, workdir: str | Path, *, steps: int = 6, seed: int = 0
 
 
 async def selfcheck(devices: str, *, steps: int = 6, seed: int = 0, dtype: str = "fp32") -> dict:
-    from .workers import WorkerPool
+    from .pool import WorkerPool
 
     pool = WorkerPool(devices)
     await pool.start()

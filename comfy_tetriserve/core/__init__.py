@@ -1,0 +1,1 @@
+"""Torch-free core: the round state machine, the executor protocol and the simulated executor."""
