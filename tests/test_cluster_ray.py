@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 import os
 import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -22,7 +23,7 @@ torch = pytest.importorskip("torch")
 from comfy_tetriserve.cluster.executor import ClusterExecutor  # noqa: E402
 from comfy_tetriserve.core.executor import DevicesUnavailable, Executor, RecoverableExecutor  # noqa: E402
 from comfy_tetriserve.plan import node_groups  # noqa: E402
-from comfy_tetriserve.types import Assignment  # noqa: E402
+from comfy_tetriserve.types import Assignment, RoundPlan  # noqa: E402
 from comfy_tetriserve.worker.tiny import write_tiny_checkpoint  # noqa: E402
 
 from test_workers import make_job, rel  # noqa: E402
@@ -53,9 +54,10 @@ def h(tmp_path_factory):
     ex = ClusterExecutor(cluster.address, devices_per_node="cpu:2", checkpoint_every_s=0.0, num_threads=1)
     harness = Harness(cluster, ex)
     harness.second = second
+    harness.sd3_path = str(write_tiny_checkpoint("sd3", "diffusers", tmp / "sd3"))
     try:
         harness(ex.start())
-        harness(ex.load_model("sd3", str(write_tiny_checkpoint("sd3", "diffusers", tmp / "sd3")), "fp32"))
+        harness(ex.load_model("sd3", harness.sd3_path, "fp32"))
         yield harness
     finally:
         harness(ex.close())
@@ -189,3 +191,78 @@ def test_removed_node_mid_job_loses_nothing_and_results_stay_exact(h):
     wref = h(run_plan(ex, make_job("waiting-ref", "sd3", steps=6, seed=6), [((1,), 6)]))
     assert h(ex.execute(Assignment(("waiting",), (0,), 4))).error is None
     assert rel(h(ex.fetch_result("waiting")), wref) <= 1e-5
+
+
+@dataclass(frozen=True)
+class HighestFirst:
+    """Each waiting job gets the free group of ``sp_degree`` devices with the highest ids, for all its steps."""
+
+    sp_degree: int = 2
+    name: str = "test-highest-first"
+
+    def plan_round(self, view, cost):
+        used: set[int] = set()
+        out = []
+        for snap in view.plannable:
+            groups = sorted(view.free_groups(self.sp_degree), reverse=True) or sorted(view.free_groups(1), reverse=True)
+            group = next((g for g in groups if used.isdisjoint(g)), None)
+            if group is None:
+                break
+            used.update(group)
+            out.append(Assignment((snap.request_id,), group, snap.steps_left))
+        return RoundPlan(view.round_index, 0.0, tuple(out))
+
+
+def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_devices(h):
+    """Runs after the node removal: the service on the cluster serves on node 0, a node joins, jobs run there."""
+    from types import SimpleNamespace
+
+    from comfy_tetriserve.client import TetriServeClient, decode_result, encode_job
+    from comfy_tetriserve.service.app import create_app
+    from comfy_tetriserve.service.state import SERVICE
+    from comfy_tetriserve.worker.models import load_transformer
+    from factories import PowerLawCost
+    from service_helpers import make_config, running_service
+    from test_service_workers import direct_run, job_tensors
+
+    ex = h.ex
+    config = make_config(devices="cpu:4", model=(f"sd3={h.sd3_path}",), dtype="fp32", lease_s=30.0,
+                         shutdown_grace_s=5.0)
+    app = create_app(config, executor=ex, policy=HighestFirst(), cost=PowerLawCost(base_s=0.05, degrees=(1, 2)))
+    svc = app[SERVICE]
+    ref_h = SimpleNamespace(refs={"sd3": load_transformer(h.sd3_path, dtype="fp32")}, config=config)
+
+    async def run_jobs(client, seeds):
+        settings = [{"model": "sd3", "steps": 5, "seed": s} for s in seeds]
+        jobs = [await client.submit(encode_job(job_tensors("sd3", s), st)) for s, st in zip(seeds, settings)]
+        for job, s, st in zip(jobs, seeds, settings):
+            await client.wait(job["job_id"], timeout_s=120)
+            latent = decode_result(await client.result(job["job_id"]))[0]["latent"]
+            assert rel(latent, direct_run(ref_h, "sd3", job_tensors("sd3", s), st)) <= 1e-5
+        return [j["job_id"] for j in jobs]
+
+    async def body():
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            status = await client.executor()
+            assert [n["alive"] for n in status["nodes"]] == [True, False] and status["healthy_gpu_ids"] == [0, 1]
+            assert svc.engine.healthy_gpu_ids == (0, 1)  # node 1 is gone: its devices are out of the plan
+            done = await run_jobs(client, [21, 22])
+            assert {g for rec in svc.engine.records() for rid in rec.request_ids if rid in done
+                    for g in rec.gpu_ids} <= {0, 1}
+            # a node joins: it takes the lost node's place (GPU ids 2, 3), loads the models, then takes work
+            # (Ray starts a node from the main thread only: the loop pauses while the processes start)
+            h.cluster.add_node(num_cpus=2, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
+            t0 = time.monotonic()
+            while svc.engine.healthy_gpu_ids != (0, 1, 2, 3) and time.monotonic() - t0 < 120:
+                await asyncio.sleep(0.2)
+            assert svc.engine.healthy_gpu_ids == (0, 1, 2, 3)
+            nodes = svc.executor_json()["nodes"]
+            assert [n["alive"] for n in nodes] == [True, True] and nodes[1]["gpu_ids"] == [2, 3]
+            board = svc.nodes_json()
+            assert board == nodes
+            done = await run_jobs(client, [23])
+            assert [rec.gpu_ids for rec in svc.engine.records() if done[0] in rec.request_ids] == [(2, 3)]
+            status = await client.executor()
+            assert status["healthy_gpu_ids"] == [0, 1, 2, 3] and status["moves"]["num_moves"] >= 1
+
+    h(body())

@@ -329,12 +329,16 @@ class ClusterExecutor:
         if not live:
             raise WorkerError("no node of the cluster is up")
         total, done = len(self._gpu_ids), 0
-        infos = []
-        for slot in live:  # node by node: each node reads the file from its own disk
-            infos.append(await slot.agent.load_model.remote(name, path, dtype))
+
+        async def load(slot: _Slot) -> ModelInfo:  # every node at once, each from its own disk
+            nonlocal done
+            info = await slot.agent.load_model.remote(name, path, dtype)
             done += slot.spec.num_devices
             if on_progress is not None:
                 on_progress(done, total)
+            return info
+
+        infos = await asyncio.gather(*(load(s) for s in live))
         self._models[name] = (path, dtype, infos[0])
         return infos[0]
 
