@@ -8,7 +8,8 @@ arrival-aware limits on scale-up and round length),
 ``granularity`` (round length in steps), ``bound`` (offline MILP upper bound on small traces),
 ``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
 ``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat; with
-the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates).
+the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates), ``cluster`` (two boxes at twice the
+rate: one cluster-wide planner vs one planner per box behind a router, sim/cluster.py).
 Every simulated number comes from the cost model named in the report (``cost_model``).
 
     comfy-tetriserve bench                      # the full run (about 4 minutes on 2 busy cores)
@@ -48,7 +49,7 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
     "scale-up: grants end within 40 ms": {"scale_up_commit_s": 0.04},
     "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
 }
-SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload")
+SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "cluster")
 
 
 @dataclass(frozen=True)
@@ -524,6 +525,13 @@ class Bench:
         return ("Overload of small images (256/512 px only): SAR (GPU utilisation)\n"
                 + rep.format_table(["setting"] + policies, rows)
                 + "\n\nTetriServe variants in overload: SAR\n" + rep.format_table(["variant"] + vkeys, vrows))
+
+    def section_cluster(self) -> str:
+        """Two boxes at twice the rate: one cluster-wide planner vs per-box planners behind routers (sim/cluster.py)."""
+        from .cluster import section
+
+        self.report["cluster"], text = section(self)
+        return text
 
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:
