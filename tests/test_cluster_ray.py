@@ -47,7 +47,7 @@ def h(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     tmp = tmp_path_factory.mktemp("cluster")
-    node_args = dict(num_cpus=2, node_ip_address=LOOPBACK, include_dashboard=False, object_store_memory=80 * 2**20)
+    node_args = dict(num_cpus=1, node_ip_address=LOOPBACK, include_dashboard=False, object_store_memory=80 * 2**20)
     cluster = Cluster(initialize_head=True, head_node_args=node_args)
     second = cluster.add_node(**{k: v for k, v in node_args.items() if k != "include_dashboard"})
     ray.init(address=cluster.address, _node_ip_address=LOOPBACK, include_dashboard=False, logging_level="WARNING")
@@ -251,7 +251,7 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
                     for g in rec.gpu_ids} <= {0, 1}
             # a node joins: it takes the lost node's place (GPU ids 2, 3), loads the models, then takes work
             # (Ray starts a node from the main thread only: the loop pauses while the processes start)
-            h.cluster.add_node(num_cpus=2, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
+            h.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
             t0 = time.monotonic()
             while svc.engine.healthy_gpu_ids != (0, 1, 2, 3) and time.monotonic() - t0 < 120:
                 await asyncio.sleep(0.2)

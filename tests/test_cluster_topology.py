@@ -1,6 +1,10 @@
 """Cluster topology: the planner's groups come from node -> devices and no plan of any policy crosses a node."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -84,3 +88,38 @@ def test_no_plan_of_any_policy_crosses_a_node(case):
         validate_plan(view, plan, COST.allowed_degrees)  # only the view's (per-node) groups, free devices
         for a in plan.assignments:
             assert len({node_of[g] for g in a.gpu_ids}) == 1, f"{name} placed {a.gpu_ids} across nodes {nodes}"
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_cluster_mode_without_ray_says_what_to_install_and_one_box_never_imports_ray():
+    proc = _run_python('''
+        import importlib.abc, sys
+        from comfy_tetriserve.cli import main
+        from comfy_tetriserve.service.app import create_app
+        from comfy_tetriserve.service.settings import ServiceConfig
+        create_app(ServiceConfig(devices="sim:2", journal="off"))
+        assert not [m for m in sys.modules if m.split(".")[0] == "ray"], "single-box serving imported ray"
+        print("one box: no ray")
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ray":
+                    raise ImportError("No module named 'ray'")
+        sys.meta_path.insert(0, Blocker())
+        sys.exit(main(["serve", "--cluster", "ray", "--devices-per-node", "cpu:2", "--journal", "off"]))
+    ''')
+    assert "one box: no ray" in proc.stdout, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "--cluster ray needs Ray" in proc.stderr and 'pip install "comfy-tetriserve[cluster]"' in proc.stderr
+
+
+def test_cluster_settings_are_checked():
+    from comfy_tetriserve.service.settings import ServiceConfig
+
+    with pytest.raises(InvalidRequest, match="devices-per-node"):
+        ServiceConfig(cluster="ray", devices_per_node="cuda:4").validate()
+    with pytest.raises(InvalidRequest, match="inter_node_gbps"):
+        ServiceConfig(inter_node_gbps=0).validate()
+    ServiceConfig(cluster="ray", devices_per_node="cpu:2").validate()
