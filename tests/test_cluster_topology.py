@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -123,3 +124,21 @@ def test_cluster_settings_are_checked():
     with pytest.raises(InvalidRequest, match="inter_node_gbps"):
         ServiceConfig(inter_node_gbps=0).validate()
     ServiceConfig(cluster="ray", devices_per_node="cpu:2").validate()
+
+
+def test_only_the_cluster_package_imports_ray():
+    import comfy_tetriserve
+
+    root = Path(comfy_tetriserve.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "cluster" and path.parent.parent == root:
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            s = line.strip()
+            if s.startswith(("import ray", "from ray")):
+                offenders.append(f"{path.relative_to(root)}: {s}")
+    assert not offenders, offenders
+    # the topology is pure: no torch, no ray
+    text = (root / "cluster" / "topology.py").read_text(encoding="utf-8")
+    assert "import torch" not in text and "import ray" not in text
