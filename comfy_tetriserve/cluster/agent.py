@@ -99,6 +99,9 @@ class NodeAgent:
                 if self._streams.get(rid) is q:
                     del self._streams[rid]
 
+    async def kill_workers(self, ranks: list[int], reason: str) -> None:
+        self.pool.kill_workers(ranks, reason)
+
     async def stop(self, request_ids: tuple[str, ...]) -> None:
         await self.pool.stop(request_ids)
 

@@ -477,3 +477,13 @@ class ClusterExecutor:
                     await self._slots[i].agent.stop.remote(request_ids)
                 except self._ray.exceptions.RayActorError:
                     pass  # its assignment ends lost anyway
+
+    def kill_workers(self, gpu_ids, reason: str) -> None:
+        """Kill the workers of these devices (the service's stall watchdog); their deaths follow as usual."""
+        by_node: dict[int, list[int]] = {}
+        for g in gpu_ids:
+            i = self.topology.node_index(g)
+            by_node.setdefault(i, []).append(g - self._node_ids[i][0])
+        for i, ranks in by_node.items():
+            if self._slots[i].alive:
+                self._slots[i].agent.kill_workers.remote(ranks, reason)
