@@ -89,6 +89,13 @@ def test_topology_one_world_per_node_and_groups_inside_nodes(h):
     assert {n["address"] for n in nodes} == {LOOPBACK}
     with pytest.raises(Exception, match="groups"):
         h(ex.execute(Assignment(("x",), (1, 2), 1)))
+    # serve --cluster ray builds the same topology from its settings (nothing started until start())
+    from comfy_tetriserve.cluster.service import build_cluster_executor
+    from comfy_tetriserve.service.settings import ServiceConfig
+
+    built = build_cluster_executor(ServiceConfig(cluster="ray", ray_address=h.cluster.address,
+                                                 devices_per_node="cpu:2", inter_node_gbps=8.0))
+    assert built.topology == ex.topology and built.move_cost.bytes_per_s == 1e9
 
 
 def test_no_process_group_spans_nodes(h):
