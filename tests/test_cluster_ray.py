@@ -184,7 +184,8 @@ def test_removed_node_mid_job_loses_nothing_and_results_stay_exact(h):
 
     result = h(ex.execute(Assignment(("long",), (2, 3), steps), on_step))
     assert removed and result.lost and result.error and "node 1" in result.error
-    assert 6 <= result.steps_done < steps and ex.checkpoint("long").step_index == result.steps_done
+    # checkpoints after every step (checkpoint_every_s=0): at most the step in flight when the node died is lost
+    assert 5 <= result.steps_done < steps and ex.checkpoint("long").step_index == result.steps_done
     assert {2, 3} <= ex.unavailable_gpu_ids and not ({0, 1} & ex.unavailable_gpu_ids)
     assert faults and faults[0].gpu_ids == (2, 3) and faults[0].request_ids == ("long",)
     assert ex.needs_restart is None  # the other node serves on; no cluster-wide rebuild
