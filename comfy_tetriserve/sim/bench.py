@@ -50,6 +50,8 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
     "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
 }
 SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "cluster")
+#: run by default (``cluster`` simulates two boxes at twice the load, about 18 minutes: ask for it)
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "cluster")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class BenchConfig:
     step_counts: tuple[int, ...] = cfg.field((20, 28, 50), help="steps per request for the sensitivity section")
     overload_rates: tuple[float, ...] = cfg.field((60.0, 120.0, 180.0),
                                                   help="overload section: rates of 256/512 px requests, per minute")
-    sections: tuple[str, ...] = cfg.field(SECTIONS, help=f"sections to run ({' '.join(SECTIONS)})")
+    sections: tuple[str, ...] = cfg.field(DEFAULT_SECTIONS, help=f"sections to run ({' '.join(SECTIONS)}; "
+                                                                  "cluster only when named)")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
     jobs: int = cfg.field(0, help="worker processes (0: one per CPU core)")
     plots: bool = cfg.field(True, help="write PNG plots")
