@@ -259,7 +259,7 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
                     for g in rec.gpu_ids} <= {0, 1}
             # a node joins: it takes the lost node's place (GPU ids 2, 3), loads the models, then takes work
             # (Ray starts a node from the main thread only: the loop pauses while the processes start)
-            h.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
+            joined = h.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
             t0 = time.monotonic()
             while svc.engine.healthy_gpu_ids != (0, 1, 2, 3) and time.monotonic() - t0 < 120:
                 await asyncio.sleep(0.2)
@@ -272,5 +272,21 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
             assert [rec.gpu_ids for rec in svc.engine.records() if done[0] in rec.request_ids] == [(2, 3)]
             status = await client.executor()
             assert status["healthy_gpu_ids"] == [0, 1, 2, 3] and status["moves"]["num_moves"] >= 1
+            # the joined node leaves while a job runs on it: the job finishes on node 0, exactly
+            st = {"model": "sd3", "steps": 40, "seed": 24}
+            job = await client.submit(encode_job(job_tensors("sd3", 24), st))
+            rid = job["job_id"]
+            t0 = time.monotonic()
+            while svc.store.jobs[rid].steps_done < 3 and time.monotonic() - t0 < 60:  # checkpoints on node 1
+                await asyncio.sleep(0.02)
+            h.cluster.remove_node(joined)
+            await client.wait(rid, timeout_s=120)
+            latent = decode_result(await client.result(rid))[0]["latent"]
+            assert rel(latent, direct_run(ref_h, "sd3", job_tensors("sd3", 24), st)) <= 1e-5
+            groups = [rec.gpu_ids for rec in svc.engine.records() if rid in rec.request_ids]
+            assert groups[0] == (2, 3) and groups[-1] == (0, 1), groups
+            status = await client.executor()
+            assert [n["alive"] for n in status["nodes"]] == [True, False] and status["healthy_gpu_ids"] == [0, 1]
+            assert status["num_faults"] >= 1 and status["state"] == "ok"
 
     h(body())
