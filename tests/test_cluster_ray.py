@@ -273,7 +273,7 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
             status = await client.executor()
             assert status["healthy_gpu_ids"] == [0, 1, 2, 3] and status["moves"]["num_moves"] >= 1
             # the joined node leaves while a job runs on it: the job finishes on node 0, exactly
-            st = {"model": "sd3", "steps": 40, "seed": 24}
+            st = {"model": "sd3", "steps": 150, "seed": 24}
             job = await client.submit(encode_job(job_tensors("sd3", 24), st))
             rid = job["job_id"]
             t0 = time.monotonic()
