@@ -14,6 +14,11 @@ _NUM_OR_NULL = {"type": ["number", "null"]}
 _STR_OR_NULL = {"type": ["string", "null"]}
 _TOKEN = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"}
 
+#: cluster mode (serve --cluster ray): one entry per node, its GPU ids and whether it is up
+_NODES = {"type": "array", "items": {"type": "object", "properties": {
+    "node": {"type": "integer"}, "node_id": {"type": "string"}, "address": {"type": "string"},
+    "gpu_ids": {"type": "array", "items": {"type": "integer"}}, "alive": {"type": "boolean"},
+    "error": {"type": ["string", "null"]}}}}
 SCHEMAS: dict = {
     "Error": {
         "type": "object", "required": ["error"],
@@ -121,14 +126,15 @@ SCHEMAS: dict = {
                                 "busy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
                                 "workers": {"type": "array", "items": {"type": "object", "properties": {
                                     "gpu_id": {"type": "integer"}, "device": {"type": "string"},
-                                    "pid": {"type": ["integer", "null"]}, "alive": {"type": "boolean"}}}}}},
+                                    "pid": {"type": ["integer", "null"]}, "alive": {"type": "boolean"}}}},
+                                "nodes": _NODES, "moves": {"type": "object"}}},
     "Board": {"type": "object", "required": ["now_at", "gpu_ids", "assignments", "jobs", "sar"],
               "properties": {"now_at": {"type": "number"}, "window_s": {"type": "number"},
                              "boot_id": {"type": "string"}, "policy": {"type": "string"},
                              "gpu_ids": {"type": "array", "items": {"type": "integer"}},
                              "healthy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
                              "busy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
-                             "round_index": {"type": "integer"},
+                             "round_index": {"type": "integer"}, "nodes": _NODES,
                              "assignments": {"type": "array", "items": {"type": "object"}},
                              "jobs": {"type": "array", "items": {"type": "object"}},
                              "sar": {"type": "object"}}},

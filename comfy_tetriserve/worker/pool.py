@@ -175,6 +175,8 @@ class WorkerPool:
         self.num_restarts = 0
         #: called on the event loop with every WorkerFault (the service sets it)
         self.on_fault: Callable[[WorkerFault], None] | None = None
+        #: called on the event loop with {request_id: CPU trajectory} for each checkpoint inside an assignment
+        self.on_checkpoint: Callable[[dict[str, Trajectory]], None] | None = None
         self.worker_info: list[dict] = []
         self.stats: dict[str, deque[float]] = {k: deque(maxlen=STATS_KEPT)
                                                for k in ("handoff_local_s", "handoff_bcast_s", "handoff_pool_s")}
@@ -382,6 +384,11 @@ class WorkerPool:
             task = self._tasks.get(msg[1])
             if task is not None:
                 task.partial = msg[2]
+                if self.on_checkpoint is not None:
+                    try:
+                        self.on_checkpoint(msg[2])
+                    except Exception:  # noqa: BLE001 - a listener must not break the pool
+                        log.exception("on_checkpoint listener failed")
         elif kind == "done":
             try:
                 self._on_done(rank, msg[1], *msg[3:])
@@ -523,7 +530,9 @@ class WorkerPool:
         return {name: info for name, (_, _, info) in self._models.items()}
 
     # ------------------------------------------------------------ requests
-    async def admit(self, job: SamplingJob) -> None:
+    async def admit(self, job: SamplingJob, checkpoint: Trajectory | None = None) -> None:
+        """Take a request; with ``checkpoint`` (a CPU trajectory of this job, e.g. from another box)
+        it resumes from there instead of its first step."""
         if job.request_id in self._requests:
             raise Conflict(f"request {job.request_id} is admitted already")
         if job.model not in self._models:
@@ -535,6 +544,11 @@ class WorkerPool:
                   if key in job.extra}
         traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed,
                                 **kwargs)
+        if checkpoint is not None:
+            if checkpoint.num_steps != traj.num_steps or tuple(checkpoint.x.shape) != tuple(traj.x.shape):
+                raise InvalidRequest(f"checkpoint of {job.request_id} does not fit the job "
+                                     f"({checkpoint.num_steps} steps, shape {list(checkpoint.x.shape)})")
+            traj = checkpoint
         self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj)
 
     @staticmethod
