@@ -22,7 +22,7 @@ import torch
 
 from ..core.executor import ModelInfo
 from ..errors import InvalidRequest
-from ..sampling.image_cond import MAX_REFERENCES, fill_concat, num_reference_tokens, reference_latents
+from ..sampling.image_cond import FILL_MASK_CHANNELS, MAX_REFERENCES, fill_concat, num_reference_tokens, reference_latents
 from ..types import PIXELS_PER_TOKEN
 
 FILL_TENSORS = ("concat_latent_image", "concat_mask")
@@ -48,6 +48,9 @@ def check_image_tensors(tensors: dict[str, torch.Tensor], info: ModelInfo, max_i
     latent = tensors["latent"]
     batch, channels, h, w = latent.shape
     fill = [n for n in FILL_TENSORS if n in tensors]
+    if info.concat_channels and info.concat_channels != channels + FILL_MASK_CHANNELS:
+        raise InvalidRequest(f"model {info.name} takes {info.concat_channels} conditioning channels (a FLUX Depth / "
+                             f"Canny-style model); only FLUX Fill's {channels} + {FILL_MASK_CHANNELS} are served")
     if info.concat_channels and len(fill) < 2:
         raise InvalidRequest(f"model {info.name} is a FLUX Fill (inpainting) model: send concat_latent_image (the "
                              "masked image's latent) and concat_mask (the mask), as InpaintModelConditioning makes them")
