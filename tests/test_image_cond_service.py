@@ -11,7 +11,7 @@ import torch
 from comfy_tetriserve.client import TetriServeClient, decode_result, encode_job
 from comfy_tetriserve.errors import InvalidRequest
 from comfy_tetriserve.service.app import create_app
-from comfy_tetriserve.service.image_inputs import priced_size
+from comfy_tetriserve.cost import priced_size
 from comfy_tetriserve.service.schemas import parse_settings, resolve_job
 from comfy_tetriserve.service.state import SERVICE
 from comfy_tetriserve.worker import samplers

@@ -12,18 +12,16 @@ Optional tensors of a job body (see docs/api.md), always as ComfyUI's CONDITIONI
 
 ``check_image_tensors`` validates shapes against the model and the limits; ``image_inputs`` turns
 them into the SamplingJob's model-space ``concat`` and ``ref_latents`` (sampling/image_cond.py);
-``priced_size`` is the image size the planner prices a job with references as.
+``cost.priced_size`` is the image size the planner prices a job with references as.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from ..core.executor import ModelInfo
 from ..errors import InvalidRequest
 from ..sampling.image_cond import FILL_MASK_CHANNELS, MAX_REFERENCES, fill_concat, num_reference_tokens, reference_latents
-from ..types import PIXELS_PER_TOKEN
+from ..cost import priced_size  # noqa: F401  (re-exported: the service prices Kontext jobs with it)
 
 FILL_TENSORS = ("concat_latent_image", "concat_mask")
 REF_TENSORS = tuple(f"ref_latent_{i}" for i in range(MAX_REFERENCES))
@@ -89,14 +87,3 @@ def image_inputs(family: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.T
         concat = fill_concat(family, tensors["concat_latent_image"], tensors["concat_mask"], latent.shape)
     refs = reference_latents(family, [tensors[n] for n in reference_names(tensors)], int(latent.shape[1]))
     return concat, refs
-
-
-def priced_size(height: int, width: int, reference_tokens: int) -> tuple[int, int]:
-    """(height, width) in pixels of an image with at least as many tokens as the generated image plus
-    its references: the same height, the width grown by whole columns of tokens. The cost model
-    prices a step by its token count, so the planner sees the longer sequence of a Kontext job."""
-    if reference_tokens <= 0:
-        return height, width
-    rows = height // PIXELS_PER_TOKEN
-    extra_cols = math.ceil(reference_tokens / rows)
-    return height, width + extra_cols * PIXELS_PER_TOKEN
