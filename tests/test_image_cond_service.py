@@ -19,7 +19,7 @@ from comfy_tetriserve.worker.models import load_transformer
 from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
 from factories import PowerLawCost
 from nodes_helpers import load_nodes_package
-from service_helpers import FifoPolicy, make_config, running_service
+from service_helpers import FifoPolicy, job_body, make_config, make_service_app, running_service
 
 load_nodes_package()
 from tetriserve_nodes.conditioning import ConditioningError, job_conditioning  # noqa: E402
@@ -69,6 +69,38 @@ def test_kontext_jobs_are_priced_with_their_reference_tokens():
     # 14 x 18 = 252 image tokens + 50 reference tokens: 4 more columns of 14 tokens (56 >= 50)
     h, w = priced_size(224, 288, 50)
     assert (h, w) == (224, 288 + 4 * 16) and (h // 16) * (w // 16) >= 252 + 50
+
+
+def test_bad_image_conditioning_is_refused_by_name():
+    """On the simulated service (FLUX-dev-like flux-sim, SD3-like sd3-sim): 400s that say what is wrong."""
+    import aiohttp
+
+    ref = torch.zeros(1, 16, 8, 8)
+    cases = [
+        ("mask without image", {"concat_mask": torch.ones(1, 128, 128)}, {}, "go together"),
+        ("fill inputs for a non-fill model", {"concat_latent_image": torch.zeros(1, 16, 16, 16),
+                                              "concat_mask": torch.ones(1, 128, 128)}, {}, "not a FLUX Fill"),
+        ("gap in references", {"ref_latent_1": ref}, {}, "without gaps"),
+        ("reference of wrong channels", {"ref_latent_0": torch.zeros(1, 4, 8, 8)}, {}, "ref_latent_0 must be"),
+        ("reference on sd3", {"ref_latent_0": ref}, {"model": "sd3-sim"}, "does not take reference latents"),
+        ("unknown method", {"ref_latent_0": ref}, {"reference_latents_method": "stack"}, "reference_latents_method"),
+        ("too many reference tokens", {"ref_latent_0": torch.zeros(1, 16, 130, 130)}, {}, "more than the limit"),
+    ]
+
+    async def body():
+        app, _ = make_service_app(max_image_tokens=4096)
+        async with running_service(app) as url, aiohttp.ClientSession() as s:
+            for name, tensors, settings, word in cases:
+                data = job_body(settings, tensors=tensors, pooled_dim=2048 if settings.get("model") == "sd3-sim" else 768)
+                async with s.post(url + "/v1/jobs", data=data) as resp:
+                    text = await resp.text()
+                    assert resp.status == 400 and word in text, (name, resp.status, text)
+            # a Kontext job is accepted and planned with its reference tokens: 8 x 8 latent -> 16 tokens
+            async with s.post(url + "/v1/jobs", data=job_body(tensors={"ref_latent_0": ref})) as resp:
+                job = await resp.json()
+                assert resp.status == 202 and (job["height"], job["width"]) == priced_size(128, 128, 16), job
+
+    asyncio.run(body())
 
 
 # ----------------------------------------------------------------- through the service
