@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -70,8 +71,6 @@ def make_job(request_id: str, model: str, family: str, steps: int, seed: int = 0
 
 def image_conditioned(job: SamplingJob, kind: str, seed: int = 0) -> SamplingJob:
     """``job`` with FLUX Fill inputs (``kind="fill"``) or two Kontext reference latents (``"kontext"``)."""
-    import dataclasses
-
     g = torch.Generator().manual_seed(seed + 7)
     b, c, h, w = job.latent.shape
     if kind == "fill":
