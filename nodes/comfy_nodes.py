@@ -37,8 +37,7 @@ from comfy_tetriserve import config as config_module
 from comfy_tetriserve.client import TetriServeClient
 from comfy_tetriserve.sampling.names import SAMPLER_NAMES as SERVICE_SAMPLERS
 
-from .conditioning import ConditioningError, job_conditioning
-from .conditioning import _own as own_tensor
+from .conditioning import ConditioningError, job_conditioning, own_tensor
 from .jobs import JobProgress, deadline_setting, sample_remote
 from .panel import add_panel_routes
 from .service import (WEIGHT_DTYPES, ClientPool, ModelHandle, autostart_args, load_on_service, model_name,

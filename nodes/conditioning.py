@@ -118,6 +118,9 @@ def _own(t: torch.Tensor, others) -> torch.Tensor:
     return t.clone() if any(o.untyped_storage().data_ptr() == ptr for o in others) else t
 
 
+own_tensor = _own  # for the sampler node: a job body holds each tensor once
+
+
 def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, guidance_embeds: bool = True,
                      context_dim: int | None = None, pooled_dim: int | None = None) -> JobConditioning:
     """The job tensors (``context``, ``pooled`` and, when CFG runs, ``neg_context``/``neg_pooled``)
