@@ -13,7 +13,6 @@ from comfy_tetriserve.errors import InvalidRequest
 from comfy_tetriserve.service.app import create_app
 from comfy_tetriserve.cost import priced_size
 from comfy_tetriserve.service.schemas import parse_settings, resolve_job
-from comfy_tetriserve.service.state import SERVICE
 from comfy_tetriserve.worker import samplers
 from comfy_tetriserve.worker.models import load_transformer
 from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
