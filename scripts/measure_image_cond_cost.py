@@ -27,7 +27,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="latent side S (latent pixels)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_transformer(args.model, dtype=args.dtype, device="cpu")
     PRESETS["tiny-flux-fill"] = TINY_FLUX_FILL_CONFIG
     fill = load_transformer("random:tiny-flux-fill", dtype=args.dtype, device="cpu")
