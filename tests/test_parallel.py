@@ -32,7 +32,7 @@ def test_seq_shard_joint_sizes():
 
 
 # ----------------------------------------------------------------- multi-process
-def _group_main(rank: int, world: int, store: str, cases: dict, queue, received=None) -> None:
+def _group_main(rank: int, world: int, store: str, cases: dict, queue) -> None:
     """One rank: every family's sharded forward at every degree <= world; results to the queue."""
     import torch.distributed as dist
 
@@ -53,24 +53,19 @@ def _group_main(rank: int, world: int, store: str, cases: dict, queue, received=
                                                             inputs["pooled"], inputs.get("guidance"), comm=comm,
                                                             vote=float(rank == 1))
         queue.put((rank, results))
-        if received is not None:  # the tensors travel as file descriptors this process serves: stay until read
-            received.wait(300)
     finally:
         dist.destroy_process_group()
 
 
 def run_sharded(cases: dict, world: int) -> dict:
     ctx = tmp.get_context("spawn")
-    queue, received = ctx.Queue(), ctx.Event()
+    queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
-        procs = [ctx.Process(target=_group_main, args=(r, world, store, cases, queue, received)) for r in range(world)]
+        procs = [ctx.Process(target=_group_main, args=(r, world, store, cases, queue)) for r in range(world)]
         for p in procs:
             p.start()
-        try:
-            results = dict(queue.get(timeout=300) for _ in procs)
-        finally:
-            received.set()
+        results = dict(queue.get(timeout=300) for _ in procs)
         for p in procs:
             p.join(timeout=60)
     return results
