@@ -46,6 +46,8 @@ SCHEMAS: dict = {
             "lease": _TOKEN,
             "latent_space": {"enum": ["vae", "model"], "default": "vae"},
             "result_space": {"enum": ["vae", "model", None]},
+            "reference_latents_method": {"enum": ["offset", "index", "uxo"], "default": "offset",
+                                         "description": "FLUX Kontext: how ref_latent_i are placed"},
         },
     },
     "Job": {
@@ -103,7 +105,7 @@ SCHEMAS: dict = {
                              "family": {"type": "string"}, "num_heads": {"type": "integer"},
                              "in_channels": {"type": "integer"}, "context_dim": {"type": "integer"},
                              "pooled_dim": {"type": "integer"}, "guidance_embeds": {"type": "boolean"},
-                             "dtype": {"type": "string"}, "error": {"type": "string"}}},
+                             "concat_channels": {"type": "integer"}, "dtype": {"type": "string"}, "error": {"type": "string"}}},
     "Health": {"type": "object", "required": ["status", "boot_id", "version"],
                "properties": {"status": {"enum": ["ok", "stopping"]}, "version": {"type": "string"},
                               "api": {"type": "string"}, "boot_id": {"type": "string"},

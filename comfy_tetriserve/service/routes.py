@@ -25,6 +25,7 @@ from .catalog import ModelStatus, check_model_name
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
 from .openapi import openapi_document
+from .image_inputs import priced_size
 from .schemas import check_tensors, check_token, parse_body, resolve_job
 from .state import SERVICE, Service
 
@@ -243,6 +244,7 @@ async def submit(request: web.Request) -> web.Response:
     job_id = svc.store.new_job_id()
     sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)
     height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
+    height, width = priced_size(height, width, sampling_job.num_reference_tokens)  # Kontext: + reference tokens
     gen = GenRequest(
         request_id=job_id, model=settings.model, height=height, width=width, num_steps=sampling_job.num_steps,
         arrival_at=received_at,

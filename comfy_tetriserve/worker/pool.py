@@ -58,6 +58,7 @@ import torch
 from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import Assignment, AssignmentResult
+from ..sampling.image_cond import check_image_conditioning
 from ..core.executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
 from .runner import Conditioning, WorkerConfig, worker_main
 from .samplers import Trajectory, finish_latent, start_trajectory
@@ -571,6 +572,7 @@ class WorkerPool:
                 raise InvalidRequest(f"pooled output for {name} must be [B, {info.pooled_dim}]")
             if lat.shape[0] % ctx.shape[0] or lat.shape[0] % pooled.shape[0]:
                 raise InvalidRequest(f"{name} batch does not divide the latent batch {lat.shape[0]}")
+        check_image_conditioning(job, info)
 
     def checkpoint(self, request_id: str) -> Trajectory:
         """The latest checkpointed trajectory of a request (CPU)."""
@@ -724,6 +726,7 @@ def _exit_description(proc) -> str:
 def _conditioning(job: SamplingJob) -> Conditioning:
     return Conditioning(request_id=job.request_id, model=job.model, context=job.context, pooled=job.pooled,
                         cfg=float(job.cfg), guidance=job.guidance, neg_context=job.neg_context,
-                        neg_pooled=job.neg_pooled)
+                        neg_pooled=job.neg_pooled, concat=job.concat, refs=tuple(job.ref_latents),
+                        ref_method=job.ref_method)
 
 
