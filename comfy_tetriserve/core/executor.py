@@ -114,6 +114,12 @@ class ModelInfo:
     guidance_embeds: bool = False  # FLUX-dev: takes a guidance value
     dtype: str = "bf16"
     source: str = ""  # where the weights came from (file or folder name, never shown to other tenants)
+    #: architecture read from the file, for size-aware pricing (0: unknown)
+    num_attention_layers: int = 0
+    hidden_size: int = 0
+    num_text_tokens: int = 0
+    #: bytes of weights one worker holds for it (0: unknown)
+    num_bytes: int = 0
 
 
 @runtime_checkable

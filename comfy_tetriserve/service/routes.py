@@ -177,7 +177,7 @@ async def load_model(request: web.Request) -> web.Response:
 @routes.get("/v1/models/{name:.+}")
 async def model_status(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
-    return web.json_response(svc.catalog.entry(request.match_info["name"]).to_json())
+    return web.json_response(svc.catalog.describe(request.match_info["name"]))
 
 
 # ------------------------------------------------------------------- leases
