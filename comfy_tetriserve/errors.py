@@ -83,3 +83,9 @@ class ServiceUnavailable(TetriServeError):
 
     http_status = 503
     code = "unavailable"
+
+
+class InsufficientMemory(Conflict):
+    """A model (or adapter) does not fit a worker's memory budget even after evicting what may go."""
+
+    code = "insufficient_memory"
