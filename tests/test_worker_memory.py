@@ -132,6 +132,61 @@ def test_unload_frees_workers_and_the_model_comes_back_on_use(tight):
     assert pool.residency_of("m0")["resident_on"] == [0, 1]
 
 
+def test_service_pins_configured_models_lists_residency_unloads_and_reports_failed_loads(tight):
+    """Last on this pool: the service (CPU workers) closes it when it stops."""
+    import aiohttp
+
+    from comfy_tetriserve.client import TetriServeClient
+    from comfy_tetriserve.service.app import create_app
+    from factories import PowerLawCost
+    from service_helpers import FifoPolicy, follow_events, job_body, make_config, running_service, submit_json
+
+    h, pool = tight, tight.pool
+    models = h.tmp / "models"
+    write_tiny_checkpoint("flux", "comfy", models / "a.safetensors", seed=7)
+    (models / "broken.safetensors").write_bytes(b"\xff" * 64)
+    config = make_config(devices="cpu:4", model=(f"cfg={h.paths['m1']}",), model_dir=(str(models),), dtype="fp32")
+    app = create_app(config, executor=pool, policy=FifoPolicy(), cost=PowerLawCost(base_s=0.01, degrees=(1, 2, 4)))
+
+    async def body():
+        async with running_service(app) as url, TetriServeClient(url) as client, aiohttp.ClientSession() as s:
+            listed = {m["name"]: m for m in await client.models()}
+            assert listed["cfg"]["pinned"] is True  # given at start: pinned (no --evictable)
+            assert listed["cfg"]["resident_on"] == [0, 1, 2, 3]
+            assert listed["cfg"]["bytes_per_worker"] == TINY_BYTES and listed["cfg"]["loading_on"] == []
+            await client.load_model("a.safetensors", "fp32")
+            entry = await client.model("a.safetensors")
+            assert entry["resident_on"] == [0, 1, 2, 3] and entry["pinned"] is False
+            assert entry["last_used_at"] is not None
+            out = await client.unload_model("a.safetensors")
+            assert out["unloaded_from"] == [0, 1, 2, 3] and out["resident_on"] == [] and out["status"] == "loaded"
+            check_budget(pool)
+            # a job for the unloaded model loads it again where it runs, and finishes
+            settings = {"model": "a.safetensors", "steps": 3}
+            status, job = await submit_json(s, url, job_body(settings, ctx_dim=32, pooled_dim=16))
+            assert status == 202, job
+            events = await follow_events(s, url, job["job_id"])
+            assert events[-1]["type"] == "finished", events[-1]
+            assert (await client.model("a.safetensors"))["resident_on"]
+            check_budget(pool)
+            # a corrupt file: the load fails naming the file and the reason; only its jobs are refused
+            with pytest.raises(Exception, match=r"broken\.safetensors.*(header|deserializ)"):
+                await client.load_model("broken.safetensors", "fp32")
+            status, err = await submit_json(s, url, job_body({"model": "broken.safetensors", "steps": 3},
+                                                             ctx_dim=32, pooled_dim=16))
+            assert status == 409 and "broken.safetensors" in err["error"]["message"], err
+            status, job = await submit_json(s, url, job_body({"model": "cfg", "steps": 3}, ctx_dim=32, pooled_dim=16))
+            assert status == 202, job
+            assert (await follow_events(s, url, job["job_id"]))[-1]["type"] == "finished"
+            # unload of a model that is not loaded: 409; of an unknown one: 404
+            async with s.post(url + "/v1/models/unload", json={"model": "broken.safetensors"}) as resp:
+                assert resp.status == 409
+            async with s.post(url + "/v1/models/unload", json={"model": "nope.safetensors"}) as resp:
+                assert resp.status == 404
+
+    h(body())
+
+
 def write_mid_checkpoint(path) -> str:
     """A 36M-parameter FLUX-shaped model (142 MB fp32) with constant weights: cheap to write, and
     loading it as bf16 makes each worker read and cast every tensor (about 1-3 s on this machine)."""

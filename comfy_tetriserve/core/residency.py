@@ -15,6 +15,7 @@ free space, then settled to the measured size.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import InsufficientMemory, InvalidRequest
@@ -151,6 +152,39 @@ class Residency:
         return [{"gpu_id": r, "budget_bytes": w.budget_bytes, "used_bytes": w.used_bytes,
                  "entries": {k: e.num_bytes for k, e in w.entries.items()}}
                 for r, w in sorted(self._workers.items())]
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10 ** 3, "kib": 1 << 10, "m": 1 << 20, "mb": 10 ** 6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30, "t": 1 << 40, "tb": 10 ** 12, "tib": 1 << 40}
+
+
+def parse_budget(text: str | int | None) -> tuple[int | None, float | None]:
+    """``--memory-budget``: "24GiB", "600MB", "123456" (bytes) or "60%" (of the device's memory).
+
+    Returns (bytes, None) or (None, fraction); (None, None) for an empty value (the default).
+    """
+    if text is None or text == "":
+        return None, None
+    if isinstance(text, int):
+        if text <= 0:
+            raise InvalidRequest(f"memory budget must be > 0, got {text}")
+        return text, None
+    s = str(text).strip().lower().replace(" ", "")
+    if s.endswith("%"):
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            raise InvalidRequest(f"memory budget {text!r}: bad percentage") from None
+        if not 0 < pct <= 100:
+            raise InvalidRequest(f"memory budget {text!r}: a percentage must be in (0, 100]")
+        return None, pct / 100
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise InvalidRequest(f"memory budget {text!r}: expected bytes with a unit (24GiB, 600MB) or a percentage")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise InvalidRequest(f"memory budget {text!r} must be > 0")
+    return value, None
 
 
 def _gib(num_bytes: int) -> str:

@@ -282,7 +282,23 @@ class ModelCatalog:
         out = entry.to_json()
         if entry.status is ModelStatus.LOADED:
             out.update(self.cost.pricing(name))
+            residency_of = getattr(self.executor, "residency_of", None)
+            if residency_of is not None:
+                out.update(residency_of(name))
         return out
+
+    async def unload(self, name: str) -> dict:
+        """Free ``name``'s weights on every worker (POST /v1/models/unload). It stays loaded in the
+        sense of servable: the next job for it loads it again where the job runs."""
+        entry = self.entry(name)
+        if entry.status is not ModelStatus.LOADED:
+            raise Conflict(f"model {name!r} is {entry.status.value}, not loaded")
+        unload_model = getattr(self.executor, "unload_model", None)
+        if unload_model is None:
+            raise InvalidRequest(f"the {type(self.executor).__name__} holds no weights to unload")
+        freed = await unload_model(name)
+        self.on_event({"type": "model_unloaded", "model": name, "gpu_ids": list(freed)})
+        return {**self.describe(name), "unloaded_from": list(freed)}
 
     def listing(self) -> list[dict]:
         names = dict.fromkeys(list(self.configured) + list(self._entries) + list_model_files(self.model_dirs))
@@ -294,8 +310,9 @@ class ModelCatalog:
                 continue
         return out
 
-    def start_load(self, name: str, dtype: str = "bf16") -> ModelEntry:
-        """Begin loading (idempotent): returns the entry, LOADING or LOADED."""
+    def start_load(self, name: str, dtype: str = "bf16", *, pinned: bool = False) -> ModelEntry:
+        """Begin loading (idempotent): returns the entry, LOADING or LOADED. ``pinned``: never evicted
+        (models given at start unless --evictable)."""
         entry = self.entry(name)
         if entry.status in (ModelStatus.LOADING, ModelStatus.LOADED):
             return entry
@@ -304,7 +321,7 @@ class ModelCatalog:
         self._entries[name] = entry
         self.on_event({"type": "model_loading", "model": name, "workers_loaded": 0,
                        "num_workers": len(self.executor.gpu_ids)})
-        self._tasks[name] = asyncio.ensure_future(self._load(name, path, origin, dtype))
+        self._tasks[name] = asyncio.ensure_future(self._load(name, path, origin, dtype, pinned))
         return entry
 
     async def wait_loaded(self, name: str) -> ModelEntry:
@@ -313,13 +330,14 @@ class ModelCatalog:
             await asyncio.shield(task)
         return self.entry(name)
 
-    async def _load(self, name: str, path: str, origin: str, dtype: str) -> None:
+    async def _load(self, name: str, path: str, origin: str, dtype: str, pinned: bool = False) -> None:
         try:
             def progress(workers_loaded: int, num_workers: int) -> None:
                 self.on_event({"type": "model_loading", "model": name, "workers_loaded": workers_loaded,
                                "num_workers": num_workers})
 
-            info = await self.executor.load_model(name, path, dtype, on_progress=progress)
+            extra = {"pinned": True} if pinned and hasattr(self.executor, "residency_of") else {}
+            info = await self.executor.load_model(name, path, dtype, on_progress=progress, **extra)
             if info.name != name:
                 info = dataclasses.replace(info, name=name)
             self.cost.register(info)

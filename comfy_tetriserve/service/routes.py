@@ -174,6 +174,13 @@ async def load_model(request: web.Request) -> web.Response:
     return web.json_response(entry.to_json(), status=200 if entry.status is ModelStatus.LOADED else 202)
 
 
+@routes.post("/v1/models/unload")
+async def unload_model(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    data = await read_json(request, svc, ("model",))
+    return web.json_response(await svc.catalog.unload(check_model_name(data.get("model"))))
+
+
 @routes.get("/v1/models/{name:.+}")
 async def model_status(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
