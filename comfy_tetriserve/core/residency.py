@@ -191,3 +191,27 @@ def _gib(num_bytes: int) -> str:
     if num_bytes >= 1 << 30:
         return f"{num_bytes / (1 << 30):.2f} GiB"
     return f"{num_bytes / (1 << 20):.1f} MiB"
+
+
+class LoadTimeModel:
+    """Predicted seconds to load ``num_bytes`` onto one device: bytes / bandwidth, the bandwidth
+    corrected online from measured loads (an EWMA of measured bandwidths, weight ``alpha``, each
+    clipped to [``clip_lo``, ``clip_hi``] x the current estimate so one stalled read cannot swing it)."""
+
+    def __init__(self, bytes_per_s: float, *, alpha: float = 0.3, clip_lo: float = 0.25, clip_hi: float = 4.0) -> None:
+        if not bytes_per_s > 0:
+            raise InvalidRequest(f"load bandwidth must be > 0, got {bytes_per_s}")
+        self.bytes_per_s = float(bytes_per_s)
+        self.alpha, self.clip_lo, self.clip_hi = alpha, clip_lo, clip_hi
+        self.num_observed = 0
+
+    def predict_s(self, num_bytes: int) -> float:
+        return num_bytes / self.bytes_per_s
+
+    def observe(self, num_bytes: int, seconds: float) -> None:
+        if num_bytes <= 0 or not seconds > 0:
+            return
+        measured = min(max(num_bytes / seconds, self.clip_lo * self.bytes_per_s), self.clip_hi * self.bytes_per_s)
+        weight = 1.0 if self.num_observed == 0 else self.alpha
+        self.bytes_per_s += weight * (measured - self.bytes_per_s)
+        self.num_observed += 1
