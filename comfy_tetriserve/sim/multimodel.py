@@ -94,13 +94,15 @@ def multimodel_trace(spec: WorkloadSpec, models: Sequence[str], mix_before: Sequ
 
 def proportional_partition(models: Sequence[str], mix: Sequence[float], num_gpus: int) -> dict[str, tuple[int, ...]]:
     """Contiguous device ranges per model, sizes proportional to ``mix`` (largest remainder, >= 1 each)."""
+    if len(models) > num_gpus:
+        raise ValueError(f"{len(models)} models cannot each have one of {num_gpus} devices")
     raw = [num_gpus * w / sum(mix) for w in mix]
     sizes = [max(1, int(x)) for x in raw]
     while sum(sizes) < num_gpus:
         i = max(range(len(raw)), key=lambda j: raw[j] - sizes[j])
         sizes[i] += 1
     while sum(sizes) > num_gpus:
-        i = max(range(len(raw)), key=lambda j: sizes[j] - raw[j])
+        i = max((j for j in range(len(raw)) if sizes[j] > 1), key=lambda j: sizes[j] - raw[j])
         sizes[i] -= 1
     out, start = {}, 0
     for m, k in zip(models, sizes):
