@@ -315,11 +315,13 @@ class FlopScaledCostModel:
         self._reference_profile = reference_profile
         self._scaled: dict[str, tuple[str, ModelProfile]] = {}
         self._memo: dict[tuple[str, int, int, int], float] = {}
+        self._steps: dict[tuple[str, int, int, int, int], float] = {}
 
     def add(self, name: str, reference: str, arch: ModelProfile) -> float:
         """Price ``name`` (architecture ``arch``) from ``reference``; returns the 1024 px FLOP ratio."""
         self._scaled[name] = (reference, arch)
         self._memo = {k: v for k, v in self._memo.items() if k[0] != name}
+        self._steps = {k: v for k, v in self._steps.items() if k[0] != name}
         return self.flop_ratio(name, 1024, 1024, 1)
 
     def is_modelled(self, name: str) -> bool:
@@ -341,8 +343,13 @@ class FlopScaledCostModel:
         return ratio
 
     def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
-        t = self.base.step_time_s(self.reference_of(model), height, width, batch, sp_degree)
-        return t * self.flop_ratio(model, height, width, batch)
+        key = (model, height, width, batch, sp_degree)
+        t = self._steps.get(key)
+        if t is None:
+            t = self.base.step_time_s(self.reference_of(model), height, width, batch, sp_degree)
+            t *= self.flop_ratio(model, height, width, batch)
+            self._steps[key] = t
+        return t
 
     def allowed_degrees(self, model: str) -> tuple[int, ...]:
         degrees = tuple(self.base.allowed_degrees(self.reference_of(model)))

@@ -160,20 +160,20 @@ def _victim(g: int, need: int, model: str, holding: dict[str, set[int]], p: Plac
 def _assign(inner, view: SchedulerView, p: PlacementView, cost: CostModel, taken: set[int],
             evictions: list[ModelEviction]) -> tuple[list[Assignment], str]:
     by_model: dict[str, list[RequestSnapshot]] = {}
+    urgency: dict[str, float] = {}  # earliest deadline of a plannable request; absent: nothing plannable
     for snap in view.requests:
-        by_model.setdefault(snap.request.model, []).append(snap)
+        m = snap.request.model
+        by_model.setdefault(m, []).append(snap)
+        if snap.running_until_at is None and snap.steps_done < snap.request.num_steps:
+            d = snap.request.deadline_at
+            urgency[m] = min(urgency.get(m, math.inf), math.inf if d is None else d)
     evicted = {(e.model, g) for e in evictions for g in e.gpu_ids}
     healthy = set(view.gpu_ids)
-
-    def urgency(m: str) -> float:
-        return min((s.request.deadline_at for s in by_model[m] if not s.is_running and s.steps_left > 0
-                    and s.request.deadline_at is not None), default=math.inf)
-
     out: list[Assignment] = []
     notes = []
-    for m in sorted(by_model, key=urgency):
+    for m in sorted(urgency, key=urgency.__getitem__):
         gpus = {g for g in p.holding.get(m, ()) if g in healthy and (m, g) not in evicted}
-        if not gpus or not any(not s.is_running and s.steps_left > 0 for s in by_model[m]):
+        if not gpus:
             continue
         groups = tuple(grp for grp in view.groups if gpus.issuperset(grp))
         busy = frozenset(taken & gpus)
