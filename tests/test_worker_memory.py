@@ -73,6 +73,10 @@ def test_lru_eviction_pinned_stays_and_an_evicted_model_reloads_with_the_same_re
     check_budget(pool)
     assert pool.residency_of("m0")["pinned"] and not pool.residency_of("m1")["pinned"]
     assert pool.residency_of("m2")["bytes_per_worker"] == TINY_BYTES
+    # loads are timed: the bandwidth estimate moved off its first guess, and a load has a prediction
+    assert pool.load_time.num_observed == 3 and pool.load_time.bytes_per_s != 2e9
+    assert pool.residency_of("m2")["load_s_predicted"] == pytest.approx(TINY_BYTES / pool.load_time.bytes_per_s,
+                                                                        abs=1e-3)
     reference = h.run_job("ref", "m2", (0, 1), seed=3)  # m2 used on 0-1 ...
     h.run_job("warm", "m1", (0, 1, 2, 3))  # ... then m1 everywhere: m2 is the least recently used
     h(pool.load_model("m3", h.paths["m3"], "fp32"))  # the fourth model

@@ -108,7 +108,7 @@ SCHEMAS: dict = {
                              "loading_on": {"type": "array", "items": {"type": "integer"}},
                              "unloaded_from": {"type": "array", "items": {"type": "integer"}},
                              "bytes_per_worker": {"type": "integer"}, "last_used_at": {"type": ["number", "null"]},
-                             "pinned": {"type": "boolean"}}},
+                             "pinned": {"type": "boolean"}, "load_s_predicted": {"type": "number"}}},
     "Health": {"type": "object", "required": ["status", "boot_id", "version"],
                "properties": {"status": {"enum": ["ok", "stopping"]}, "version": {"type": "string"},
                               "api": {"type": "string"}, "boot_id": {"type": "string"},

@@ -22,13 +22,15 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..core.executor import ModelInfo
-from ..core.residency import Residency
+from ..core.residency import LoadTimeModel, Residency
 from ..errors import Conflict, InsufficientMemory, InvalidRequest, WorkerError
 from .memory import default_budget_bytes, parse_budget, predicted_bytes
 
 log = logging.getLogger(__name__)
 
 LoadProgress = Callable[[int, int], None]
+#: first guess of a worker's load bandwidth (file to device), before any load was measured
+DEFAULT_LOAD_BYTES_PER_S = 2e9
 
 
 class PoolMemory:
@@ -44,6 +46,8 @@ class PoolMemory:
         self._pinned: set[str] = set()
         #: rank -> bytes of weights the worker measured it holds (its latest report)
         self.measured_bytes: dict[int, int] = {}
+        #: predicted seconds of a load (bytes / bandwidth), corrected by every load the workers finish
+        self.load_time = LoadTimeModel(DEFAULT_LOAD_BYTES_PER_S)
 
     def _setup_budgets(self) -> None:
         """After the workers reported ready: each worker's budget, an empty residency."""
@@ -107,6 +111,8 @@ class PoolMemory:
                     "pinned": name in self._pinned, "loading_on": []}
         out = self.residency.describe(name)
         out["pinned"] = name in self._pinned
+        if name in self._models and self._models[name][2].num_bytes:
+            out["load_s_predicted"] = round(self.load_time.predict_s(self._models[name][2].num_bytes), 3)
         return out
 
     def memory(self) -> list[dict]:
@@ -183,6 +189,7 @@ class PoolMemory:
         key = next(self._ids)
         fut = self._loop.create_future()
         self._loads[key] = (fut, {}, on_progress, len(ranks))
+        started = self.clock()
         try:
             for rank in ranks:
                 self._send(rank, "load", key, name, source, dtype)
@@ -192,6 +199,8 @@ class PoolMemory:
         res = self.residency
         now = self.clock()
         errors = {r: e for r, (_, e) in replies.items() if e}
+        if not errors:  # the slowest worker's time: what the load occupied its devices for
+            self.load_time.observe(replies[ranks[0]][0].num_bytes, now - started)
         for r, (info, e) in replies.items():
             if not e:
                 res.settle(r, name, info.num_bytes, now)
