@@ -162,6 +162,10 @@ def test_service_pins_configured_models_lists_residency_unloads_and_reports_fail
             entry = await client.model("a.safetensors")
             assert entry["resident_on"] == [0, 1, 2, 3] and entry["pinned"] is False
             assert entry["last_used_at"] is not None
+            board = await client.board()
+            loads = [ld for ld in board["loads"] if ld["model"] == "a.safetensors"]
+            assert loads and loads[-1]["gpu_ids"] == [0, 1, 2, 3] and loads[-1]["error"] is None
+            assert loads[-1]["started_at"] <= loads[-1]["finished_at"] <= board["now_at"]
             out = await client.unload_model("a.safetensors")
             assert out["unloaded_from"] == [0, 1, 2, 3] and out["resident_on"] == [] and out["status"] == "loaded"
             check_budget(pool)

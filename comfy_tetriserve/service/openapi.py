@@ -140,6 +140,7 @@ SCHEMAS: dict = {
                              "busy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
                              "round_index": {"type": "integer"},
                              "assignments": {"type": "array", "items": {"type": "object"}},
+                             "loads": {"type": "array", "items": {"type": "object"}},
                              "jobs": {"type": "array", "items": {"type": "object"}},
                              "sar": {"type": "object"}}},
 }

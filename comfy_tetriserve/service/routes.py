@@ -132,7 +132,7 @@ async def board(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     window = query_number(request, "window_s", DEFAULT_WINDOW_S, 1.0, MAX_WINDOW_S)
     return web.json_response(board_json(svc.engine, svc.store, svc.metrics, svc.clock, window_s=window,
-                                        policy=svc.policy_name))
+                                        policy=svc.policy_name, executor=svc.executor))
 
 
 @contextlib.contextmanager

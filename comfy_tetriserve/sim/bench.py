@@ -556,14 +556,16 @@ class Bench:
         self.report["multimodel"] = out
         rows = [[p, out["sar"][p], out["sar_before_shift"][p], out["sar_after_shift"][p], out["loads"][p],
                  out["evictions"][p], out["load_s"][p], out["memory_gb_per_gpu"][p]] for p in mm.POLICIES]
-        drows = [[n, d["p50"], d["p99"], d["samples"], d["plans_with_loads"], d["plans_with_evictions"]]
-                 for n, d in out["decision_ms"].items()]
+        drows = [[n, d["p50"], d["p99"], d["plain_p50"], d["plain_p99"], d["samples"], d["plans_with_loads"],
+                  d["plans_with_evictions"]] for n, d in out["decision_ms"].items()]
         return ("Three FLUX-size models, popularity 60/30/10 -> 10/30/60 halfway (modelled)\n"
                 + rep.format_table(["policy", "SAR", "before shift", "after shift", "loads", "evictions",
                                     "GPU-s loading", "GB/GPU needed"], rows)
                 + "\n(everywhere needs 3 copies per GPU: more than the 2.2-copy budget, shown for reference)\n\n"
-                + "Decision time with placement (ms, best of 3 per view)\n"
-                + rep.format_table(["active requests", "p50", "p99", "views", "with loads", "with evictions"], drows))
+                + "Decision time with placement (ms, best of 3 per view; plain: the same views, every model "
+                  "everywhere, timed alternately)\n"
+                + rep.format_table(["active requests", "p50", "p99", "plain p50", "plain p99", "views", "with loads",
+                                    "with evictions"], drows))
 
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -114,23 +114,34 @@ def random_placement_view(num_active: int, seed: int, num_gpus: int, num_steps: 
 
 def decision_timing(profile: str, num_active: int, samples: int, num_gpus: int, num_steps: int) -> dict[str, Any]:
     """TetriServe with placement on random multimodel views: p50/p99 ms (best of 3 per view), and
-    how many plans had loads and evictions. Every plan is validated."""
+    how many plans had loads and evictions. Every plan is validated. ``plain_p50``/``plain_p99``:
+    plain TetriServe on the same views without placement (every model everywhere), timed
+    alternately with it, so the overhead of the placement stage is a same-machine, same-time ratio."""
+    import dataclasses
     from ..plan import validate_plan
 
     cost = multimodel_cost(profile)
     policy = make_policy("tetriserve")
     views = [random_placement_view(num_active, i, num_gpus, num_steps) for i in range(samples)]
-    times, with_loads, with_evictions = [], 0, 0
+    times, plain, with_loads, with_evictions = [], [], 0, 0
     for v in views:
-        best = math.inf
+        bare = dataclasses.replace(v, placement=None)
+        best = best_plain = math.inf
         for _ in range(3):
             t0 = time.perf_counter()
             plan = policy.plan_round(v, cost)
-            best = min(best, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            policy.plan_round(bare, cost)
+            t2 = time.perf_counter()
+            best, best_plain = min(best, t1 - t0), min(best_plain, t2 - t1)
         validate_plan(v, plan, cost.allowed_degrees)
         with_loads += bool(plan.loads)
         with_evictions += bool(plan.evictions)
         times.append(best)
+        plain.append(best_plain)
     times.sort()
-    return {"p50": 1e3 * times[len(times) // 2], "p99": 1e3 * times[min(len(times) - 1, int(0.99 * len(times)))],
+    plain.sort()
+    p99 = min(len(times) - 1, int(0.99 * len(times)))
+    return {"p50": 1e3 * times[len(times) // 2], "p99": 1e3 * times[p99],
+            "plain_p50": 1e3 * plain[len(plain) // 2], "plain_p99": 1e3 * plain[p99],
             "samples": len(times), "plans_with_loads": with_loads, "plans_with_evictions": with_evictions}

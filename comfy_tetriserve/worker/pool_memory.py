@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from ..core.executor import ModelInfo
@@ -48,6 +49,7 @@ class PoolMemory:
         self.measured_bytes: dict[int, int] = {}
         #: predicted seconds of a load (bytes / bandwidth), corrected by every load the workers finish
         self.load_time = LoadTimeModel(DEFAULT_LOAD_BYTES_PER_S)
+        self._load_log: deque[dict] = deque(maxlen=1000)
 
     def _setup_budgets(self) -> None:
         """After the workers reported ready: each worker's budget, an empty residency."""
@@ -124,6 +126,11 @@ class PoolMemory:
             row["measured_bytes"] = self.measured_bytes.get(row["gpu_id"], 0)
         return out
 
+    def load_records(self, since: float | None = None) -> list[dict]:
+        """Loads on the pool's clock (model, gpu_ids, started_at, expected_end_at, finished_at, error)."""
+        return [dict(r) for r in self._load_log
+                if since is None or r["finished_at"] is None or r["finished_at"] >= since]
+
     # ------------------------------------------------------------ loads
     def set_pinned(self, name: str, pinned: bool) -> None:
         (self._pinned.add if pinned else self._pinned.discard)(name)
@@ -190,15 +197,24 @@ class PoolMemory:
         fut = self._loop.create_future()
         self._loads[key] = (fut, {}, on_progress, len(ranks))
         started = self.clock()
+        source_bytes = self.residency.entry(ranks[0], name)
+        record = {"model": name, "gpu_ids": tuple(ranks), "started_at": started, "finished_at": None, "error": None,
+                  "expected_end_at": started + self.load_time.predict_s(source_bytes.num_bytes if source_bytes else 0)}
+        self._load_log.append(record)
         try:
             for rank in ranks:
                 self._send(rank, "load", key, name, source, dtype)
             replies = await fut
+        except BaseException as exc:
+            record["finished_at"], record["error"] = self.clock(), str(exc) or type(exc).__name__
+            raise
         finally:
             self._loads.pop(key, None)
         res = self.residency
         now = self.clock()
         errors = {r: e for r, (_, e) in replies.items() if e}
+        record["finished_at"] = now
+        record["error"] = "; ".join(errors.values()) if errors else None
         if not errors:  # the slowest worker's time: what the load occupied its devices for
             self.load_time.observe(replies[ranks[0]][0].num_bytes, now - started)
         for r, (info, e) in replies.items():
