@@ -143,14 +143,21 @@ def test_service_pins_configured_models_lists_residency_unloads_and_reports_fail
     from comfy_tetriserve.client import TetriServeClient
     from comfy_tetriserve.service.app import create_app
     from factories import PowerLawCost
-    from service_helpers import FifoPolicy, follow_events, job_body, make_config, running_service, submit_json
+    from comfy_tetriserve.service.state import SERVICE
+    from service_helpers import follow_events, job_body, make_config, running_service, submit_json
 
     h, pool = tight, tight.pool
     models = h.tmp / "models"
     write_tiny_checkpoint("flux", "comfy", models / "a.safetensors", seed=7)
     (models / "broken.safetensors").write_bytes(b"\xff" * 64)
     config = make_config(devices="cpu:4", model=(f"cfg={h.paths['m1']}",), model_dir=(str(models),), dtype="fp32")
-    app = create_app(config, executor=pool, policy=FifoPolicy(), cost=PowerLawCost(base_s=0.01, degrees=(1, 2, 4)))
+    from comfy_tetriserve.core.live_placement import ExecutorPlacementEngine
+    from comfy_tetriserve.policy import make_policy
+
+    app = create_app(config, executor=pool, policy=make_policy("tetriserve"),
+                     cost=PowerLawCost(base_s=0.01, degrees=(1, 2, 4)))
+    engine = app[SERVICE].engine
+    assert isinstance(engine, ExecutorPlacementEngine) and engine.places_models
 
     async def body():
         async with running_service(app) as url, TetriServeClient(url) as client, aiohttp.ClientSession() as s:
@@ -169,13 +176,18 @@ def test_service_pins_configured_models_lists_residency_unloads_and_reports_fail
             out = await client.unload_model("a.safetensors")
             assert out["unloaded_from"] == [0, 1, 2, 3] and out["resident_on"] == [] and out["status"] == "loaded"
             check_budget(pool)
-            # a job for the unloaded model loads it again where it runs, and finishes
+            # a job for the unloaded model: the planner plans a load (its devices busy meanwhile), then the job
             settings = {"model": "a.safetensors", "steps": 3}
             status, job = await submit_json(s, url, job_body(settings, ctx_dim=32, pooled_dim=16))
             assert status == 202, job
             events = await follow_events(s, url, job["job_id"])
             assert events[-1]["type"] == "finished", events[-1]
-            assert (await client.model("a.safetensors"))["resident_on"]
+            planned = [r for r in engine.load_records if r.model == "a.safetensors"]
+            assert planned and planned[0].finished_at is not None and planned[0].error is None
+            placed = next(e for e in events if e["type"] == "placed")
+            assert set(placed["gpu_ids"]) <= set(planned[0].gpu_ids)
+            assert placed["at"] >= app[SERVICE].clock.to_wall(planned[0].finished_at) - 1e-6
+            assert set((await client.model("a.safetensors"))["resident_on"]) >= set(placed["gpu_ids"])
             check_budget(pool)
             # a corrupt file: the load fails naming the file and the reason; only its jobs are refused
             with pytest.raises(Exception, match=r"broken\.safetensors.*(header|deserializ)"):

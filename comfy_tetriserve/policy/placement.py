@@ -197,6 +197,8 @@ class ModelAffinePolicy:
     devices per model. Views without a placement go to ``inner`` unchanged.
     """
 
+    places_models = True
+
     def __init__(self, inner, *, replicate: bool = True, name: str | None = None) -> None:
         self.inner = inner
         self.replicate = replicate

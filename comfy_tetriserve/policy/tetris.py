@@ -164,6 +164,9 @@ class TetriServePolicy:
         return dataclasses.replace(self, background_round_s=max(self.background_round_s, 2.0))
 
     # ------------------------------------------------------------------ the round
+    #: handles ``view.placement`` (stage 0): the engine may hand it views where models are not everywhere
+    places_models = True
+
     def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
         if view.placement is not None:  # stage 0, model placement: loads, evictions, per-model sub-views
             return plan_with_placement(self, view, cost)

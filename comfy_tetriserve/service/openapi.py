@@ -70,7 +70,7 @@ SCHEMAS: dict = {
         "properties": {
             "type": {"enum": ["ping", "queued", "placed", "step", "waiting", "requeued", "cancelling", "finished",
                               "failed", "cancelled", "model_loading", "model_loaded", "model_failed",
-                              "model_unloaded", "lease_expired",
+                              "model_unloaded", "model_resident", "model_load_failed", "lease_expired",
                               "service_stopping", "executor_fault", "executor_draining", "executor_restarting",
                               "executor_restarted", "executor_restart_failed", "executor_broken", "executor_stalled",
                               "jobs_lost_in_restart"]},

@@ -132,6 +132,28 @@ class PoolMemory:
                 if since is None or r["finished_at"] is None or r["finished_at"] >= since]
 
     # ------------------------------------------------------------ loads
+    @property
+    def pinned_models(self) -> frozenset[str]:
+        return frozenset(self._pinned)
+
+    def loads_in_progress(self) -> dict[int, str]:
+        """rank -> model being loaded there now."""
+        return {rank: name for (name, rank) in self._inflight}
+
+    def evict(self, name: str, ranks: Iterable[int]) -> tuple[int, ...]:
+        """A planned eviction (the placement stage chose it): free ``name`` on ``ranks`` now, in the
+        books at once and on the workers in queue order. Conflict when pinned or in use there."""
+        if name in self._pinned:
+            raise Conflict(f"model {name!r} is pinned")
+        ranks = tuple(r for r in ranks if self.residency is not None and self.residency.holds(r, name))
+        busy = [r for r in ranks if name in self.models_in_use(r) or (name, r) in self._inflight]
+        if busy:
+            raise Conflict(f"model {name!r} is in use on workers {busy}")
+        if ranks:
+            log.info("evicting %s from workers %s (planned)", name, list(ranks))
+            self._send_unload(name, ranks)
+        return ranks
+
     def set_pinned(self, name: str, pinned: bool) -> None:
         (self._pinned.add if pinned else self._pinned.discard)(name)
         if self.residency is not None:
