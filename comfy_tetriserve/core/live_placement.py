@@ -112,7 +112,10 @@ class ExecutorPlacementEngine(Engine):
 
     def apply_plan(self, plan: RoundPlan, now: float, expected_end_at=None) -> None:
         for ev in plan.evictions:
-            self.executor.evict(ev.model, ev.gpu_ids)
+            try:
+                self.executor.evict(ev.model, ev.gpu_ids)
+            except Conflict:  # in use again since the view was taken: the load makes room itself or waits
+                pass
         for load in plan.loads:
             end = now + load.duration_s
             for g in load.gpu_ids:

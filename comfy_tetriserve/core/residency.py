@@ -92,7 +92,7 @@ class Residency:
         label = what or key
         if num_bytes > w.budget_bytes:
             raise InsufficientMemory(f"{label}: needs {_gib(num_bytes)} on worker {rank}, more than its whole "
-                                     f"memory budget of {_gib(w.budget_bytes)}")
+                                     f"memory budget of {_gib(w.budget_bytes)}", permanent=True)
         victims: list[str] = []
         for e in sorted(w.entries.values(), key=lambda e: e.last_used_at):
             if e.key == key or e.pinned or e.loading or e.key in in_use:

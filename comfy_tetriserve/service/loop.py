@@ -302,17 +302,19 @@ class EngineLoop:
             self._flight[a.request_ids] = asyncio.ensure_future(self._run_assignment(a))
 
     async def _run_load(self, load) -> None:
-        error = None
+        error, lasting = None, False
         try:
             await self.executor.ensure_resident(load.model, load.gpu_ids)
         except Exception as exc:  # noqa: BLE001 - a failed load frees its devices; jobs needing it fail there
             error = str(exc) or type(exc).__name__
+            # memory held by work in flight passes: re-planned; a file that cannot load does not
+            lasting = not isinstance(exc, Conflict) or bool(getattr(exc, "permanent", False))
             log.warning("planned load of %s on %s failed: %s", load.model, list(load.gpu_ids), error)
         now = self.clock.now()
         self.engine.finish_load(load, now, error)
         self.hub.append({"type": "model_resident" if error is None else "model_load_failed", "model": load.model,
                          "gpu_ids": list(load.gpu_ids), **({"error": error} if error else {})})
-        if error is not None:  # the jobs that need this model fail with the reason; others go on
+        if lasting:  # the jobs that need this model fail with the reason; others go on
             self._fail_plannable(now, f"loading model {load.model!r} failed: {error}", model=load.model)
         self.wake()
 
