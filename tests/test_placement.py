@@ -161,3 +161,15 @@ def test_decision_time_with_loads_at_64_active_requests():
     d = mm.decision_timing("h200", 64, 40, 8, 50)
     assert d["plans_with_loads"] > 0 and d["plans_with_evictions"] > 0
     assert d["p99"] < 5.0  # generous on a shared 2-core machine; the bench reports the real figure
+
+
+def test_every_model_everywhere_plans_exactly_the_plain_round():
+    """The placement stage changes nothing when nothing needs placing (the common single-box case)."""
+    for i in range(30):
+        v = mm.random_placement_view(32, i, 8, 50)
+        everywhere = dataclasses.replace(v.placement, holding={m: frozenset(range(8)) for m in mm.MODELS},
+                                         free_bytes={g: 0 for g in range(8)})
+        placed_plan = make_policy("tetriserve").plan_round(dataclasses.replace(v, placement=everywhere), COST)
+        plain = make_policy("tetriserve").plan_round(dataclasses.replace(v, placement=None), COST)
+        assert placed_plan.assignments == plain.assignments and not placed_plan.loads and not placed_plan.evictions
+        assert placed_plan.assignments or not v.plannable

@@ -14,10 +14,11 @@ per round, in this order:
    models never. The cheapest block wins. A load makes its devices busy for the predicted load time
    (bytes / load bandwidth), so the round planner treats them like running work, and the requests
    of the model are planned on the new copies once the load ended.
-3. **Assignments, model by model** (most urgent deadline first): the inner policy (TetriServe)
-   plans each model's requests on a sub-view whose devices are the ones holding that model and
-   whose groups lie entirely on them, minus devices already given this round; the assignments are
-   joined. A request therefore only runs on groups whose devices all hold its model.
+3. **Assignments, by placement** (most urgent deadline first): models held on the same devices
+   form one sub-view (every model everywhere: exactly the plain round); the inner policy
+   (TetriServe) plans its requests on those devices and the groups lying entirely on them, minus
+   devices already given this round; the assignments are joined. A request therefore only runs on
+   groups whose devices all hold its model.
 
 Without replication (``replicate=False``) the placement is static: whatever was loaded at start.
 A last resort keeps the engine from stalling: if nothing runs or loads and requests wait, a model
@@ -169,24 +170,31 @@ def _assign(inner, view: SchedulerView, p: PlacementView, cost: CostModel, taken
             urgency[m] = min(urgency.get(m, math.inf), math.inf if d is None else d)
     evicted = {(e.model, g) for e in evictions for g in e.gpu_ids}
     healthy = set(view.gpu_ids)
+    # models held on the same devices are planned together (one sub-view, one joint round)
+    together: dict[frozenset[int], list[str]] = {}
+    for m in urgency:
+        gpus = frozenset(g for g in p.holding.get(m, ()) if g in healthy and (m, g) not in evicted)
+        if gpus:
+            together.setdefault(gpus, []).append(m)
     out: list[Assignment] = []
     notes = []
-    for m in sorted(urgency, key=urgency.__getitem__):
-        gpus = {g for g in p.holding.get(m, ()) if g in healthy and (m, g) not in evicted}
-        if not gpus:
-            continue
+    for gpus, models in sorted(together.items(), key=lambda kv: min(urgency[m] for m in kv[1])):
         groups = tuple(grp for grp in view.groups if gpus.issuperset(grp))
         busy = frozenset(taken & gpus)
         if not groups or busy >= gpus:
             continue
+        if set(models) >= set(by_model):  # every model with requests is here: the view's own order
+            requests = view.requests
+        else:
+            requests = tuple(s for m in models for s in by_model[m])
         sub = SchedulerView(now=view.now, round_index=view.round_index, gpu_ids=tuple(sorted(gpus)), groups=groups,
-                            requests=tuple(by_model[m]), busy_gpu_ids=busy)
+                            requests=requests, busy_gpu_ids=busy)
         plan = inner.plan_round(sub, cost)
         for a in plan.assignments:
             out.append(a)
             taken.update(a.gpu_ids)
         if plan.note:
-            notes.append(f"{m}: {plan.note}")
+            notes.append(f"{'+'.join(models)}: {plan.note}")
     return out, "; ".join(notes)
 
 
