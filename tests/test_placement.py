@@ -173,3 +173,21 @@ def test_every_model_everywhere_plans_exactly_the_plain_round():
         plain = make_policy("tetriserve").plan_round(dataclasses.replace(v, placement=None), COST)
         assert placed_plan.assignments == plain.assignments and not placed_plan.loads and not placed_plan.evictions
         assert placed_plan.assignments or not v.plannable
+
+
+def test_forecast_includes_the_load_of_a_missing_model_and_devices_busy_loading():
+    from comfy_tetriserve.sim.forecast import forecast_finish
+
+    c = make_request(request_id="c", model="flux-c", res=512, num_steps=20, deadline_s=None)
+    a = make_request(request_id="a", model="flux-a", res=512, num_steps=20, deadline_s=None)
+    policy = make_policy("tetriserve")
+    plain = forecast_finish(make_view([c, a], num_gpus=8), policy, COST)
+    view = placed(make_view([c, a], num_gpus=8), {"flux-a": range(8)})  # flux-c: no copy, 3.0 s to load
+    got = forecast_finish(view, policy, COST)
+    assert got["c"] == pytest.approx(plain["c"] + 3.0, abs=0.3) and got["c"] >= 3.0
+    assert got["a"] < 3.0
+    # every device busy loading for 2 s: nothing starts before
+    loading = placed(make_view([a], num_gpus=8, busy=range(8)), {"flux-a": range(8)},
+                     loading={g: ("flux-b", 2.0) for g in range(8)})
+    assert forecast_finish(loading, policy, COST)["a"] == pytest.approx(
+        2.0 + forecast_finish(make_view([a], num_gpus=8), policy, COST)["a"], abs=1e-6)

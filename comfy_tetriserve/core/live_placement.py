@@ -68,10 +68,13 @@ class ExecutorPlacementEngine(Engine):
         return state
 
     def view(self, now: float) -> SchedulerView:
+        """With a placement when the policy places models (forecasts then see loads and missing models)."""
         v = super().view(now)
-        if not self._loading:
-            return v
-        return replace(v, busy_gpu_ids=v.busy_gpu_ids | frozenset(self._loading))
+        if self._loading:
+            v = replace(v, busy_gpu_ids=v.busy_gpu_ids | frozenset(self._loading))
+        if self.places_models:
+            v = replace(v, placement=self.placement(now))
+        return v
 
     def placement(self, now: float) -> PlacementView:
         ex = self.executor
@@ -102,8 +105,6 @@ class ExecutorPlacementEngine(Engine):
         view = self.view(now)
         if not view.free_gpu_ids or not view.plannable:
             return None
-        if self.places_models:
-            view = replace(view, placement=self.placement(now))
         t0 = self._timer()
         plan = self.policy.plan_round(view, self.cost)
         self.decision_times_s.append(self._timer() - t0)
