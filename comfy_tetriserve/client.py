@@ -229,6 +229,10 @@ class TetriServeClient:
             raise Conflict(f"model {model!r} failed to load: {entry.get('error')}")
         return entry
 
+    async def unload_model(self, model: str) -> dict:
+        """Free ``model``'s weights on every worker; it stays servable (a later job loads it again)."""
+        return await self._request("POST", "/v1/models/unload", json_body={"model": model})
+
     # --------------------------------------------------------------- leases
     async def create_lease(self, tenant: str | None = None, ttl_s: float | None = None) -> dict:
         body = {k: v for k, v in (("tenant", tenant), ("ttl_s", ttl_s)) if v is not None}

@@ -128,6 +128,12 @@ class ModelInfo:
     dtype: str = "bf16"
     source: str = ""  # where the weights came from (file or folder name, never shown to other tenants)
     concat_channels: int = 0  # extra input channels (FLUX Fill: 80 = masked-image latent 16 + mask 64)
+    #: architecture read from the file, for size-aware pricing (0: unknown)
+    num_attention_layers: int = 0
+    hidden_size: int = 0
+    num_text_tokens: int = 0
+    #: bytes of weights one worker holds for it (0: unknown)
+    num_bytes: int = 0
 
 
 @runtime_checkable

@@ -115,6 +115,10 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     store.journal = JobJournal(config.journal_path(), store.boot_id)
     metrics = ServiceMetrics()
     engine = Engine(policy, model_cost, executor.gpu_ids, executor.groups)
+    if getattr(executor, "residency_of", None) is not None:  # the executor holds models: loads can be planned
+        from ..core.live_placement import ExecutorPlacementEngine
+
+        engine = ExecutorPlacementEngine(policy, model_cost, executor.gpu_ids, executor.groups, executor=executor)
     configured = parse_pairs(config.model, "model")
     catalog = ModelCatalog(configured, config.model_dir, executor, model_cost, on_event=hub.append)
     loop = EngineLoop(engine, executor, model_cost, store, metrics, hub, clock, config, forecast_function())

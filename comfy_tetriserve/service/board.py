@@ -35,8 +35,20 @@ def _job_json(job: Job, clock: Clock, now: float) -> dict:
     }
 
 
+def _loads_json(executor, clock: Clock, since: float) -> list[dict]:
+    """Model loads of the executor in the window (devices x time; the board draws them in their own style)."""
+    records = getattr(executor, "load_records", None)
+    if records is None:
+        return []
+    return [{"model": r["model"], "gpu_ids": list(r["gpu_ids"]), "started_at": clock.to_wall(r["started_at"]),
+             "expected_end_at": clock.to_wall(r["expected_end_at"]), "finished_at": clock.to_wall(r["finished_at"]),
+             "error": r["error"]}
+            for r in records(since)]
+
+
 def board_json(engine: Engine, store: JobStore, metrics: ServiceMetrics, clock: Clock, *,
-               window_s: float = DEFAULT_WINDOW_S, policy: str = "", nodes: list[dict] | None = None) -> dict:
+               window_s: float = DEFAULT_WINDOW_S, policy: str = "", nodes: list[dict] | None = None,
+               executor=None) -> dict:
     now = clock.now()
     since = now - window_s
     records = engine.records(since_at=since)
@@ -59,6 +71,7 @@ def board_json(engine: Engine, store: JobStore, metrics: ServiceMetrics, clock: 
              "steps_done": rec.steps_done, "error": rec.error}
             for rec in records
         ],
+        "loads": _loads_json(executor, clock, since),
         "jobs": [_job_json(j, clock, now) for j in sorted(jobs, key=lambda j: j.submitted_at)],
         "sar": metrics.sar_json(),
         **({"nodes": nodes} if nodes is not None else {}),  # cluster mode: which GPU ids live on which node

@@ -290,6 +290,8 @@ class EngineLoop:
                 self.wake()  # nothing runs and nothing was placed: without them the jobs would wait forever
             return
         self.engine.apply_plan(plan, now)
+        for load in plan.loads:  # planned model loads (core/live_placement.py): devices busy until they end
+            self._background(self._run_load(load))
         for a in plan.assignments:
             for rid in a.request_ids:
                 job = self.store.jobs[rid]
@@ -299,9 +301,29 @@ class EngineLoop:
                            round=plan.round_index, steps_done=job.steps_done)
             self._flight[a.request_ids] = asyncio.ensure_future(self._run_assignment(a))
 
-    def _fail_plannable(self, now: float, error: str) -> None:
-        """End every job that waits for devices with ``error`` (jobs in flight end with their assignment)."""
+    async def _run_load(self, load) -> None:
+        error, lasting = None, False
+        try:
+            await self.executor.ensure_resident(load.model, load.gpu_ids)
+        except Exception as exc:  # noqa: BLE001 - a failed load frees its devices; jobs needing it fail there
+            error = str(exc) or type(exc).__name__
+            # memory held by work in flight passes: re-planned; a file that cannot load does not
+            lasting = not isinstance(exc, Conflict) or bool(getattr(exc, "permanent", False))
+            log.warning("planned load of %s on %s failed: %s", load.model, list(load.gpu_ids), error)
+        now = self.clock.now()
+        self.engine.finish_load(load, now, error)
+        self.hub.append({"type": "model_resident" if error is None else "model_load_failed", "model": load.model,
+                         "gpu_ids": list(load.gpu_ids), **({"error": error} if error else {})})
+        if lasting:  # the jobs that need this model fail with the reason; others go on
+            self._fail_plannable(now, f"loading model {load.model!r} failed: {error}", model=load.model)
+        self.wake()
+
+    def _fail_plannable(self, now: float, error: str, model: str | None = None) -> None:
+        """End every job that waits for devices with ``error`` (jobs in flight end with their assignment);
+        with ``model``, only the jobs of that model."""
         for snap in self.engine.view(now).plannable:
+            if model is not None and snap.request.model != model:
+                continue
             job = self.store.jobs.get(snap.request_id)
             with contextlib.suppress(TetriServeError):
                 self.engine.cancel(snap.request_id, now)

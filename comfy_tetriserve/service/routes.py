@@ -133,7 +133,7 @@ async def board(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     window = query_number(request, "window_s", DEFAULT_WINDOW_S, 1.0, MAX_WINDOW_S)
     return web.json_response(board_json(svc.engine, svc.store, svc.metrics, svc.clock, window_s=window,
-                                        policy=svc.policy_name, nodes=svc.nodes_json()))
+                                        policy=svc.policy_name, nodes=svc.nodes_json(), executor=svc.executor))
 
 
 @contextlib.contextmanager
@@ -175,10 +175,17 @@ async def load_model(request: web.Request) -> web.Response:
     return web.json_response(entry.to_json(), status=200 if entry.status is ModelStatus.LOADED else 202)
 
 
+@routes.post("/v1/models/unload")
+async def unload_model(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    data = await read_json(request, svc, ("model",))
+    return web.json_response(await svc.catalog.unload(check_model_name(data.get("model"))))
+
+
 @routes.get("/v1/models/{name:.+}")
 async def model_status(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
-    return web.json_response(svc.catalog.entry(request.match_info["name"]).to_json())
+    return web.json_response(svc.catalog.describe(request.match_info["name"]))
 
 
 # ------------------------------------------------------------------- leases

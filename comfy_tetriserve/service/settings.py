@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..config import field
+from ..core.residency import parse_budget
 from ..errors import InvalidRequest
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -23,6 +24,11 @@ class ServiceConfig:
     devices: str = field("sim:4", help="cuda:0-7 | cuda:0,1,3 | cpu:N (real workers) | sim:N (simulated, no images)")
     model: tuple[str, ...] = field((), help="models to load at start, NAME=PATH (PATH may be sim:flux or sim:sd3 with sim devices)")
     model_dir: tuple[str, ...] = field((), help="folders clients may load model files from by name (e.g. ComfyUI's diffusion_models)")
+    memory_budget: str = field(
+        "", help="weights each worker may hold: bytes with a unit (24GiB, 600MB) or a percentage of its device; "
+                 "default 80%% of a GPU, half the RAM split among CPU workers; beyond it the least recently used "
+                 "unpinned model is evicted")
+    evictable: bool = field(False, help="models given with --model may be evicted too (default: they are pinned)")
     dtype: str = field("bf16", help="weight dtype of models loaded at start", choices=("bf16", "fp16", "fp32"))
     policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
     cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
@@ -118,6 +124,7 @@ class ServiceConfig:
             parse_devices_per_node(self.devices_per_node)
         parse_pairs(self.model, "model")
         parse_pairs(self.profile_as, "profile_as")
+        parse_budget(self.memory_budget or None)
 
 
 def is_loopback(host: str) -> bool:

@@ -39,7 +39,7 @@ class Service:
                              "job_ids": [p.job_id for p in lost[-100:]]})
         await self.loop.start()
         for name in configured_models:
-            self.catalog.start_load(name, self.config.dtype)
+            self.catalog.start_load(name, self.config.dtype, pinned=not self.config.evictable)
 
     async def close(self) -> None:
         await self.catalog.close()

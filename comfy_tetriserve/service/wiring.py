@@ -97,7 +97,8 @@ def build_executor(config: ServiceConfig, cost: CostModel):
     except ImportError:
         raise InvalidRequest(f"devices {config.devices!r} need the worker pool (comfy_tetriserve.worker.pool), "
                              "which this build lacks; use sim:N to try the scheduler") from None
-    return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s)
+    return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s,
+                      memory_budget=config.memory_budget or None)
 
 
 def forecast_function() -> ForecastFn | None:

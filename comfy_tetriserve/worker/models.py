@@ -181,10 +181,7 @@ class LoadedModel:
         return info_of_config(self.name, self.config, self.dtype, self.source)
 
     def num_attention_layers(self) -> int:
-        c = self.config
-        if self.family == "flux":
-            return int(c["num_layers"]) + int(c["num_single_layers"])
-        return int(c["num_layers"]) + len(c.get("dual_attention_layers") or ())
+        return num_attention_layers(self.config)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Tokens of a latent of ``height`` x ``width`` (latent pixels)."""
@@ -327,7 +324,17 @@ def info_of_config(name: str, config: dict, dtype: torch.dtype, source: str) -> 
         guidance_embeds=bool(config.get("guidance_embeds", False)), dtype=dtype_name(dtype),
         source=source if source.startswith("random:") else Path(source).name,
         concat_channels=int(concat_channels),
+        num_attention_layers=num_attention_layers(config),
+        hidden_size=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+        num_text_tokens=DEFAULT_TEXT_TOKENS[family],
     )
+
+
+def num_attention_layers(config: dict) -> int:
+    """Attention layers of a diffusers config (FLUX: double + single blocks; SD3: joint + dual)."""
+    if family_of(config) == "flux":
+        return int(config["num_layers"]) + int(config["num_single_layers"])
+    return int(config["num_layers"]) + len(config.get("dual_attention_layers") or ())
 
 
 def source_config(source: str) -> dict:

@@ -392,6 +392,8 @@ class Worker:
             try:
                 if op == "load":
                     self.load(*msg[1:])
+                elif op == "unload":
+                    self.unload(*msg[1:])
                 elif op == "run":
                     self.run(msg[1])
                 elif op == "release":
@@ -404,14 +406,35 @@ class Worker:
                 self.send("fault", self.cfg.rank, op, traceback.format_exc())
 
     def load(self, request_key: int, name: str, source: str, dtype: str) -> None:
+        from .memory import module_bytes
         from .models import load_transformer
 
         try:
             if name not in self.models:
                 self.models[name] = load_transformer(source, dtype=dtype, device=self.device, name=name)
-            self.send("loaded", request_key, self.cfg.rank, self.models[name].info(), None)
+            info = dataclasses.replace(self.models[name].info(), num_bytes=module_bytes(self.models[name].module))
+            self.send("loaded", request_key, self.cfg.rank, info, None, self.resident_bytes())
         except Exception as exc:  # noqa: BLE001 - reported to the pool
-            self.send("loaded", request_key, self.cfg.rank, None, f"{type(exc).__name__}: {exc}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.send("loaded", request_key, self.cfg.rank, None, f"{type(exc).__name__}: {exc}",
+                      self.resident_bytes())
+
+    def unload(self, request_key: int, name: str) -> None:
+        """Drop a model's weights (the pool evicts it); replies with the bytes still resident."""
+        import gc
+
+        self.models.pop(name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.send("unloaded", request_key, self.cfg.rank, name, self.resident_bytes())
+
+    def resident_bytes(self) -> int:
+        """Measured bytes of every model this worker holds."""
+        from .memory import module_bytes
+
+        return sum(module_bytes(m.module) for m in self.models.values())
 
     def obtain(self, rid: str, source: tuple, comm: GroupComm | None) -> Trajectory:
         kind = source[0]
@@ -520,8 +543,11 @@ def worker_main(cfg: WorkerConfig, cmd_conn, res_conn) -> None:
     try:
         with torch.inference_mode():
             worker.join_world()
+            from .memory import device_memory_bytes
+
             worker.send("ready", cfg.rank, {"device": cfg.device, "backend": cfg.backend, "pid": os.getpid(),
-                                            "torch": torch.__version__})
+                                            "torch": torch.__version__,
+                                            "total_memory_bytes": device_memory_bytes(worker.device)})
             threading.Thread(target=worker.receive, args=(cmd_conn,), daemon=True).start()
             worker.serve()
     except Exception:

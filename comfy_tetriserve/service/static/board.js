@@ -73,6 +73,25 @@
       }
     }
 
+    // model loads: their own style (hatched grey, dashed outline, "load MODEL")
+    for (const l of board.loads || []) {
+      const end = l.finished_at ?? Math.max(l.expected_end_at, now);
+      const x0 = x(l.started_at), x1 = Math.max(x(end), x0 + 1);
+      for (const g of l.gpu_ids) {
+        if (!gpus.includes(g)) continue;
+        ctx.fillStyle = "#2a3038"; ctx.fillRect(x0, y(g) + 2, x1 - x0, lane - 4);
+        ctx.save(); ctx.beginPath(); ctx.rect(x0, y(g) + 2, x1 - x0, lane - 4); ctx.clip();
+        ctx.strokeStyle = l.error ? "#ff4d4d" : "#8b96a3";
+        for (let hx = x0 - lane; hx < x1; hx += 6) {
+          ctx.beginPath(); ctx.moveTo(hx, y(g) + lane); ctx.lineTo(hx + lane, y(g)); ctx.stroke();
+        }
+        ctx.restore();
+        ctx.setLineDash([3, 3]); ctx.strokeStyle = "#dde3ea"; ctx.strokeRect(x0, y(g) + 2, x1 - x0, lane - 4);
+        ctx.setLineDash([]);
+        if (x1 - x0 > 50) { ctx.fillStyle = "#dde3ea"; ctx.fillText(`load ${l.model}`, x0 + 3, y(g) + lane / 2 + 4); }
+      }
+    }
+
     for (const j of board.jobs) {
       if (j.deadline_at === null || j.deadline_at < t0 || j.deadline_at > t1) continue;
       ctx.fillStyle = j.late ? "#ff4d4d" : colour(j.job_id);
