@@ -22,6 +22,7 @@ from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, 
 from ..types import GenRequest
 from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json
 from .catalog import ModelStatus, check_model_name
+from .api_models import LeaseRequest, ModelLoadRequest, parse_request
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
 from .openapi import openapi_document
@@ -165,11 +166,9 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.post("/v1/models/load")
 async def load_model(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
-    data = await read_json(request, svc, ("model", "dtype"))
-    name = check_model_name(data.get("model"))
-    dtype = data.get("dtype", svc.config.dtype)
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise InvalidRequest("dtype must be one of bf16, fp16, fp32")
+    body = parse_request(ModelLoadRequest, await read_json(request, svc, tuple(ModelLoadRequest.model_fields)))
+    name = check_model_name(body.model)
+    dtype = body.dtype or svc.config.dtype
     entry = svc.catalog.start_load(name, dtype)
     return web.json_response(entry.to_json(), status=200 if entry.status is ModelStatus.LOADED else 202)
 
@@ -184,13 +183,11 @@ async def model_status(request: web.Request) -> web.Response:
 @routes.post("/v1/leases")
 async def create_lease(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
-    data = await read_json(request, svc, ("tenant", "ttl_s"))
-    tenant = check_token(data.get("tenant", "default"), "tenant")
-    ttl = data.get("ttl_s")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                            or not 0.1 <= ttl <= 10 * svc.config.lease_s):
+    body = parse_request(LeaseRequest, await read_json(request, svc, tuple(LeaseRequest.model_fields)))
+    ttl = body.ttl_s
+    if ttl is not None and ttl > 10 * svc.config.lease_s:
         raise InvalidRequest(f"ttl_s must be a number between 0.1 and {10 * svc.config.lease_s:g}")
-    lease = svc.store.create_lease(tenant, ttl)
+    lease = svc.store.create_lease(body.tenant, ttl)
     return web.json_response(lease.to_json(svc.clock), status=201)
 
 
