@@ -29,9 +29,9 @@ from .journal import JobJournal
 from .loop import EngineLoop
 from .metrics import ServiceMetrics
 from .routes import routes
-from .settings import ServiceConfig, parse_pairs
+from .settings import ServiceConfig
 from .state import SERVICE, Service
-from .wiring import build_cost, build_executor, build_policy, forecast_function, planning_cost
+from .wiring import build_cost, build_executor, build_policy, forecast_function, models_to_load, planning_cost
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     config.validate()
     install_log_filter()
     middlewares = [error_middleware] + ([token_middleware(config.token)] if config.token else [])
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    # bodies are decoded by encoding.py (bounded, JSON errors); headers must arrive within header_timeout_s
+    handler_args = {"auto_decompress": False, "keepalive_timeout": config.header_timeout_s}
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares, handler_args=handler_args)
 
     base_cost = cost if cost is not None else build_cost(config.cost)
     model_cost = planning_cost(base_cost, config)
@@ -115,7 +117,7 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     store.journal = JobJournal(config.journal_path(), store.boot_id)
     metrics = ServiceMetrics()
     engine = Engine(policy, model_cost, executor.gpu_ids, executor.groups)
-    configured = parse_pairs(config.model, "model")
+    configured = models_to_load(config)
     catalog = ModelCatalog(configured, config.model_dir, executor, model_cost, on_event=hub.append)
     loop = EngineLoop(engine, executor, model_cost, store, metrics, hub, clock, config, forecast_function())
     app[SERVICE] = Service(config=config, clock=clock, store=store, hub=hub, metrics=metrics, cost=model_cost,

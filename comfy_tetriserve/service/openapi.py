@@ -46,14 +46,29 @@ class CompactJsonSchema(GenerateJsonSchema):
         return out
 
 
+def _inline(node, defs: dict, keep: set[str]):
+    """``node`` with references to nested types (those not in ``keep``) replaced by their schema, so
+    that each component also stands alone (Error carries its detail, Executor its workers)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        name = ref.rsplit("/", 1)[-1]
+        if ref and name not in keep:
+            return _inline(defs[name], defs, keep)
+        return {k: _inline(v, defs, keep) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs, keep) for v in node]
+    return node
+
+
 def component_schemas() -> dict:
-    """Every component schema, named by its type, nested types hoisted beside it."""
+    """Every component schema, named by its type; nested types are written in place."""
+    kinds = (*api_models.COMPONENTS, JobSettings)
+    keep = {kind.__name__ for kind in kinds}
     out: dict = {}
-    for kind in (*api_models.COMPONENTS, JobSettings):
+    for kind in kinds:
         adapter = SETTINGS_ADAPTER if kind is JobSettings else TypeAdapter(kind)
         schema = adapter.json_schema(ref_template=REF_TEMPLATE, schema_generator=CompactJsonSchema)
-        out.update(schema.pop("$defs", {}))
-        out[kind.__name__] = schema
+        out[kind.__name__] = _inline(schema, schema.pop("$defs", {}), keep)
     out["JobSettings"]["description"] = ("JSON in the safetensors metadata key 'tetriserve' of a submit body. "
                                          "Unknown keys are refused.")
     return out

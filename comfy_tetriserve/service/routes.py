@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
 from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable, TooManyRequests
@@ -23,6 +24,7 @@ from ..types import GenRequest
 from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json
 from .catalog import ModelStatus, check_model_name
 from .api_models import LeaseRequest, ModelLoadRequest, parse_request
+from .encoding import decode_body
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
 from .openapi import openapi_document
@@ -43,13 +45,15 @@ async def read_body(request: web.Request, svc: Service) -> bytes:
         raise PayloadTooLarge(f"request body larger than the limit of {svc.config.max_body_mb:g} MiB "
                               f"(Content-Length {request.content_length})")
     try:
-        return await asyncio.wait_for(request.read(), svc.config.body_timeout_s)
+        raw = await asyncio.wait_for(request.read(), svc.config.body_timeout_s)
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body not received within {svc.config.body_timeout_s:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body larger than the limit of {svc.config.max_body_mb:g} MiB") from None
-    except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+    except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError,
+            RequestPayloadError) as exc:
         raise InvalidRequest(f"request body cut short ({type(exc).__name__}: {exc})") from None
+    return decode_body(raw, request.headers.get("Content-Encoding"), svc.config.max_body_bytes)
 
 
 async def read_json(request: web.Request, svc: Service, allowed: tuple[str, ...]) -> dict:

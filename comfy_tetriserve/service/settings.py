@@ -39,6 +39,8 @@ class ServiceConfig:
     max_event_streams: int = field(1024, help="event streams open at once (429 beyond)")
     max_body_mb: float = field(256.0, help="largest accepted request body in MiB (413 beyond)")
     body_timeout_s: float = field(60.0, help="time allowed to receive one request body (408 beyond)")
+    header_timeout_s: float = field(15.0, help="time a connection may take to send a request's headers, "
+                                               "and may stay idle between requests, before it is closed")
     max_steps: int = field(1000, help="most denoising steps per job")
     max_batch: int = field(16, help="most images per job")
     max_image_tokens: int = field(65536, help="most image tokens per image, (H/16)*(W/16) (4096x4096 px = 65536)")
@@ -92,7 +94,7 @@ class ServiceConfig:
                 "(only loopback addresses may run without one)")
         if not 0 < self.port < 65536:
             raise InvalidRequest(f"port out of range: {self.port}")
-        for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s",
+        for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s", "header_timeout_s",
                      "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s",
                      "device_fault_window_s"):
             if not getattr(self, name) > 0:
