@@ -142,6 +142,7 @@ class Event(TypedDict):
     num_faults: NotRequired[int]
     max_faults: NotRequired[int]
     message: NotRequired[str]
+    load_s: NotRequired[Annotated[float, Field(description="model_loaded: seconds the load took")]]
 
 
 class Lease(TypedDict):

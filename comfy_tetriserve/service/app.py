@@ -118,7 +118,13 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     metrics = ServiceMetrics()
     engine = Engine(policy, model_cost, executor.gpu_ids, executor.groups)
     configured = models_to_load(config)
-    catalog = ModelCatalog(configured, config.model_dir, executor, model_cost, on_event=hub.append)
+
+    def on_model_event(event: dict) -> None:
+        if event["type"] == "model_loaded":
+            metrics.on_model_loaded(event["model"], event["load_s"])
+        hub.append(event)
+
+    catalog = ModelCatalog(configured, config.model_dir, executor, model_cost, on_event=on_model_event)
     loop = EngineLoop(engine, executor, model_cost, store, metrics, hub, clock, config, forecast_function())
     app[SERVICE] = Service(config=config, clock=clock, store=store, hub=hub, metrics=metrics, cost=model_cost,
                            executor=executor, engine=engine, catalog=catalog, loop=loop, policy_name=policy_name)

@@ -57,6 +57,17 @@ class JobStatus(enum.Enum):
         return self in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """One assignment a job was part of: its devices, when (engine clock), steps done, lost to a fault."""
+
+    gpu_ids: tuple[int, ...]
+    started_at: float
+    ended_at: float
+    steps_done: int
+    lost: bool = False
+
+
 @dataclass(eq=False)
 class Job:
     """One job's record (mutable: the engine loop advances it; see the module docstring)."""
@@ -84,6 +95,8 @@ class Job:
     events: EventLog = field(default_factory=EventLog)
     num_faults: int = 0  # times it was on devices that failed (a worker died, ran out of memory)
     last_fault: str | None = None
+    gpu_s: float = 0.0  # device-seconds of its assignments (an assignment's shared equally among its jobs)
+    placements: list[Placement] = field(default_factory=list)
 
     @property
     def deadline_at(self) -> float | None:

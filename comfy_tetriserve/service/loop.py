@@ -31,7 +31,7 @@ from ..errors import Conflict, ServiceUnavailable, TetriServeError
 from ..types import Assignment, AssignmentResult, RequestStatus
 from .catalog import ModelCost
 from .events import EventLog
-from .jobs import Clock, Job, JobStatus, JobStore
+from .jobs import Clock, Job, JobStatus, JobStore, Placement
 from .metrics import ServiceMetrics
 from .recovery import ExecutorRecovery, RecoveryState
 from .schemas import encode_result
@@ -351,6 +351,7 @@ class EngineLoop:
         now = self.clock.now()
         states = self.engine.apply_result(result, now)
         self.metrics.on_assignment_end(a.gpu_ids, result.elapsed_s, result.steps_done)
+        self._account(a, result, now)
         observe = getattr(self.cost, "observe", None)
         batch = first.batch * len(a.request_ids)
         for measured in result.step_times_s:
@@ -378,11 +379,24 @@ class EngineLoop:
         if self.store.open_jobs() and time.monotonic() - self._forecast_done_at >= self._refresh_interval_s():
             self._refresh_predictions()
 
+    def _account(self, a: Assignment, result: AssignmentResult, now: float) -> None:
+        """Device-seconds (shared equally among the assignment's jobs) and each job's placement history."""
+        share_s = result.elapsed_s * len(a.gpu_ids) / max(len(a.request_ids), 1)
+        for request_id in a.request_ids:
+            job = self.store.jobs.get(request_id)
+            if job is None:
+                continue
+            job.gpu_s += share_s
+            job.placements.append(Placement(tuple(a.gpu_ids), now - result.elapsed_s, now, result.steps_done,
+                                            result.lost))
+            self.metrics.on_gpu_seconds(job.tenant, share_s)
+
     def _requeue(self, a: Assignment, result: AssignmentResult, counted: bool) -> None:
         """A lost assignment: its jobs resume from their checkpoint, or fail after too many faults."""
         now = self.clock.now()
         states = self.engine.requeue(a, result.steps_done, now, reason=result.error)
         self.metrics.on_assignment_end(a.gpu_ids, result.elapsed_s, result.steps_done)
+        self._account(a, result, now)
         limit = self.config.max_job_faults
         for state in states:
             job = self.store.jobs.get(state.request_id)
@@ -516,6 +530,10 @@ class EngineLoop:
             fields["reason"] = job.cancel_reason
         self._emit(job, status.value, **fields)
         self.metrics.on_job_end(job.tenant, status.value, job.deadline_at is not None, job.met_deadline)
+        if status is JobStatus.FINISHED:
+            r = job.request
+            self.metrics.on_job_finished(r.model, r.height, r.width, at - job.submitted_at,
+                                         None if job.deadline_at is None else job.deadline_at - at)
         self.store.journal.ended(job.job_id, status.value, error, code)
 
     def _emit(self, job: Job, event_type: str, **fields) -> None:
