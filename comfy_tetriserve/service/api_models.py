@@ -226,6 +226,54 @@ class Board(TypedDict):
     round_index: NotRequired[int]
 
 
+class Latency(TypedDict):
+    """Nearest-rank percentiles of submission-to-finish seconds of finished jobs (null: none)."""
+
+    p50_s: float | None
+    p90_s: float | None
+    p99_s: float | None
+
+
+class UsageGroup(TypedDict):
+    key: str
+    num_jobs: int
+    num_finished: int
+    num_failed: int
+    num_cancelled: int
+    num_lost: int
+    num_open: int
+    gpu_hours: float
+    num_deadline_jobs: int
+    num_met: int
+    sar: float | None
+    latency: Latency
+
+
+class UsageDay(TypedDict):
+    day: Annotated[str, Field(description="UTC day of submission, YYYY-MM-DD")]
+    num_jobs: int
+    gpu_hours: Annotated[dict[str, float], Field(description="device-hours by group key")]
+    num_deadline_jobs: int
+    num_met: int
+    sar: float | None
+    latency: Latency
+
+
+class Usage(TypedDict):
+    """Jobs submitted in [since, until) from the job history, by tenant or model and by day."""
+
+    since: float
+    until: float
+    by: Literal["tenant", "model"]
+    history: Annotated[bool, Field(description="false: the service keeps no history (--journal off)")]
+    num_jobs: int
+    gpu_hours: float
+    sar: float | None
+    latency: Latency
+    groups: list[UsageGroup]
+    days: list[UsageDay]
+
+
 #: every model the document lists under components/schemas (JobSettings comes from schemas.py)
 COMPONENTS: tuple[type, ...] = (Error, Job, JobList, Event, LeaseRequest, Lease, ModelLoadRequest, Model,
-                                           ModelList, Health, Executor, Board)
+                                           ModelList, Health, Executor, Board, Usage)

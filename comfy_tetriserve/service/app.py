@@ -25,7 +25,7 @@ from .auth import token_middleware
 from .catalog import ModelCatalog
 from .events import EventLog
 from .jobs import Clock, JobStore
-from .journal import JobJournal
+from .history import JobHistory
 from .loop import EngineLoop
 from .metrics import ServiceMetrics
 from .routes import routes
@@ -114,7 +114,7 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     clock = Clock()
     hub = EventLog(limit=HUB_EVENTS, coalesce=())
     store = JobStore(config, clock)
-    store.journal = JobJournal(config.journal_path(), store.boot_id)
+    store.history = JobHistory(config.journal_path(), store.boot_id, retention_days=config.history_retention_days)
     metrics = ServiceMetrics()
     engine = Engine(policy, model_cost, executor.gpu_ids, executor.groups)
     configured = models_to_load(config)

@@ -15,7 +15,7 @@ their results expired. Shutdown ends every unfinished job with a ``failed`` even
 Device faults (recovery.py): an assignment that comes back ``lost`` (a worker died under it)
 puts its jobs back in the queue with the steps of their last checkpoint and a ``requeued``
 event saying why; a job that was on failing devices ``max_job_faults`` times fails instead,
-with the reason. Every job accepted and ended is written to the journal (journal.py).
+with the reason. Every job accepted and ended is written to the job history (history.py).
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ class EngineLoop:
         self._tasks = []
         await self.recovery.close()
         await self.executor.close()
-        self.store.journal.close()
+        self.store.history.close()
 
     # -------------------------------------------------------------- admission
     def executor_fault(self) -> str | None:
@@ -166,7 +166,11 @@ class EngineLoop:
             await self.executor.release(job.job_id)
             raise
         self.engine.submit(job.request)
-        self.store.journal.accepted(job.job_id, job.tenant, job.settings.job_key)
+        r = job.request
+        self.store.history.accepted(job.job_id, job.tenant, job.settings.job_key, model=r.model, height=r.height,
+                                    width=r.width, batch=r.batch, num_steps=r.num_steps, priority=r.priority,
+                                    submitted_at=self.clock.to_wall(job.submitted_at),
+                                    deadline_at=self.clock.to_wall(job.deadline_at))
         self.metrics.on_submit(job.tenant)
         if self.forecast is None or self._forecast_cost_s <= FORECAST_SYNC_BUDGET_S:
             self._refresh_predictions(job.job_id)
@@ -534,7 +538,12 @@ class EngineLoop:
             r = job.request
             self.metrics.on_job_finished(r.model, r.height, r.width, at - job.submitted_at,
                                          None if job.deadline_at is None else job.deadline_at - at)
-        self.store.journal.ended(job.job_id, status.value, error, code)
+        wall = self.clock.to_wall
+        self.store.history.ended(
+            job.job_id, status.value, error, code, ended_at=wall(at), met_deadline=job.met_deadline,
+            steps_done=job.steps_done, gpu_s=job.gpu_s,
+            placements=[(list(p.gpu_ids), wall(p.started_at), wall(p.ended_at), p.steps_done, p.lost)
+                        for p in job.placements])
 
     def _emit(self, job: Job, event_type: str, **fields) -> None:
         if event_type == "placed":

@@ -93,7 +93,7 @@ class ServiceMetrics:
     plan_errors_total: int = 0
     drift: dict[tuple[str, int], DriftStat] = field(default_factory=lambda: defaultdict(DriftStat))
     jobs_requeued_total: int = 0  # jobs put back in the queue after a device fault
-    jobs_lost_in_restart_total: int = 0  # jobs an earlier run accepted and never finished (from the journal)
+    jobs_lost_in_restart_total: int = 0  # jobs an earlier run accepted and never finished (from the job history)
     http_errors: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # answers >= 400, by status
     label: BoundedLabels = field(default_factory=lambda: BoundedLabels(MAX_TENANT_LABELS))  # tenant -> label
     model_label: BoundedLabels = field(default_factory=lambda: BoundedLabels(MAX_MODEL_LABELS))

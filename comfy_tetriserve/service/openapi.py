@@ -136,6 +136,14 @@ PATHS: dict = {
         "operationId": "releaseLease", "summary": "Close a lease and cancel its unfinished jobs",
         "parameters": [{"name": "lease_id", "in": "path", "required": True, "schema": {"type": "string"}}],
         "responses": {**_ok(200, "released", "Lease"), **_err(401, 404)}}},
+    "/v1/usage": {"get": {
+        "operationId": "usage", "summary": "GPU-hours, SAR and latency by tenant or model and by day (job history)",
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "description": desc, "schema": {"type": "string"}}
+            for name, desc in (("since", "unix seconds or ISO 8601 date (default: until minus 7 days)"),
+                               ("until", "unix seconds or ISO 8601 date (default: now)"))
+        ] + [{"name": "by", "in": "query", "required": False, "schema": {"enum": ["tenant", "model"]}}],
+        "responses": {**_ok(200, "usage", "Usage"), **_err(400, 401)}}},
     "/v1/jobs": {
         "post": {"operationId": "submitJob",
                  "summary": "Submit a job: a safetensors body, settings (JobSettings) as JSON in metadata key 'tetriserve'",

@@ -11,6 +11,7 @@ import hashlib
 import json
 import contextlib
 import math
+import time
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +31,7 @@ from .jobs import Job, JobStatus
 from .openapi import openapi_document
 from .schemas import check_tensors, check_token, parse_body, resolve_job
 from .state import SERVICE, Service
+from . import usage
 
 MAX_JSON_BYTES = 64 * 1024
 LEASE_HEADER = "X-TetriServe-Lease"
@@ -308,6 +310,23 @@ async def cancel_job(request: web.Request) -> web.Response:
     job = svc.store.get(request.match_info["job_id"])
     await svc.loop.cancel(job, "cancelled by client")
     return web.json_response(job_json(svc, job), status=202)
+
+
+# -------------------------------------------------------------------- usage
+@routes.get("/v1/usage")
+async def usage_report(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    now = time.time()
+    until = usage.parse_time(request.query.get("until"), now, "until")
+    since = usage.parse_time(request.query.get("since"), until - usage.DEFAULT_SPAN_S, "since")
+    by = request.query.get("by", "tenant")
+    path = str(svc.store.history.path) if svc.store.history.enabled else None
+    return web.json_response(await asyncio.to_thread(usage.report, path, since, until, by))
+
+
+@routes.get("/usage")
+async def usage_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "usage.html")
 
 
 # -------------------------------------------------------------- dashboard

@@ -69,21 +69,22 @@ class ServiceConfig:
                   "end of every assignment is always checkpointed)")
     restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
     journal: str = field(
-        "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
-                     "lost; 'auto': <cache>/journal-<port>.jsonl; 'off': none")
+        "auto", help="SQLite file of the job history (every job accepted and how it ended: /v1/usage, and a restarted "
+                     "service tells clients which jobs it lost); 'auto': <cache>/history-<port>.sqlite3; 'off': none")
+    history_retention_days: float = field(90.0, help="jobs are kept in the history this many days (0: forever)")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
     def journal_path(self) -> str | None:
-        """Where the job journal lives (None: no journal)."""
+        """Where the job history lives (None: no history)."""
         if self.journal in ("", "off", "none"):
             return None
         if self.journal == "auto":
             from ..config import home_dir
 
-            return str(home_dir() / f"journal-{self.port}.jsonl")
+            return str(home_dir() / f"history-{self.port}.sqlite3")
         return self.journal
 
     def validate(self) -> None:
@@ -99,7 +100,8 @@ class ServiceConfig:
                      "device_fault_window_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
-        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults"):
+        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults",
+                     "history_retention_days"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",
