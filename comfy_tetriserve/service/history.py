@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     placements TEXT NOT NULL DEFAULT '[]',  -- JSON: [[gpu_ids, started_at, ended_at, steps_done, lost], ...]
     reported INTEGER NOT NULL DEFAULT 0  -- 1 once a later run has counted it (lost or not)
 );
-CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at);
+-- covers the usage queries (usage.py): a report reads this index only, never the rows
+CREATE INDEX IF NOT EXISTS jobs_for_usage ON jobs
+    (submitted_at, tenant, model, status, ended_at, gpu_s, deadline_at, met_deadline);
 CREATE INDEX IF NOT EXISTS jobs_unreported ON jobs (reported) WHERE reported = 0;
 """
 
