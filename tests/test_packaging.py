@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = re.compile(r"^\s*(torch|torchvision|torchaudio|xformers)\b", re.IGNORECASE)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..core.engine import Engine
 from ..core.executor import DevicesUnavailable, Executor
@@ -51,6 +52,16 @@ FORECAST_SYNC_BUDGET_S = 0.05
 FORECAST_DUTY = 0.1
 
 
+def result_body(job: Job, latent) -> bytes:
+    """A finished job's result: its latent in the space asked for, as safetensors with the job's metadata."""
+    space = job.settings.result_space or job.settings.latent_space
+    if space == "vae":
+        latent = process_latent_out(job.family, latent)
+    meta = {"job_id": job.job_id, "model": job.request.model, "space": space,
+            "simulated": "true" if job.simulated else "false", "num_steps": str(job.request.num_steps)}
+    return encode_result(latent.detach().to("cpu").float(), meta)
+
+
 class EngineLoop:
     def __init__(self, engine: Engine, executor: Executor, cost: ModelCost, store: JobStore,
                  metrics: ServiceMetrics, hub: EventLog, clock: Clock, config: ServiceConfig,
@@ -74,6 +85,10 @@ class EngineLoop:
         self._forecast_cost_s = 0.0  # what a forecast of every open job costs now (seconds, smoothed)
         self._forecast_done_at = float("-inf")  # time.monotonic() at the end of the last one
         self._refresh_handle: asyncio.TimerHandle | None = None
+        # refreshes of every prediction run here, off the event loop (the loop takes the view, applies the answer)
+        self._forecaster = ThreadPoolExecutor(1, thread_name_prefix="tetriserve-forecast")
+        self._forecast_running = False
+        self._forecast_again = False
         self._stopping = False
         self._closed = False
         self.recovery = ExecutorRecovery(executor, engine, config, clock, hub, self.wake, self._stop_inflight)
@@ -122,6 +137,7 @@ class EngineLoop:
         self._closed = True
         if self._refresh_handle is not None:
             self._refresh_handle.cancel()
+        self._forecaster.shutdown(wait=False, cancel_futures=True)
         self.wake()
         for task in self._tasks:
             task.cancel()
@@ -202,7 +218,11 @@ class EngineLoop:
             self._refresh_predictions()
 
     def _refresh_predictions(self, job_id: str | None = None) -> None:
-        """Forecast every open job's finish (``job_id``: the one that must get a value now)."""
+        """Forecast every open job's finish (``job_id``: the one that must get a value now, on the loop; without
+        it the forecast runs in the forecast thread and the predictions change when it answers)."""
+        if job_id is None and self.forecast is not None:
+            self._start_background_forecast()
+            return
         view = self.engine.view(self.clock.now())
         if self.forecast is not None:
             t0 = time.perf_counter()
@@ -225,6 +245,45 @@ class EngineLoop:
         for rid in ([job_id] if job_id is not None else [j.job_id for j in self.store.open_jobs()]):
             self.store.jobs[rid].predicted_finish_at = estimate_finish(view, rid, self.cost)
         self._forecast_done_at = time.monotonic()
+
+    def _start_background_forecast(self) -> None:
+        if self._forecast_running:  # one at a time; another follows when this one answers
+            self._forecast_again = True
+            return
+        self._forecast_running = True
+        view = self.engine.view(self.clock.now())  # an immutable snapshot: the thread reads nothing else of the engine
+        future = asyncio.get_running_loop().run_in_executor(self._forecaster, self._timed_forecast, view)
+        future.add_done_callback(self._background_forecast_done)
+
+    def _timed_forecast(self, view) -> tuple[dict[str, float], float]:
+        t0 = time.perf_counter()
+        finish = self.forecast(view, self.engine.policy, self.cost)
+        return finish, time.perf_counter() - t0
+
+    def _background_forecast_done(self, future) -> None:
+        self._forecast_running = False
+        if self._closed or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._forecast_failures += 1
+            log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
+                    "forecast failed (%d times); using the simple estimate", self._forecast_failures,
+                    exc_info=exc if self._forecast_failures == 1 else None)
+            view = self.engine.view(self.clock.now())
+            for job in self.store.open_jobs():
+                job.predicted_finish_at = estimate_finish(view, job.job_id, self.cost)
+        else:
+            finish, took = future.result()
+            self._forecast_cost_s = took if self._forecast_cost_s == 0.0 else 0.5 * (self._forecast_cost_s + took)
+            for rid, at in finish.items():
+                job = self.store.jobs.get(rid)
+                if job is not None and not job.status.is_terminal:
+                    job.predicted_finish_at = at
+        self._forecast_done_at = time.monotonic()
+        if self._forecast_again:
+            self._forecast_again = False
+            self._schedule_refresh()
 
     # ------------------------------------------------------------------ cancel
     async def cancel(self, job: Job, reason: str) -> Job:
@@ -446,12 +505,7 @@ class EngineLoop:
         try:
             latent = await self.executor.fetch_result(job.job_id)
 
-            space = job.settings.result_space or job.settings.latent_space
-            if space == "vae":
-                latent = process_latent_out(job.family, latent)
-            meta = {"job_id": job.job_id, "model": job.request.model, "space": space,
-                    "simulated": "true" if job.simulated else "false", "num_steps": str(job.request.num_steps)}
-            body = encode_result(latent.detach().to("cpu").float(), meta)
+            body = await asyncio.to_thread(result_body, job, latent)  # a few ms for a large latent: off the loop
         except Exception as exc:  # noqa: BLE001
             log.exception("collecting the result of %s failed", job.job_id)
             if not job.status.is_terminal:
