@@ -70,13 +70,15 @@ async def probe_health(url: str, stop: asyncio.Event, out: list[float]) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = args.url or f"http://127.0.0.1:{port}"
     root = Path(args.service_root).resolve() if args.service_root else ROOT
     env = dict(os.environ, PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "comfy_tetriserve", "serve", "--port", str(port), "--devices", "sim:8",
            "--model", "flux-dev=sim:flux", "--policy", "tetriserve", "--cost", "h200", "--sim-time-scale", "100",
            "--journal", "off", "--max-open-jobs", "2000", "--max-open-jobs-per-tenant", "2000"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(args.service_log, "wb") if args.service_log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(cmd if not args.url else [sys.executable, "-c", "import time; time.sleep(1e6)"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     bodies = [job_body({"model": "flux-dev", "steps": 28, "deadline_s": 120 + i % 60, "tenant": f"t{i % 4}"},
                        res=1024, seed=i) for i in range(16)]
     try:
@@ -111,6 +113,9 @@ async def run(args: argparse.Namespace) -> None:
             async with session.get(url + "/v1/jobs") as resp:
                 still_open = sum(1 for j in (await resp.json())["jobs"]
                                  if j["status"] in ("queued", "running", "waiting"))
+            async with session.get(url + "/v1/metrics") as resp:
+                metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in (await resp.text()).splitlines()
+                           if line.startswith("tetriserve_round_decision_seconds_")}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -119,6 +124,10 @@ async def run(args: argparse.Namespace) -> None:
           f"{achieved:.1f} submits/s for {args.seconds:g} s)")
     print(f"GET /v1/health  n={len(health):5d}  p50 {ms(percentile(health, 50))}  p99 {ms(percentile(health, 99))}"
           f"  max {ms(max(health))}")
+    rounds = metrics.get("tetriserve_round_decision_seconds_count", 0.0)
+    if rounds:
+        print(f"planning rounds (on the loop): {rounds:.0f}, mean "
+              f"{metrics['tetriserve_round_decision_seconds_sum'] / rounds * 1000:.1f} ms")
     print(f"POST /v1/jobs   n={len(submits):5d}  p50 {ms(percentile(submits, 50))}  p99 {ms(percentile(submits, 99))}"
           f"  max {ms(max(submits))}")
 
@@ -128,6 +137,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--open-jobs", type=int, default=256)
     parser.add_argument("--rate", type=float, default=50.0, help="submits per second")
+    parser.add_argument("--service-log", help="write the service's output here (with PYTHONASYNCIODEBUG=1 it "
+                                              "names every callback that held the loop over 100 ms)")
+    parser.add_argument("--url", help="drive a service already running there (started like the one above)")
     parser.add_argument("--service-root", help="run the service of this checkout (default: this one)")
     asyncio.run(run(parser.parse_args()))
 

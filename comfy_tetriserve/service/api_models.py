@@ -215,6 +215,7 @@ class Executor(TypedDict):
 class Board(TypedDict):
     now_at: float
     gpu_ids: list[int]
+    device_labels: NotRequired[Annotated[dict[str, str], Field(description="device id -> 'GPU 3', 'CPU 1', 'sim 0'")]]
     assignments: list[dict]
     jobs: list[dict]
     sar: dict

@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from .. import __version__
 from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable, TooManyRequests
 from ..types import GenRequest
-from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json
+from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json, device_labels
 from .catalog import ModelStatus, check_model_name
 from .api_models import LeaseRequest, ModelLoadRequest, parse_request
 from .encoding import decode_body
@@ -139,7 +139,8 @@ async def board(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     window = query_number(request, "window_s", DEFAULT_WINDOW_S, 1.0, MAX_WINDOW_S)
     return web.json_response(board_json(svc.engine, svc.store, svc.metrics, svc.clock, window_s=window,
-                                        policy=svc.policy_name))
+                                        policy=svc.policy_name,
+                                        labels=device_labels(svc.executor, svc.engine.all_gpu_ids)))
 
 
 @contextlib.contextmanager
