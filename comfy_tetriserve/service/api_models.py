@@ -48,7 +48,7 @@ def validation_message(exc: ValidationError, what: str, known: tuple[str, ...] =
         return f"unknown {what}(s): {', '.join(unknown)}{listed}"
     parts = []
     for e in exc.errors():
-        field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or len(e["loc"]) > 1)
+        field = ".".join(str(p) for p in e["loc"])
         if e["type"] == "missing":
             parts.append(f"{what} {field!r} is required")
         else:
