@@ -399,7 +399,7 @@ class TetriServeClient:
         the service restarted under it is submitted again, up to ``resubmits`` times, under the
         same job key (a fresh run at the new service).
         """
-        body = encode_job(tensors, settings)
+        body = await asyncio.to_thread(encode_job, tensors, settings)  # conditioning: MBs to serialise, off the loop
         job_key = settings.get("job_key") or uuid.uuid4().hex
         for attempt in range(resubmits + 1):
             receipt = await self.submit(body, job_key=job_key)
@@ -415,7 +415,7 @@ class TetriServeClient:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.cancel(job_id))
                 raise
-            return decode_result(await self.result(job_id))
+            return await asyncio.to_thread(decode_result, await self.result(job_id))
         raise AssertionError("unreachable")
 
 

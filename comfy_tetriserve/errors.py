@@ -55,6 +55,13 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """A request body in a content coding or type the service does not take."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
 class Unauthorized(TetriServeError):
     http_status = 401
     code = "unauthorized"

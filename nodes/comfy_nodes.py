@@ -238,14 +238,15 @@ class TetriServeSampler(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(num_steps, node_id=node_id)
         server = PromptServer.instance
         prompt_id = _prompt_id()
+        client_id = server.client_id  # the prompt's own client session: its events go there, to no one else
 
         def on_progress(p: JobProgress) -> None:
             text = p.text()
-            server.send_progress_text(text, node_id, server.client_id)
+            server.send_progress_text(text, node_id, client_id)
             server.send_sync(EVENT, {"prompt_id": prompt_id, "node": node_id, "job_id": p.job_id, "phase": p.phase,
                                      "text": text, "steps_done": p.steps_done, "num_steps": p.num_steps or num_steps,
                                      "gpu_ids": list(p.gpu_ids), "predicted_finish_at": p.predicted_finish_at,
-                                     "deadline_at": p.deadline_at, "feasible": p.feasible})
+                                     "deadline_at": p.deadline_at, "feasible": p.feasible}, client_id)
             pbar.update_absolute(min(p.steps_done, num_steps), num_steps)  # an interrupt point as well
 
         io_loop = _io_loop()

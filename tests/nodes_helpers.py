@@ -155,7 +155,7 @@ def start_service(tmp: Path, model_dir: Path, *, devices: str = "cpu:2", policy:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "comfy_tetriserve", "serve", "--port", str(port), "--devices", devices,
            "--model-dir", str(model_dir), "--dtype", "fp32", "--policy", policy, "--cost", cost, "--lease-s", "10",
-           "--journal", str(tmp / f"journal-{port}.jsonl"), *extra]
+           "--journal", str(tmp / f"history-{port}.sqlite3"), *extra]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -338,7 +339,9 @@ class ModelCatalog:
                                "num_workers": num_workers})
 
             extra = {"pinned": True} if pinned and hasattr(self.executor, "residency_of") else {}
+            started_at = time.monotonic()
             info = await self.executor.load_model(name, path, dtype, on_progress=progress, **extra)
+            load_s = time.monotonic() - started_at
             if info.name != name:
                 info = dataclasses.replace(info, name=name)
             self.cost.register(info)
@@ -352,7 +355,7 @@ class ModelCatalog:
             self.on_event({"type": "model_failed", "model": name, "error": message})
         else:
             self._entries[name] = ModelEntry(name, origin, ModelStatus.LOADED, info=info)
-            self.on_event({"type": "model_loaded", "model": name, "family": info.family})
+            self.on_event({"type": "model_loaded", "model": name, "family": info.family, "load_s": load_s})
         finally:
             self._tasks.pop(name, None)
 

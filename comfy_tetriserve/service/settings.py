@@ -45,6 +45,8 @@ class ServiceConfig:
     max_event_streams: int = field(1024, help="event streams open at once (429 beyond)")
     max_body_mb: float = field(256.0, help="largest accepted request body in MiB (413 beyond)")
     body_timeout_s: float = field(60.0, help="time allowed to receive one request body (408 beyond)")
+    header_timeout_s: float = field(15.0, help="time a connection may take to send a request's headers, "
+                                               "and may stay idle between requests, before it is closed")
     max_steps: int = field(1000, help="most denoising steps per job")
     max_batch: int = field(16, help="most images per job")
     max_image_tokens: int = field(65536, help="most image tokens per image, (H/16)*(W/16) (4096x4096 px = 65536)")
@@ -80,21 +82,22 @@ class ServiceConfig:
                                               "cpu:N (N CPU workers on every node, for tests)")
     inter_node_gbps: float = field(100.0, help="cluster mode: bandwidth between nodes in Gbit/s, prices a job's move")
     journal: str = field(
-        "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
-                     "lost; 'auto': <cache>/journal-<port>.jsonl; 'off': none")
+        "auto", help="SQLite file of the job history (every job accepted and how it ended: /v1/usage, and a restarted "
+                     "service tells clients which jobs it lost); 'auto': <cache>/history-<port>.sqlite3; 'off': none")
+    history_retention_days: float = field(90.0, help="jobs are kept in the history this many days (0: forever)")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
     def journal_path(self) -> str | None:
-        """Where the job journal lives (None: no journal)."""
+        """Where the job history lives (None: no history)."""
         if self.journal in ("", "off", "none"):
             return None
         if self.journal == "auto":
             from ..config import home_dir
 
-            return str(home_dir() / f"journal-{self.port}.jsonl")
+            return str(home_dir() / f"history-{self.port}.sqlite3")
         return self.journal
 
     def validate(self) -> None:
@@ -105,12 +108,13 @@ class ServiceConfig:
                 "(only loopback addresses may run without one)")
         if not 0 < self.port < 65536:
             raise InvalidRequest(f"port out of range: {self.port}")
-        for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s",
+        for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s", "header_timeout_s",
                      "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s",
                      "device_fault_window_s", "inter_node_gbps"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
-        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults"):
+        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults",
+                     "history_retention_days"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",

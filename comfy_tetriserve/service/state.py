@@ -31,7 +31,7 @@ class Service:
     open_streams: int = 0  # event streams being served now
 
     async def start(self, configured_models: dict[str, str]) -> None:
-        lost = self.store.journal.open()
+        lost = self.store.history.open()
         if lost:
             self.metrics.jobs_lost_in_restart_total += len(lost)
             self.hub.append({"type": "jobs_lost_in_restart", "num_jobs": len(lost),

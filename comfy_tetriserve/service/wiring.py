@@ -121,3 +121,16 @@ def estimate_finish(view: SchedulerView, request_id: str, cost: CostModel) -> fl
             degrees = [d for d in cost.allowed_degrees(r.model) if d <= num_gpus] or [1]
             own_s = snap.steps_left * min(cost.step_time_s(r.model, r.height, r.width, r.batch, d) for d in degrees)
     return view.now + max(total_s / num_gpus, own_s)
+
+
+#: what a bare ``serve`` on simulated devices offers, named as the shipped cost profile names them
+DEFAULT_SIM_MODELS = {"flux-dev": "sim:flux", "sd3-medium": "sim:sd3"}
+
+
+def models_to_load(config: ServiceConfig) -> dict[str, str]:
+    """The models to load at start: those configured; on simulated devices with none configured (and no
+    model folder), a simulated FLUX and SD3, so that a first submit to a bare ``serve`` works."""
+    configured = parse_pairs(config.model, "model")
+    if not configured and not config.model_dir and _SIM_RE.match(config.devices):
+        return dict(DEFAULT_SIM_MODELS)
+    return configured
