@@ -34,6 +34,12 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "rssp": ("baselines", "make_rssp"),
     "rssp-paper": ("baselines", "make_rssp_paper"),
     "edf": ("baselines", "make_edf"),
+    "sp1-admit": ("baselines", "make_sp1_admit"),
+    "sp2-admit": ("baselines", "make_sp2_admit"),
+    "sp4-admit": ("baselines", "make_sp4_admit"),
+    "sp8-admit": ("baselines", "make_sp8_admit"),
+    "rssp-admit": ("baselines", "make_rssp_admit"),
+    "edf-admit": ("baselines", "make_edf_admit"),
 }
 
 
