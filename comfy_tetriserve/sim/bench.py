@@ -9,7 +9,11 @@ arrival-aware limits on scale-up and round length),
 ``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
 ``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat; with
 the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates), ``cluster`` (two boxes at twice the
-rate: one cluster-wide planner vs one planner per box behind a router, sim/cluster.py).
+rate: one cluster-wide planner vs one planner per box behind a router, sim/cluster.py), ``probes`` (the paper's
+workload with one thing changed: bursty arrivals, step-time noise, a slower engine, 4 GPUs, twice
+the rate; sim/probes.py), each with the offline bound on small traces.
+Every SAR row also carries the isolated bound (share of requests that could meet their deadline
+alone on the whole box, sim.bound.isolated_bound) and the gain over the strongest of all baselines.
 Every simulated number comes from the cost model named in the report (``cost_model``).
 
     comfy-tetriserve bench                      # the full run (about 4 minutes on 2 busy cores)
@@ -34,12 +38,15 @@ from .. import config as cfg
 from ..cost import ProfileCostModel, load_cost_model
 from ..policy import make_policy
 from . import report as rep
+from .bound import isolated_bound
+from .probes import PROBES, ScaledCostModel
 from .simulator import SimConfig, simulate
 from .workload import MIXES, WorkloadSpec, make_random_view, make_trace
 
 log = logging.getLogger(__name__)
 
-ALL_POLICIES = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "rssp-paper", "edf")
+ALL_POLICIES = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "rssp-paper", "edf",
+                "sp1-admit", "sp2-admit", "sp4-admit", "sp8-admit", "rssp-admit", "edf-admit")
 #: TetriServe variants measured both on the paper's load (ablation) and in the overload section:
 #: the margins that contention scales, and the arrival-aware limits on scale-up and round length
 ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,7 +57,7 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
     "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
 }
 SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "multimodel",
-            "cluster")
+            "probes", "cluster")
 #: run by default (``cluster`` simulates two boxes at twice the load, about 18 minutes: ask for it)
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "cluster")
 
@@ -78,6 +85,8 @@ class BenchConfig:
     step_counts: tuple[int, ...] = cfg.field((20, 28, 50), help="steps per request for the sensitivity section")
     overload_rates: tuple[float, ...] = cfg.field((60.0, 120.0, 180.0),
                                                   help="overload section: rates of 256/512 px requests, per minute")
+    probes: tuple[str, ...] = cfg.field(tuple(PROBES), help=f"probes to run ({' '.join(PROBES)})")
+    probe_scales: tuple[float, ...] = cfg.field((1.0, 1.2, 1.5), help="SLO scales of the probes section")
     sections: tuple[str, ...] = cfg.field(DEFAULT_SECTIONS, help=f"sections to run ({' '.join(SECTIONS)}; "
                                                                   "cluster only when named)")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
@@ -91,7 +100,8 @@ class BenchConfig:
         return dataclasses.replace(
             self, num_requests=min(self.num_requests, 24), seeds=1, scales=(1.0, 1.5), rates=(6.0, 18.0),
             granularities=(1, 5), bound_requests=min(self.bound_requests, 12), bound_seeds=1,
-            decision_sizes=(16, 64), decision_samples=20, step_counts=(28,), overload_rates=(120.0,))
+            decision_sizes=(16, 64), decision_samples=20, step_counts=(28,), overload_rates=(120.0,),
+            probe_scales=(1.0, 1.5))
 
 
 # ------------------------------------------------------------------------------ running sims
@@ -113,6 +123,7 @@ class SimTask:
     profile: str
     extra_best_effort_per_min: float = 0.0
     keep_latencies: bool = False
+    true_cost_scale: float = 1.0  # the simulated engine's step time / the planner's (probes)
 
 
 def run_task(task: SimTask) -> dict[str, Any]:
@@ -124,7 +135,8 @@ def run_task(task: SimTask) -> dict[str, Any]:
                                                best_effort_fraction=1.0, id_prefix="be", seed=task.spec.seed + 10_000))
         trace = tuple(sorted(trace + extra, key=lambda r: r.arrival_at))
     policy = make_policy(task.policy, **dict(task.options))
-    res = simulate(trace, policy, cost, task.sim, cost_name=task.profile)
+    true_cost = ScaledCostModel(cost, task.true_cost_scale) if task.true_cost_scale != 1.0 else cost
+    res = simulate(trace, policy, cost, task.sim, true_cost=true_cost, cost_name=task.profile)
     lat = res.latency_stats()
     dec = sorted(res.decision_times_s)
     best_effort = [o.latency_s for o in res.outcomes if o.request.deadline_at is None and o.latency_s is not None]
@@ -138,6 +150,8 @@ def run_task(task: SimTask) -> dict[str, Any]:
         "num_plans": res.num_plans, "num_assignments": res.num_assignments,
         "utilisation": res.busy_gpu_seconds / max(res.makespan_s * task.sim.num_gpus, 1e-9),
         "best_effort_latency_mean_s": statistics.fmean(best_effort) if best_effort else None,
+        "isolated_bound": isolated_bound(trace, true_cost, task.sim.num_gpus,
+                                         overhead_s=task.sim.dispatch_overhead_s),
     }
     if task.keep_latencies:
         out["latencies_s"] = [round(o.latency_s, 4) for o in res.outcomes if o.latency_s is not None]
@@ -200,9 +214,10 @@ class Bench:
                         tasks.append(self.task(p, self.spec(mix=mix, slo_scale=scale, seed=seed), keep_latencies=keep))
         grid = self.run_grid(keys, tasks)
         sar, std, lat, deg, per_res, dec = {}, {}, {}, {}, {}, []
-        samples = {}
+        samples, iso = {}, {}
         for (mix, scale, p), runs in grid.items():
             s = f"{scale:.1f}"
+            iso.setdefault(mix, {})[s] = _mean(r["isolated_bound"] for r in runs)
             sar.setdefault(mix, {}).setdefault(s, {})[p] = _mean(r["sar"] for r in runs)
             std.setdefault(mix, {}).setdefault(s, {})[p] = _std(r["sar"] for r in runs)
             lat.setdefault(mix, {}).setdefault(s, {})[p] = {
@@ -214,7 +229,8 @@ class Bench:
                 dec += [(r["decision_p50_ms"], r["decision_p99_ms"]) for r in runs]
             if "latencies_s" in runs[0]:
                 samples[p] = runs[0]["latencies_s"]
-        self.report.update(sar=sar, sar_std=std, latency=lat, mean_degree=deg, sar_by_resolution_all=per_res)
+        self.report.update(sar=sar, sar_std=std, latency=lat, mean_degree=deg, sar_by_resolution_all=per_res,
+                           isolated_bound=iso)
         panels = {}
         for mix, scale in ((c.mixes[0], c.scales[0]), (c.mixes[-1], c.scales[-1])):
             panels.setdefault(mix, {})[f"{scale:.1f}"] = per_res[mix][f"{scale:.1f}"]
@@ -226,10 +242,11 @@ class Bench:
             self.report["decision_ms_in_sim"] = {"p50": statistics.median(d[0] for d in dec),
                                                  "p99": statistics.median(d[1] for d in dec),
                                                  "p99_worst_run": max(d[1] for d in dec)}
-        self.report["gains"] = gains = self._gains(sar)
+        self.report["gains"] = gains = self._gains(sar, iso)
         text = []
         for mix in c.mixes:
             text.append(f"SAR, {mix} mix (mean ± std over {c.seeds} seeds)\n" + rep.sar_table(sar[mix], c.policies, std[mix]))
+            text.append(f"vs the strongest baseline, {mix} mix\n" + rep.strongest_table(sar[mix], iso[mix]))
             rows = [[s] + [f"{lat[mix][s][p]['mean_s']:.2f}/{lat[mix][s][p]['p95_s']:.2f}" for p in c.policies]
                     for s in sar[mix]]
             text.append(f"latency mean/p95 (s), {mix} mix\n" + rep.format_table(["scale", *c.policies], rows))
@@ -237,7 +254,7 @@ class Bench:
             text.append("TetriServe's relative SAR gain\n" + rep.gains_table(gains))
         return "\n\n".join(text)
 
-    def _gains(self, sar: dict) -> dict:
+    def _gains(self, sar: dict, iso: dict | None = None) -> dict:
         out = {}
         for mix, by_scale in sar.items():
             per, vs_edf, beats = {}, {}, {}
@@ -253,7 +270,15 @@ class Bench:
                     vs_edf[s] = (v["tetriserve"] - v["edf"]) / v["edf"]
                 beats[s] = all(v["tetriserve"] >= v[p] - 1e-12 for p in v if p != "tetriserve")
             if per:
+                strongest = {s: rep.strongest_baseline(v) for s, v in by_scale.items() if "tetriserve" in v}
+                strongest = {s: b for s, b in strongest.items() if b is not None}
+                vs_best = {s: (by_scale[s]["tetriserve"] - b[1]) / b[1] if b[1] > 0 else float("inf")
+                           for s, b in strongest.items()}
                 out[mix] = {"per_scale": per, "mean": _mean(per.values()),
+                            "strongest_baseline": {s: b[0] for s, b in strongest.items()},
+                            "per_scale_vs_strongest": vs_best,
+                            "mean_vs_strongest": _mean(vs_best.values()) if vs_best else float("nan"),
+                            "isolated_bound": dict(iso.get(mix, {})) if iso else {},
                             "per_scale_vs_edf": vs_edf, "mean_vs_edf": _mean(vs_edf.values()) if vs_edf else float("nan"),
                             "tetriserve_at_or_above_all": beats}
         return out
@@ -578,6 +603,91 @@ class Bench:
                 + rep.format_table(["active requests", "p50", "p99", "plain p50", "plain p99", "views", "with loads",
                                     "with evictions"], drows))
 
+    # -- probes: the paper's workload with one thing changed (sim/probes.py)
+    def _probe_task(self, probe, policy: str, mix: str, scale: float, seed: int, **spec_kw: Any) -> SimTask:
+        c = self.c
+        spec = self.spec(mix=mix, slo_scale=scale, seed=seed, rate_per_min=c.rate_per_min * probe.rate_factor,
+                         **{**probe.spec, **spec_kw})
+        sim = SimConfig(**{"num_gpus": c.num_gpus, "seed": seed, **probe.sim})
+        return self.task(policy, spec, sim=sim, true_cost_scale=probe.true_cost_scale)
+
+    def section_probes(self) -> str:
+        c = self.c
+        unknown = set(c.probes) - set(PROBES)
+        if unknown:
+            raise ValueError(f"unknown probe(s) {sorted(unknown)} (known: {' '.join(PROBES)})")
+        probes = [PROBES[name] for name in c.probes]
+        keys, tasks = [], []
+        for probe in probes:
+            for mix in c.mixes:
+                for scale in c.probe_scales:
+                    for p in c.policies:
+                        for seed in range(c.seeds):
+                            keys.append((probe.name, mix, scale, p))
+                            tasks.append(self._probe_task(probe, p, mix, scale, seed))
+        grid = self.run_grid(keys, tasks)
+        sar: dict = {}
+        iso: dict = {}
+        for (name, mix, scale, p), runs in grid.items():
+            s = f"{scale:.1f}"
+            sar.setdefault(name, {}).setdefault(mix, {}).setdefault(s, {})[p] = _mean(r["sar"] for r in runs)
+            iso.setdefault(name, {}).setdefault(mix, {})[s] = _mean(r["isolated_bound"] for r in runs)
+        # the offline bound on small traces of every probe (the noisy probe: of its noise-free times)
+        bkeys, btasks, bargs = [], [], []
+        for probe in probes:
+            for mix in c.mixes:
+                for scale in c.probe_scales:
+                    for seed in range(c.bound_seeds):
+                        t = self._probe_task(probe, "tetriserve", mix, scale, 1000 + seed, num_requests=c.bound_requests)
+                        bkeys.append((probe.name, mix, scale))
+                        btasks.append(t)
+                        bargs.append((t.spec, c.profile, t.sim.num_gpus, c.bound_tau_s, probe.true_cost_scale))
+        runs = _map(run_task, btasks, self.jobs)
+        bounds = _map(_bound_task, bargs, self.jobs)
+        bound: dict = {}
+        for (name, mix, scale), r, b in zip(bkeys, runs, bounds):
+            row = bound.setdefault(name, {"bound": 0, "tetriserve": 0.0, "per_setting": {}})
+            on_time = r["sar"] * b["num_requests"]
+            row["bound"] += b["num_on_time"]
+            row["tetriserve"] += on_time
+            cell = row["per_setting"].setdefault(mix, {}).setdefault(f"{scale:.1f}", {"bound": 0, "tetriserve": 0.0})
+            cell["bound"] += b["num_on_time"]
+            cell["tetriserve"] += on_time
+        for row in bound.values():
+            row["ratio"] = row["tetriserve"] / row["bound"] if row["bound"] else float("nan")
+            for cells in row["per_setting"].values():
+                for cell in cells.values():
+                    cell["ratio"] = cell["tetriserve"] / cell["bound"] if cell["bound"] else float("nan")
+        details: dict = {}
+        for probe in probes:
+            rows = {}
+            for mix, by_scale in sar[probe.name].items():
+                for s, v in by_scale.items():
+                    best = rep.strongest_baseline(v)
+                    t = v.get("tetriserve", float("nan"))
+                    rows.setdefault(mix, {})[s] = {
+                        "tetriserve": t, "strongest_baseline": best[0] if best else None,
+                        "strongest_sar": best[1] if best else float("nan"),
+                        "gain": (t - best[1]) / best[1] if best and best[1] > 0 else float("nan"),
+                        "isolated_bound": iso[probe.name][mix][s],
+                        "tetriserve_at_or_above_all": best is None or t >= best[1] - 1e-12}
+            details[probe.name] = {"what": probe.what, "rows": rows, "bound": bound[probe.name]}
+        self.report["probes"] = sar
+        self.report["probe_details"] = {
+            "scales": list(c.probe_scales), "seeds": c.seeds, "bound_requests": c.bound_requests,
+            "bound_seeds": c.bound_seeds, "probes": details,
+            "note": "the bound of the noisy probe is that of its noise-free step times; slow-engine's is "
+                    "computed on the engine's (1.1x) step times"}
+        text = []
+        for probe in probes:
+            for mix in c.mixes:
+                text.append(f"Probe {probe.name} ({probe.what}), {mix} mix\n"
+                            + rep.strongest_table(sar[probe.name][mix], iso[probe.name][mix]))
+        rows = [[name, int(b["bound"]), int(round(b["tetriserve"])), b["ratio"]] for name, b in bound.items()]
+        text.append(f"Probes: offline bound on {c.bound_requests}-request traces ({c.bound_seeds} per setting)\n"
+                    + rep.format_table(["probe", "bound", "tetriserve", "ratio"], rows))
+        return "\n\n".join(text)
+
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:
         c = self.c
@@ -606,11 +716,15 @@ class Bench:
         return self.report
 
 
-def _bound_task(args: tuple[WorkloadSpec, str, int, float]) -> dict[str, Any]:
+def _bound_task(args: tuple) -> dict[str, Any]:
+    """(spec, profile, GPUs, tau[, step-time scale]) -> the offline bound of that trace."""
     from .bound import sar_upper_bound
 
-    spec, profile, num_gpus, tau = args
-    b = sar_upper_bound(make_trace(spec), _cost(profile), num_gpus, tau_s=tau)
+    spec, profile, num_gpus, tau, *scale = args
+    cost = _cost(profile)
+    if scale and scale[0] != 1.0:
+        cost = ScaledCostModel(cost, scale[0])
+    b = sar_upper_bound(make_trace(spec), cost, num_gpus, tau_s=tau)
     return {"num_requests": b.num_requests, "num_on_time": b.num_on_time, "solve_s": b.solve_s, "status": b.status}
 
 

@@ -134,3 +134,23 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
     count = best if res.status == 0 else math.floor(bound_count + 1e-6)
     return BoundResult(n, count, count / n, tau_s, res.message if res.status != 0 else "optimal", gap,
                        solve_s, on_time)
+
+
+def isolated_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int = 8, *,
+                   overhead_s: float = 0.0) -> float:
+    """Share of the requests with a deadline that could meet it alone on the whole box: arrival +
+    ``overhead_s`` + steps x the fastest step over the degrees that fit ``num_gpus`` <= deadline.
+    No schedule does better on a request than running it alone, so no policy's SAR on ``trace``
+    exceeds this (a much looser bound than the program above, but free to compute)."""
+    reqs = [r for r in trace if r.deadline_at is not None]
+    if not reqs:
+        return float("nan")
+    fastest: dict[tuple, float] = {}
+    ok = 0
+    for r in reqs:
+        key = (r.model, r.height, r.width, r.batch)
+        if key not in fastest:
+            fastest[key] = min(cost.step_time_s(r.model, r.height, r.width, r.batch, k)
+                               for k in cost.allowed_degrees(r.model) if k <= num_gpus)
+        ok += r.arrival_at + overhead_s + r.num_steps * fastest[key] <= r.deadline_at + 1e-9
+    return ok / len(reqs)

@@ -47,6 +47,7 @@ class WorkloadSpec:
     best_effort_fraction: float = 0.0  # share of requests without a deadline
     start_at: float = 0.0
     id_prefix: str = "r"
+    burst_size: int = 1  # > 1: requests arrive in bursts of this many at one instant, same mean rate
 
     def __post_init__(self) -> None:
         if self.mix not in MIXES:
@@ -55,10 +56,15 @@ class WorkloadSpec:
             raise InvalidRequest(f"workload out of range: {self}")
         if not 0.0 <= self.best_effort_fraction <= 1.0:
             raise InvalidRequest("best_effort_fraction must lie in [0, 1]")
+        if self.burst_size < 1:
+            raise InvalidRequest(f"burst_size must be >= 1, got {self.burst_size}")
 
 
 def make_trace(spec: WorkloadSpec) -> tuple[GenRequest, ...]:
-    """The requests of ``spec`` in arrival order, ids ``r0000``, ``r0001``, ... (``id_prefix`` + index)."""
+    """The requests of ``spec`` in arrival order, ids ``r0000``, ``r0001``, ... (``id_prefix`` + index).
+
+    With ``burst_size`` b > 1 the bursts are Poisson at rate / b and each brings b requests at
+    the same instant (same mean rate; the resolutions are drawn per request as usual)."""
     rng = random.Random(f"{spec.seed}/{spec.rate_per_min}/{spec.mix}")
     weights = MIXES[spec.mix]
     if len(weights) != len(spec.resolutions):
@@ -67,7 +73,8 @@ def make_trace(spec: WorkloadSpec) -> tuple[GenRequest, ...]:
     t = spec.start_at
     out = []
     for i in range(spec.num_requests):
-        t += rng.expovariate(rate_per_s)
+        if i % spec.burst_size == 0:
+            t += rng.expovariate(rate_per_s / spec.burst_size)
         res = rng.choices(spec.resolutions, weights=weights)[0]
         best_effort = rng.random() < spec.best_effort_fraction
         deadline = None if best_effort else t + spec.slo_scale * spec.base_deadline_s[res]

@@ -1,0 +1,55 @@
+"""Probes: the paper's workload with one thing changed, to see where a planner's lead depends on
+the simulation being kind (``comfy-tetriserve bench --sections probes``).
+
+- ``bursty``: arrivals in bursts of 5 at one instant (bursts Poisson at rate / 5: same mean rate).
+- ``noisy``: every step's time drawn with coefficient of variation 0.1 around the profile's.
+- ``slow-engine``: every step takes 1.1x the profile's time; the planner still plans with the
+  profile (no online correction in the simulator: the worst case of a stale profile).
+- ``4-gpus``: the same traces on a box of 4 GPUs instead of 8.
+- ``2x-rate``: twice the arrival rate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cost import CostModel, parallel_capacity
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    what: str
+    spec: dict[str, Any] = field(default_factory=dict)  # WorkloadSpec changes
+    sim: dict[str, Any] = field(default_factory=dict)  # SimConfig changes
+    rate_factor: float = 1.0  # x the bench's arrival rate
+    true_cost_scale: float = 1.0  # true step time / planned step time
+
+
+PROBES: dict[str, Probe] = {p.name: p for p in (
+    Probe("bursty", "bursts of 5 requests at one instant, same mean rate", spec={"burst_size": 5}),
+    Probe("noisy", "step times with coefficient of variation 0.1", sim={"step_jitter_cv": 0.1}),
+    Probe("slow-engine", "every step 1.1x the profile (planned with the profile)", true_cost_scale=1.1),
+    Probe("4-gpus", "4 GPUs instead of 8", sim={"num_gpus": 4}),
+    Probe("2x-rate", "twice the arrival rate", rate_factor=2.0),
+)}
+
+
+class ScaledCostModel:
+    """``base`` with every step time multiplied by ``factor`` (a slower or faster engine)."""
+
+    def __init__(self, base: CostModel, factor: float) -> None:
+        if factor <= 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        self.base = base
+        self.factor = factor
+
+    @property
+    def parallel_capacity(self) -> int | None:
+        return parallel_capacity(self.base)
+
+    def allowed_degrees(self, model: str) -> tuple[int, ...]:
+        return self.base.allowed_degrees(model)
+
+    def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
+        return self.factor * self.base.step_time_s(model, height, width, batch, sp_degree)
