@@ -84,11 +84,11 @@ def sar_table(sar: dict[str, dict[str, float]], policies: Sequence[str], std: di
 def gains_table(gains: dict[str, dict[str, Any]]) -> str:
     rows = []
     for mix, g in gains.items():
-        per = " ".join(f"{s}:{v:+.0%}" for s, v in g["per_scale"].items())
+        per = " ".join(f"{s}:{v:+.0%}" for s, v in g.get("per_scale_vs_strongest", {}).items())
         rows.append([mix, f"{g.get('mean_vs_strongest', float('nan')):+.1%}", f"{g['mean']:+.1%}",
                      f"{g['mean_vs_edf']:+.1%}", per])
     return format_table(["mix", "mean gain vs strongest baseline", "vs best paper baseline", "vs EDF",
-                         "per scale (vs best paper baseline)"], rows)
+                         "per scale (vs strongest)"], rows)
 
 
 # ------------------------------------------------------------------------------- plots
