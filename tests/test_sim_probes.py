@@ -83,7 +83,7 @@ def test_report_has_probes_isolated_bound_and_the_strongest_baseline():
     for probe, by_mix in report["probes"].items():
         assert set(by_mix) == {"uniform"}
         for by_scale in by_mix.values():
-            assert set(by_scale) == {"1.0", "1.5"}
+            assert set(by_scale) == {"1.0"}
             for row in by_scale.values():
                 assert set(row) == set(policies) and all(0.0 <= v <= 1.0 for v in row.values())
         details = report["probe_details"]["probes"][probe]

@@ -56,6 +56,8 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
     "scale-up: grants end within 40 ms": {"scale_up_commit_s": 0.04},
     "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
 }
+#: the probes compare TetriServe with the baselines that are strongest somewhere on the main table
+PROBE_POLICIES = ("tetriserve", "edf", "sp2-admit", "sp4-admit", "sp8-admit", "rssp-admit", "edf-admit")
 SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "multimodel",
             "probes", "cluster")
 #: run by default (``cluster`` simulates two boxes at twice the load, about 18 minutes: ask for it)
@@ -87,6 +89,8 @@ class BenchConfig:
                                                   help="overload section: rates of 256/512 px requests, per minute")
     probes: tuple[str, ...] = cfg.field(tuple(PROBES), help=f"probes to run ({' '.join(PROBES)})")
     probe_scales: tuple[float, ...] = cfg.field((1.0, 1.2, 1.5), help="SLO scales of the probes section")
+    probe_policies: tuple[str, ...] = cfg.field(PROBE_POLICIES, help="policies of the probes section (those of "
+                                                "--policies among them)")
     sections: tuple[str, ...] = cfg.field(DEFAULT_SECTIONS, help=f"sections to run ({' '.join(SECTIONS)}; "
                                                                   "cluster only when named)")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
@@ -101,7 +105,7 @@ class BenchConfig:
             self, num_requests=min(self.num_requests, 24), seeds=1, scales=(1.0, 1.5), rates=(6.0, 18.0),
             granularities=(1, 5), bound_requests=min(self.bound_requests, 12), bound_seeds=1,
             decision_sizes=(16, 64), decision_samples=20, step_counts=(28,), overload_rates=(120.0,),
-            probe_scales=(1.0, 1.5))
+            probe_scales=(1.0,))
 
 
 # ------------------------------------------------------------------------------ running sims
@@ -618,11 +622,12 @@ class Bench:
         if unknown:
             raise ValueError(f"unknown probe(s) {sorted(unknown)} (known: {' '.join(PROBES)})")
         probes = [PROBES[name] for name in c.probes]
+        policies = [p for p in c.probe_policies if p in c.policies] or list(c.policies)
         keys, tasks = [], []
         for probe in probes:
             for mix in c.mixes:
                 for scale in c.probe_scales:
-                    for p in c.policies:
+                    for p in policies:
                         for seed in range(c.seeds):
                             keys.append((probe.name, mix, scale, p))
                             tasks.append(self._probe_task(probe, p, mix, scale, seed))
