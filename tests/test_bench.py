@@ -6,7 +6,7 @@ import json
 from comfy_tetriserve.cli import main
 from comfy_tetriserve.sim.bench import ALL_POLICIES, BenchConfig, Bench
 
-REQUIRED = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "edf")
+REQUIRED = ("tetriserve", "sp1", "sp2", "sp4", "sp8", "rssp", "edf", "sp4-admit", "rssp-admit", "edf-admit")
 
 
 def test_quick_bench_writes_the_report_and_plots(tmp_path, capsys):
@@ -29,8 +29,12 @@ def test_quick_bench_writes_the_report_and_plots(tmp_path, capsys):
     assert set(report["granularity"]["sar"]["uniform 12/min"]) == {"1", "5"}
     assert report["gains"]["uniform"]["per_scale"]
     assert set(report["overload"]["sar"]["120/min 1.0x"]) >= {"tetriserve", "edf"}
+    assert set(report["probes"]) == {"bursty", "noisy", "slow-engine", "4-gpus", "2x-rate"}
+    assert set(report["probes"]["bursty"]["skewed"]["1.0"]) >= {"tetriserve", "edf-admit", "rssp-admit"}
+    assert report["gains"]["skewed"]["strongest_baseline"] and report["isolated_bound"]["uniform"]["1.0"] <= 1.0
+    assert "vs the strongest baseline" in text and "Probe bursty" in text
     for name in ("sar_vs_scale", "rate_sweep", "sar_per_resolution", "ablation", "granularity", "latency_cdf",
-                 "decision_time"):
+                 "decision_time", "probes"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000, name
 
 
