@@ -36,6 +36,7 @@ from ..core.executor import ModelInfo
 from .parallel import GroupComm, SeqShard, StepBinding, attention_backend, bind, gather_tokens, install_processors
 from .samplers import timestep_of_sigma
 from .tiny import TINY_FLUX_CONFIG, TINY_SD3_CONFIG, model_class, model_kwargs, random_model
+from . import families
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ PRESETS: dict[str, dict] = {
                     "qk_norm": "rms_norm"},
     "tiny-flux": TINY_FLUX_CONFIG,
     "tiny-sd3": TINY_SD3_CONFIG,
+    **families.PRESETS,  # Qwen-Image and Wan (families.py)
 }
 
 
@@ -85,6 +87,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def family_of(config: dict) -> str:
+    other = families.family_of_class(config.get("_class_name"))
+    if other:
+        return other
     return "flux" if config.get("_class_name") == FLUX_CLASS else "sd3"
 
 
@@ -129,8 +134,8 @@ def _diffusers_folder(path: Path) -> tuple[dict, list[Path]]:
     if not cfg_path.exists():
         raise InvalidRequest(f"{path} is a folder without config.json (not a diffusers model folder)")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if config.get("_class_name") not in (FLUX_CLASS, SD3_CLASS):
-        raise InvalidRequest(f"{path}: {config.get('_class_name')!r} is not a FLUX or SD3 transformer")
+    if config.get("_class_name") not in (FLUX_CLASS, SD3_CLASS, *families.CLASS_FAMILY):
+        raise InvalidRequest(f"{path}: {config.get('_class_name')!r} is not a FLUX, SD3, Qwen-Image or Wan transformer")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise InvalidRequest(f"{path} holds no .safetensors weights")
@@ -148,7 +153,11 @@ def read_checkpoint(source: str, device: str | torch.device = "cpu") -> tuple[di
         return config, _read_safetensors(files, device)
     if path.suffix != ".safetensors":
         raise InvalidRequest(f"{source}: only .safetensors files are read (no pickled checkpoints)")
-    family, sd = to_diffusers(_read_safetensors([path], device))
+    raw = _read_safetensors([path], device)
+    other = families.read_single_file(raw)
+    if other is not None:
+        return other
+    family, sd = to_diffusers(raw)
     return infer_config(family, sd), sd
 
 
@@ -166,7 +175,10 @@ class LoadedModel:
     source: str
 
     def __post_init__(self) -> None:
-        self.processor = install_processors(self.module, self.family)
+        if self.family in families.DEFAULT_TEXT_TOKENS:
+            self.processor = families.install_processor(self.module, self.family)
+        else:
+            self.processor = install_processors(self.module, self.family)
 
     @property
     def num_heads(self) -> int:
@@ -174,13 +186,17 @@ class LoadedModel:
 
     @property
     def patch_size(self) -> int:
-        return 2 if self.family == "flux" else int(self.config["patch_size"])
+        if self.family == "wan":
+            return int(self.config["patch_size"][1])
+        return 2 if self.family in ("flux", "qwen_image") else int(self.config["patch_size"])
 
     def info(self) -> ModelInfo:
         return info_of_config(self.name, self.config, self.dtype, self.source)
 
     def num_attention_layers(self) -> int:
         c = self.config
+        if self.family in families.DEFAULT_TEXT_TOKENS:
+            return families.num_attention_layers(self.family, c)
         if self.family == "flux":
             return int(c["num_layers"]) + int(c["num_single_layers"])
         return int(c["num_layers"]) + len(c.get("dual_attention_layers") or ())
@@ -199,6 +215,8 @@ class LoadedModel:
         With ``comm`` of degree k this rank computes its token shard and the output is gathered;
         every rank returns the full output and the k ``vote`` values of the group (None alone).
         """
+        if self.family in families.DEFAULT_TEXT_TOKENS:  # Qwen-Image, Wan (families.py)
+            return families.forward(self, x, sigma, context, comm, vote)
         b, _, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
@@ -287,6 +305,7 @@ def load_transformer(source: str, *, dtype: str | torch.dtype = "bf16", device: 
         if missing or unexpected:
             raise InvalidRequest(f"{source}: weights do not fit the inferred architecture "
                                  f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        families.materialize(module, config, device)
         left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if left:
             raise InvalidRequest(f"{source}: no weights for {left[:5]}")
@@ -300,6 +319,12 @@ def load_transformer(source: str, *, dtype: str | torch.dtype = "bf16", device: 
 
 def info_of_config(name: str, config: dict, dtype: torch.dtype, source: str) -> ModelInfo:
     family = family_of(config)
+    if family in families.DEFAULT_TEXT_TOKENS:
+        return ModelInfo(
+            name=name, family=family, num_heads=int(config["num_attention_heads"]),
+            in_channels=families.latent_channels(family, config), context_dim=families.context_dim(family, config),
+            pooled_dim=0, guidance_embeds=False, dtype=dtype_name(dtype),
+            source=source if source.startswith("random:") else Path(source).name)
     latent_channels = config["in_channels"] // 4 if family == "flux" else config["in_channels"]
     return ModelInfo(
         name=name, family=family, num_heads=int(config["num_attention_heads"]), in_channels=int(latent_channels),
