@@ -169,3 +169,13 @@ def materialize(module: torch.nn.Module, config: dict, device: torch.device) -> 
         with torch.device(device):
             module.rope = WanRotaryPosEmbed(int(config["attention_head_dim"]), tuple(config["patch_size"]),
                                             int(config["rope_max_seq_len"]))
+
+
+def check_latent_shape(info, shape: tuple[int, ...]) -> None:
+    """A job's latent for a Qwen-Image (4-D, or 5-D with one frame) or Wan (5-D) model."""
+    c = info.in_channels
+    if info.family == "wan":
+        if len(shape) != 5 or shape[1] != c:
+            raise InvalidRequest(f"latent must be [B, {c}, F, H, W] for a Wan model, got {list(shape)}")
+    elif not (len(shape) == 4 or (len(shape) == 5 and shape[2] == 1)) or shape[1] != c:
+        raise InvalidRequest(f"latent must be [B, {c}, H, W] or [B, {c}, 1, H, W] for Qwen-Image, got {list(shape)}")

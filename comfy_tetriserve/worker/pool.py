@@ -540,9 +540,12 @@ class WorkerPool:
     @staticmethod
     def _check_job(job: SamplingJob, info: ModelInfo) -> None:
         lat = job.latent
-        if lat.ndim != 4 or lat.shape[1] != info.in_channels:
+        if info.family in ("qwen_image", "wan"):  # 5-D latents (families.py)
+            from .families import check_latent_shape
+            check_latent_shape(info, tuple(lat.shape))
+        elif lat.ndim != 4 or lat.shape[1] != info.in_channels:
             raise InvalidRequest(f"latent must be [B, {info.in_channels}, H, W], got {list(lat.shape)}")
-        if lat.shape[2] % 2 or lat.shape[3] % 2:
+        if lat.shape[-2] % 2 or lat.shape[-1] % 2:
             raise InvalidRequest(f"latent size {lat.shape[2]}x{lat.shape[3]} must be even (pixel size a multiple of 16)")
         if job.noise.shape != lat.shape:
             raise InvalidRequest("noise and latent differ in shape")

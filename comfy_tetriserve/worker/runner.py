@@ -239,7 +239,7 @@ class StepRunner:
             if cond.uses_cfg:
                 rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g))
             outs = submit(rows)
-            s = sigma.view(-1, 1, 1, 1)
+            s = sigma.view(-1, *([1] * (x.dim() - 1)))
             den = [x - o * s for o in outs]
             return cfg_combine(den[0], den[1], cond.cfg) if cond.uses_cfg else den[0]
         return denoise
