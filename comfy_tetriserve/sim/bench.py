@@ -8,7 +8,8 @@ arrival-aware limits on scale-up and round length),
 ``granularity`` (round length in steps), ``bound`` (offline MILP upper bound on small traces),
 ``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
 ``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat; with
-the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates).
+the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates), ``video`` (FLUX images
+and Wan 14B clips, Wan priced by FLOPs: video_bench.py).
 Every simulated number comes from the cost model named in the report (``cost_model``).
 
     comfy-tetriserve bench                      # the full run (about 4 minutes on 2 busy cores)
@@ -48,7 +49,7 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
     "scale-up: grants end within 40 ms": {"scale_up_commit_s": 0.04},
     "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
 }
-SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload")
+SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "video")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class BenchConfig:
     step_counts: tuple[int, ...] = cfg.field((20, 28, 50), help="steps per request for the sensitivity section")
     overload_rates: tuple[float, ...] = cfg.field((60.0, 120.0, 180.0),
                                                   help="overload section: rates of 256/512 px requests, per minute")
+    video_rate_per_min: float = cfg.field(2.5, help="video section: arrivals per minute (FLUX images + Wan clips)")
+    video_requests: int = cfg.field(150, help="video section: requests per trace")
     sections: tuple[str, ...] = cfg.field(SECTIONS, help=f"sections to run ({' '.join(SECTIONS)})")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
     jobs: int = cfg.field(0, help="worker processes (0: one per CPU core)")
@@ -86,7 +89,8 @@ class BenchConfig:
         return dataclasses.replace(
             self, num_requests=min(self.num_requests, 24), seeds=1, scales=(1.0, 1.5), rates=(6.0, 18.0),
             granularities=(1, 5), bound_requests=min(self.bound_requests, 12), bound_seeds=1,
-            decision_sizes=(16, 64), decision_samples=20, step_counts=(28,), overload_rates=(120.0,))
+            decision_sizes=(16, 64), decision_samples=20, step_counts=(28,), overload_rates=(120.0,),
+            video_requests=min(self.video_requests, 24))
 
 
 # ------------------------------------------------------------------------------ running sims
@@ -524,6 +528,11 @@ class Bench:
         return ("Overload of small images (256/512 px only): SAR (GPU utilisation)\n"
                 + rep.format_table(["setting"] + policies, rows)
                 + "\n\nTetriServe variants in overload: SAR\n" + rep.format_table(["variant"] + vkeys, vrows))
+
+    def section_video(self) -> str:
+        from .video_bench import section
+
+        return section(self)
 
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:
