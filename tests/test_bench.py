@@ -29,6 +29,9 @@ def test_quick_bench_writes_the_report_and_plots(tmp_path, capsys):
     assert set(report["granularity"]["sar"]["uniform 12/min"]) == {"1", "5"}
     assert report["gains"]["uniform"]["per_scale"]
     assert set(report["overload"]["sar"]["120/min 1.0x"]) >= {"tetriserve", "edf"}
+    for scale in ("1.0", "1.5"):
+        assert set(report["video"]["sar"][scale]) >= {"tetriserve", "sp1", "sp2", "sp4", "sp8", "best-per-class", "edf"}
+    assert "modelled" in report["video"]["cost_model"]
     for name in ("sar_vs_scale", "rate_sweep", "sar_per_resolution", "ablation", "granularity", "latency_cdf",
                  "decision_time"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000, name
