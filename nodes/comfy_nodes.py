@@ -93,7 +93,12 @@ class _ModelView:
     comfy.samplers.KSampler's sigmas), for a model that lives in the service."""
 
     def __init__(self, handle: ModelHandle) -> None:
-        if handle.family == "sd3":
+        if handle.family in ("qwen_image", "wan"):  # ComfyUI's QwenImage / WAN21_T2V / WAN22_T2V settings
+            video = {"qwen_image": comfy.supported_models.QwenImage, "wan": comfy.supported_models.WAN21_T2V}
+            self.latent_format = (comfy.latent_formats.Wan22() if handle.in_channels == 48
+                                  else comfy.latent_formats.Wan21())
+            settings, model_type = dict(video[handle.family].sampling_settings), comfy.model_base.ModelType.FLOW
+        elif handle.family == "sd3":
             self.latent_format = comfy.latent_formats.SD3()
             settings, model_type = dict(comfy.supported_models.SD3.sampling_settings), comfy.model_base.ModelType.FLOW
         elif handle.guidance_embeds:
@@ -135,17 +140,19 @@ class TetriServeLoadDiT(io.ComfyNode):
             node_id="TetriServeLoadDiT",
             display_name="TetriServe Load DiT",
             category=CATEGORY,
-            description="Has the TetriServe scheduler service load a FLUX or SD3 diffusion model from ComfyUI's "
+            description="Has the TetriServe scheduler service load a FLUX, SD3, Qwen-Image or Wan 2.x (text-to-video) "
+                        "diffusion model from ComfyUI's "
                         "diffusion_models folders (the service reads the same folders). ComfyUI itself never "
                         "loads it.",
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="a FLUX or SD3 file from the diffusion_models folders"),
+                               tooltip="a FLUX, SD3, Qwen-Image or Wan file from the diffusion_models folders"),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="weight dtype on the service's devices; default: the service's setting"),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01,
                                tooltip="model-sampling shift; 0 = the family's default (SD3 3.0, FLUX-dev 1.15, "
-                                       "FLUX-schnell 1.0), as ModelSamplingSD3 / ModelSamplingFlux set it"),
+                                       "FLUX-schnell 1.0, Qwen-Image 1.15, Wan 8.0), as ModelSamplingSD3 / "
+                                       "ModelSamplingFlux / ModelSamplingAuraFlow set it"),
             ],
             outputs=[TetriServeModel.Output(display_name="model")],
         )

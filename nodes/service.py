@@ -21,7 +21,7 @@ from comfy_tetriserve.errors import Conflict, NotFound, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32")
-FAMILY_DEFAULT_SHIFT = {"sd3": 3.0, "flux": 1.15}
+FAMILY_DEFAULT_SHIFT = {"sd3": 3.0, "flux": 1.15, "qwen_image": 1.15, "wan": 8.0}  # ComfyUI's sampling settings
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ModelHandle:
 
     url: str
     model: str  # the name the service knows it by (a file name in its model folders)
-    family: str  # "flux" | "sd3"
+    family: str  # "flux" | "sd3" | "qwen_image" | "wan"
     dtype: str | None  # weight dtype asked for (None: the service's default)
     guidance_embeds: bool
     num_heads: int

@@ -17,7 +17,8 @@ def _inputs(family: str, seed: int = 5, batch: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
     shape = (batch, 16, 3, 14, 18) if family == "wan" else (batch, 16, 1, 14, 18)  # 189 / 63 tokens: odd
     return {"x": torch.randn(shape, generator=g), "sigma": torch.tensor([0.9, 0.4][:batch]),
-            "context": torch.randn(batch, 7, 32, generator=g), "pooled": torch.zeros(batch, 0)}
+            "context": torch.randn(batch, 7, 4096 if family == "wan" else 32, generator=g),
+            "pooled": torch.zeros(batch, 0)}
 
 
 # ----------------------------------------------------------------- layouts and diffusers parity
@@ -35,7 +36,7 @@ def test_every_layout_loads_the_same_model(tmp_path, family, layouts):
         assert model.family == family
         info = model_info(str(path))
         assert (info.family, info.num_heads, info.in_channels, info.context_dim, info.pooled_dim) == \
-            (family, 4, 16, 32, 0)
+            (family, 4, 16, 4096 if family == "wan" else 32, 0)
         outs.append(model.forward(inp["x"], inp["sigma"], inp["context"], inp["pooled"])[0])
     assert outs[0].shape == inp["x"].shape
     for out in outs[1:]:
@@ -56,7 +57,7 @@ def test_wan_forward_equals_diffusers_own_forward(tmp_path):
         ref_model.load_state_dict(model.module.state_dict())
         g = torch.Generator().manual_seed(1)
         x = torch.randn(1, model.config["in_channels"], 3, 6, 10, generator=g)
-        ctx, sigma = torch.randn(1, 9, 32, generator=g), torch.tensor([0.7])
+        ctx, sigma = torch.randn(1, 9, 4096, generator=g), torch.tensor([0.7])
         out, _ = model.forward(x, sigma, ctx, torch.zeros(1, 0))
         with torch.no_grad():
             ref = ref_model(x, sigma * 1000, ctx, return_dict=False)[0]
@@ -100,9 +101,9 @@ def test_bad_inputs_are_refused_with_messages(tmp_path):
 
     wan = load_transformer(str(write_tiny_checkpoint("wan", "wan", tmp_path / "w")), dtype="fp32")
     with pytest.raises(InvalidRequest, match=r"\[B, C, F, H, W\]"):
-        wan.forward(torch.zeros(1, 16, 6, 10), torch.tensor([0.5]), torch.zeros(1, 3, 32), torch.zeros(1, 0))
+        wan.forward(torch.zeros(1, 16, 6, 10), torch.tensor([0.5]), torch.zeros(1, 3, 4096), torch.zeros(1, 0))
     with pytest.raises(InvalidRequest, match="48-channel|16-channel"):
-        wan.forward(torch.zeros(1, 48, 1, 6, 10), torch.tensor([0.5]), torch.zeros(1, 3, 32), torch.zeros(1, 0))
+        wan.forward(torch.zeros(1, 48, 1, 6, 10), torch.tensor([0.5]), torch.zeros(1, 3, 4096), torch.zeros(1, 0))
     # an image-to-video Wan (CLIP image projection) is refused with a message
     i2v = {"head.modulation": torch.zeros(1, 2, 128), "blocks.0.self_attn.q.weight": torch.zeros(128, 128),
            "img_emb.proj.0.weight": torch.zeros(1280)}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InvalidRequest
-from .names import family_spec
+from .names import family_spec, sampling_family
 
 
 def _channel_stats(f, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,3 +92,30 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
         raise InvalidRequest(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
+
+
+# ----------------------------------------------------------------- video-latent families
+def is_video_family(family: str) -> bool:
+    """Families whose latents ComfyUI keeps 5-D [B, C, F, H, W] (Qwen-Image with F = 1, Wan)."""
+    from .names import FAMILIES
+
+    return family in FAMILIES and FAMILIES[family].latent_dims == 3
+
+
+def check_video_latent(family: str, shape: tuple[int, ...]) -> int:
+    """Validate a 5-D latent's shape for ``family``; returns its number of latent frames."""
+    if len(shape) != 5:
+        raise InvalidRequest(f"{family} latents are [B, C, F, H, W], got {list(shape)}")
+    if family == "qwen_image" and shape[2] != 1:
+        raise InvalidRequest(f"Qwen-Image latents have one frame, got {list(shape)}")
+    if shape[2] < 1:
+        raise InvalidRequest(f"latent has no frames: {list(shape)}")
+    return int(shape[2])
+
+
+def sampling_family_of(info) -> str:
+    """The latent format / model sampling family the service uses for a loaded model's ModelInfo:
+    the model family, except Wan 2.2 5B (48 channels), which is 'wan22'."""
+    if info.family == "wan":
+        return sampling_family("wan", latent_channels=info.in_channels)
+    return info.family

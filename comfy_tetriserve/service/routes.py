@@ -243,6 +243,8 @@ async def submit(request: web.Request) -> web.Response:
     job_id = svc.store.new_job_id()
     sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)
     height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
+    if tensors["latent"].ndim == 5:  # video: frames fold into the height, so the cost model sees the token count
+        height *= int(tensors["latent"].shape[2])
     gen = GenRequest(
         request_id=job_id, model=settings.model, height=height, width=width, num_steps=sampling_job.num_steps,
         arrival_at=received_at,

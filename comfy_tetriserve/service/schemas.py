@@ -210,7 +210,11 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
                   limits: ServiceConfig) -> None:
     """Shapes against the model and the limits; raises InvalidRequest naming the tensor."""
     latent = tensors["latent"]
-    if latent.ndim != 4:
+    frames = 1
+    if latent.ndim == 5 and latents.is_video_family(info.family):  # [B, C, F, H, W] (Qwen-Image: F = 1)
+        frames = latents.check_video_latent(info.family, tuple(latent.shape))
+        latent = latent[:, :, 0]
+    elif latent.ndim != 4:
         raise InvalidRequest(f"latent must be [B, C, H/8, W/8], got {_shape(latent)}")
     batch, channels, h, w = latent.shape
     if not 1 <= batch <= limits.max_batch:
@@ -219,11 +223,14 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
         raise InvalidRequest(f"latent has {channels} channels, model {info.name} takes {info.in_channels}")
     if h < 2 or w < 2 or h % 2 or w % 2:
         raise InvalidRequest(f"latent height and width must be even and >= 2 (images in multiples of 16 px), got {h}x{w}")
-    if (h // 2) * (w // 2) > limits.max_image_tokens:
-        raise InvalidRequest(f"image of {h * 8}x{w * 8} px has {(h // 2) * (w // 2)} tokens, "
+    if info.family == "wan" and tensors["latent"].ndim != 5:
+        raise InvalidRequest(f"a Wan model takes video latents [B, C, F, H/8, W/8], got {_shape(latent)}")
+    if frames * (h // 2) * (w // 2) > limits.max_image_tokens:
+        raise InvalidRequest(f"latent of {frames} x {h * 8}x{w * 8} px has {frames * (h // 2) * (w // 2)} tokens, "
                              f"more than the limit {limits.max_image_tokens}")
-    if "noise" in tensors and tensors["noise"].shape != latent.shape:
-        raise InvalidRequest(f"noise must have the latent's shape {_shape(latent)}, got {_shape(tensors['noise'])}")
+    if "noise" in tensors and tensors["noise"].shape != tensors["latent"].shape:
+        raise InvalidRequest(f"noise must have the latent's shape {_shape(tensors['latent'])}, "
+                             f"got {_shape(tensors['noise'])}")
     for prefix in ("", "neg_"):
         if prefix + "context" not in tensors:
             continue
@@ -252,13 +259,14 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
     """The SamplingJob the workers run: sigmas, noise and latent space resolved (ComfyUI's rules)."""
     latent = tensors["latent"].to(torch.float32).contiguous()
     noise = tensors["noise"].to(torch.float32) if "noise" in tensors else latents.prepare_noise(latent, settings.seed)
+    family = latents.sampling_family_of(info)
     if settings.latent_space == "vae" and bool(latent.count_nonzero()):
-        latent = latents.process_latent_in(info.family, latent)
+        latent = latents.process_latent_in(family, latent)
     if "sigmas" in tensors:
         sigmas = tensors["sigmas"].to(torch.float32)
     else:
         assert settings.steps is not None
-        sigmas = schedules.compute_sigmas(info.family, settings.scheduler, settings.steps, settings.denoise,
+        sigmas = schedules.compute_sigmas(family, settings.scheduler, settings.steps, settings.denoise,
                                          settings.shift)
     guidance = settings.guidance
     if info.guidance_embeds and guidance is None:

@@ -51,9 +51,10 @@ PRESETS: dict[str, dict] = {
     "wan2.2-ti2v-5b": {**_WAN_BASE, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30,
                        "in_channels": 48, "out_channels": 48},
 }
-#: 4 heads of 128 (ComfyUI's fixed head width), 2 blocks, a small text width: milliseconds on a CPU.
-TINY_WAN_CONFIG: dict = {**_WAN_BASE, "num_attention_heads": 4, "ffn_dim": 256, "num_layers": 2, "text_dim": 32,
-                         "freq_dim": 32}
+#: 4 heads of 128, 2 blocks, a small MLP: milliseconds on a CPU. The head width, the umT5 text
+#: width (4096) and the time-embedding width (256) are what ComfyUI's detection assumes of every
+#: Wan file, so ComfyUI's UNETLoader loads the tiny files too.
+TINY_WAN_CONFIG: dict = {**_WAN_BASE, "num_attention_heads": 4, "ffn_dim": 256, "num_layers": 2}
 TINY_WAN22_CONFIG: dict = {**TINY_WAN_CONFIG, "in_channels": 48, "out_channels": 48}
 
 
