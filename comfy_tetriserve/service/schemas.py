@@ -195,7 +195,7 @@ def parse_body(body: bytes, limits: ServiceConfig) -> tuple[JobSettings, dict[st
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
             raise InvalidRequest(f"tensor {name} must be floating point (F32, F16, BF16 or F64), got {t.dtype}")
-        if t.numel() == 0:
+        if t.numel() == 0 and name not in ("pooled", "neg_pooled"):  # Qwen-Image / Wan: no pooled vector, [B, 0]
             raise InvalidRequest(f"tensor {name} is empty")
         if not torch.isfinite(t).all():
             raise InvalidRequest(f"tensor {name} contains NaN or Inf")

@@ -10,6 +10,7 @@ Layouts a tiny model can be written in (and the loaders read):
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -69,10 +70,18 @@ def read_single_file(sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict] | None
 
 
 def tiny_state_dict(family: str, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
-    from .tiny import random_model
-
+    """(config, diffusers-named fp32 weights) of a tiny model; built once per (family, seed) and
+    process (the tensors are shared: treat them as read-only)."""
     if family not in TINY_CONFIGS:
         raise InvalidRequest(f"unknown family {family!r} (known: {', '.join(TINY_CONFIGS)})")
+    config, sd = _tiny_cached(family, seed)
+    return dict(config), dict(sd)
+
+
+@functools.lru_cache(maxsize=8)
+def _tiny_cached(family: str, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    from .tiny import random_model
+
     config = dict(TINY_CONFIGS[family])
     model = random_model(config, seed=seed)
     return config, {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
