@@ -205,3 +205,28 @@ def test_wan_latent_formats_and_model_sampling():
     assert float(s_q[1]) == pytest.approx(1.15 * 0.75 / (1 + 0.15 * 0.75), rel=1e-3)
     # the shift override (Load DiT's "shift") changes the schedule
     assert float(compute_sigmas("wan", "simple", 4, shift=3.0)[1]) < float(s_wan[1])
+
+
+@pytest.mark.slow
+def test_profile_measures_both_families(tmp_path):
+    """``comfy-tetriserve profile`` on tiny Qwen-Image and Wan files; a clip's latent frames fold into the row height."""
+    import json
+    import subprocess
+    import sys
+
+    from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
+
+    wan = write_tiny_checkpoint("wan", "comfy", tmp_path / "tw")
+    qwen = write_tiny_checkpoint("qwen_image", "comfy", tmp_path / "tq")
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, "-m", "comfy_tetriserve", "profile", "--devices", "cpu:2", "--model",
+                           f"tw={wan}", "--model", f"tq={qwen}", "--res", "64", "--frames", "9", "--steps", "1",
+                           "--warmup", "0", "--dtype", "fp32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(out.read_text())
+    assert table["models"]["tw"]["num_text_tokens"] == 512 and table["models"]["tq"]["num_text_tokens"] == 256
+    rows = {(r["model"], r["sp_degree"]): r for r in table["rows"]}
+    assert set(rows) == {("tw", 1), ("tw", 2), ("tq", 1), ("tq", 2)}
+    assert rows["tw", 1]["height"] == 64 * 3 and rows["tq", 1]["height"] == 64  # 9 frames -> 3 latent frames
+    assert all(r["compute_s"] > 0 for r in rows.values())
