@@ -230,3 +230,90 @@ def test_profile_measures_both_families(tmp_path):
     assert set(rows) == {("tw", 1), ("tw", 2), ("tq", 1), ("tq", 2)}
     assert rows["tw", 1]["height"] == 64 * 3 and rows["tq", 1]["height"] == 64  # 9 frames -> 3 latent frames
     assert all(r["compute_s"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_two_expert_job_switches_models_at_the_boundary(tmp_path):
+    """A Wan 2.2-style job: high-noise expert while sigma >= boundary, low-noise expert after; on one
+    device and on a group of two (the switch falls inside one assignment), against a hand-written
+    Euler loop over the two models' forwards."""
+    import asyncio
+
+    from comfy_tetriserve.core.executor import SamplingJob
+    from comfy_tetriserve.types import Assignment
+    from comfy_tetriserve.worker.models import load_transformer
+    from comfy_tetriserve.worker.pool import WorkerPool
+    from comfy_tetriserve.worker.samplers import compute_sigmas, prepare_noise
+    from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
+
+    high = write_tiny_checkpoint("wan", "comfy", tmp_path / "high", seed=1)
+    low = write_tiny_checkpoint("wan", "comfy", tmp_path / "low", seed=2)
+    latent = torch.zeros(1, 16, 2, 6, 10)
+    noise = prepare_noise(latent, 3)
+    sigmas = compute_sigmas("wan", "simple", 6)
+    boundary = 0.9  # with shift 8 the first steps stay above 0.9 (high-noise expert), the last fall below
+    ctx = torch.randn(1, 5, 4096, generator=torch.Generator().manual_seed(4))
+
+    def job(rid, expert=None):
+        return SamplingJob(request_id=rid, model="high", latent=latent, noise=noise, sigmas=sigmas, context=ctx,
+                           pooled=torch.zeros(1, 0), sampler="euler",
+                           extra={"expert": {"model": expert, "boundary": boundary}} if expert else {})
+
+    async def run() -> dict:
+        pool = WorkerPool("cpu:2")
+        await pool.start()
+        try:
+            await pool.load_model("high", str(high), "fp32")
+            await pool.load_model("low", str(low), "fp32")
+            out = {}
+            for rid, group, expert in (("e1", (0,), "low"), ("e2", (0, 1), "low"), ("plain", (0,), None)):
+                await pool.admit(job(rid, expert))
+                res = await pool.execute(Assignment((rid,), group, 6))
+                assert res.error is None and res.steps_done == 6, res.error
+                out[rid] = await pool.fetch_result(rid)
+                await pool.release(rid)
+            with pytest.raises(Exception, match="not loaded"):
+                await pool.admit(job("bad", "missing"))
+            return out
+        finally:
+            await pool.close()
+
+    out = asyncio.run(run())
+    models = {"high": load_transformer(str(high), dtype="fp32"), "low": load_transformer(str(low), dtype="fp32")}
+    x = sigmas[0] * noise
+    switched = []
+    for i in range(6):
+        name = "high" if float(sigmas[i]) >= boundary else "low"
+        switched.append(name)
+        v, _ = models[name].forward(x, sigmas[i:i + 1], ctx, torch.zeros(1, 0))
+        denoised = x - v * sigmas[i]
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    n_high = switched.count("high")
+    assert 1 <= n_high <= 5 and switched == ["high"] * n_high + ["low"] * (6 - n_high)
+    for rid in ("e1", "e2"):
+        err = float((out[rid] - x).norm() / x.norm())
+        assert err <= 1e-5, (rid, err)
+    # the switch matters: the high-noise model alone ends elsewhere
+    assert float((out["plain"] - x).norm() / x.norm()) > 1e-2
+
+
+def test_service_settings_name_both_experts_and_the_boundary():
+    from comfy_tetriserve.core.executor import ModelInfo
+    from comfy_tetriserve.core.experts import check_experts
+    from comfy_tetriserve.service.schemas import parse_settings, resolve_job
+    from comfy_tetriserve.service.settings import ServiceConfig
+
+    limits = ServiceConfig()
+    with pytest.raises(InvalidRequest, match="go together"):
+        parse_settings({"model": "high.safetensors", "expert_model": "low.safetensors"}, limits)
+    with pytest.raises(InvalidRequest, match="sigma in"):
+        parse_settings({"model": "h", "expert_model": "l", "expert_boundary": 1.5}, limits)
+    s = parse_settings({"model": "h", "steps": 4, "expert_model": "l", "expert_boundary": 0.875}, limits)
+    info = ModelInfo(name="h", family="wan", num_heads=4, in_channels=16, context_dim=4096, pooled_dim=0)
+    tensors = {"latent": torch.zeros(1, 16, 2, 4, 4), "context": torch.zeros(1, 3, 4096), "pooled": torch.zeros(1, 0)}
+    job = resolve_job("j1", s, tensors, info)
+    assert job.extra["expert"] == {"model": "l", "boundary": 0.875}
+    assert float(job.sigmas[1]) == pytest.approx(8 * 0.75 / (1 + 7 * 0.75), rel=1e-3)  # Wan's shift 8 schedule
+    other = ModelInfo(name="l", family="wan", num_heads=4, in_channels=48, context_dim=4096, pooled_dim=0)
+    with pytest.raises(InvalidRequest, match="in_channels"):
+        check_experts(info, other)

@@ -239,6 +239,9 @@ async def submit(request: web.Request) -> web.Response:
         return web.json_response({**job_json(svc, existing), "existing": True}, status=200)
     info = svc.catalog.info(settings.model)
     check_tensors(settings, tensors, info, svc.config)
+    if settings.expert_model is not None:  # a two-expert job: both experts loaded and interchangeable
+        from ..core.experts import check_experts
+        check_experts(info, svc.catalog.info(settings.expert_model))
     svc.store.check_capacity(tenant)
     job_id = svc.store.new_job_id()
     sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)

@@ -75,6 +75,10 @@ class JobSettings:
     lease: str | None = None
     latent_space: str = "vae"  # the latent sent is in VAE space ("vae") or already in model space ("model")
     result_space: str | None = None  # space of the returned latent; default: latent_space
+    # Wan 2.2 two-expert jobs: ``model`` is the high-noise expert, this the low-noise one, switched at
+    # the first step whose sigma is below ``expert_boundary`` (worker/experts.py)
+    expert_model: str | None = None
+    expert_boundary: float | None = None
 
 
 def _number(value: Any, what: str, *, integer: bool = False) -> float | int:
@@ -137,6 +141,12 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     for name in ("tenant", "job_key", "lease"):
         if s.get(name) is not None:
             check_token(s[name], name)
+    if (s.get("expert_model") is None) != (s.get("expert_boundary") is None):
+        raise InvalidRequest("expert_model and expert_boundary go together")
+    if s.get("expert_model") is not None:
+        check_model_name(s["expert_model"])
+        if not 0.0 < _number(s["expert_boundary"], "expert_boundary") < 1.0:
+            raise InvalidRequest("expert_boundary must be a sigma in (0, 1)")
     for name in ("latent_space", "result_space"):
         if s.get(name) is not None and s[name] not in SPACES:
             raise InvalidRequest(f"{name} must be one of {', '.join(SPACES)}")
@@ -280,7 +290,9 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
         cfg=settings.cfg, guidance=guidance,
         neg_context=tensors.get("neg_context") if uses_cfg else None,
         neg_pooled=tensors.get("neg_pooled") if uses_cfg else None,
-        extra={"result_space": settings.result_space or settings.latent_space},
+        extra={"result_space": settings.result_space or settings.latent_space,
+               **({"expert": {"model": settings.expert_model, "boundary": float(settings.expert_boundary)}}
+                  if settings.expert_model is not None else {})},
     )
 
 

@@ -530,6 +530,12 @@ class WorkerPool:
             raise NotFound(f"model {job.model!r} is not loaded")
         info = self._models[job.model][2]
         self._check_job(job, info)
+        from .experts import check_experts, parse_expert
+        expert = parse_expert(job.extra)
+        if expert is not None:  # a two-expert job: the low-noise model must be loaded and compatible
+            if expert[0] not in self._models:
+                raise NotFound(f"expert model {expert[0]!r} is not loaded")
+            check_experts(info, self._models[expert[0]][2])
         # Sampler settings beyond the name travel in ``extra`` ("sampler_options", "noise_device").
         kwargs = {arg: job.extra[key] for key, arg in (("sampler_options", "options"), ("noise_device", "noise_device"))
                   if key in job.extra}
@@ -711,8 +717,11 @@ def _exit_description(proc) -> str:
 
 
 def _conditioning(job: SamplingJob) -> Conditioning:
+    from .experts import parse_expert
+
     return Conditioning(request_id=job.request_id, model=job.model, context=job.context, pooled=job.pooled,
-                        cfg=float(job.cfg), guidance=job.guidance, neg_context=job.neg_context,
+                        cfg=float(job.cfg), guidance=job.guidance, expert=parse_expert(job.extra),
+                        neg_context=job.neg_context,
                         neg_pooled=job.neg_pooled)
 
 
