@@ -38,6 +38,8 @@ class ModelHandle:
     context_dim: int
     pooled_dim: int
     shift: float | None = None  # model-sampling shift; None = the family's default
+    expert_model: str | None = None  # Wan 2.2 two-expert jobs: the low-noise model (this one is the high-noise)
+    expert_boundary: float | None = None  # sigma below which steps run on expert_model
 
     @classmethod
     def from_entry(cls, url: str, entry: dict, dtype: str | None, shift: float | None) -> "ModelHandle":

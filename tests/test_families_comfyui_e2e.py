@@ -31,6 +31,7 @@ def test_tiny_wan_matches_stock_ksampler_at_degree_1_and_2(tmp_path):
 
     box = make_sandbox(tmp_path / "comfyui")
     write_tiny_checkpoint("wan", "comfy", box.models / "tiny_wan.safetensors", seed=7)
+    write_tiny_checkpoint("wan", "comfy", box.models / "tiny_wan_low.safetensors", seed=8)  # a second expert
     url, service = start_service(box.root, box.models, extra=("--lease-s", "3"))
     comfy = None
     try:
@@ -53,6 +54,29 @@ def test_tiny_wan_matches_stock_ksampler_at_degree_1_and_2(tmp_path):
                 p[f"ts{k}_{name}"] = node("TetriServeSampler", model=["dit", 0], deadline_s=0.0, priority=k, **args)
                 p[f"save_ts{k}_{name}"] = node("SaveLatent", samples=[f"ts{k}_{name}", 0],
                                                filename_prefix=f"ts{k}_{name}")
+        # Wan 2.2-style experts: stock = two KSamplerAdvanced split at the first step below the boundary
+        from comfy_tetriserve.sampling.schedules import compute_sigmas
+
+        boundary = 0.9
+        split = next(i for i, s in enumerate(compute_sigmas("wan", "simple", 6).tolist()) if s < boundary)
+        assert 0 < split < 6
+        adv = dict(noise_seed=77, steps=6, cfg=5.0, sampler_name="euler", scheduler="simple",
+                   positive=["pos", 0], negative=["neg", 0])
+        p["unet_low"] = node("UNETLoader", unet_name="tiny_wan_low.safetensors", weight_dtype="default")
+        p["ks_hi"] = node("KSamplerAdvanced", model=["unet", 0], add_noise="enable", start_at_step=0,
+                          end_at_step=split, return_with_leftover_noise="enable", latent_image=["empty", 0], **adv)
+        p["ks_lo"] = node("KSamplerAdvanced", model=["unet_low", 0], add_noise="disable", start_at_step=split,
+                          end_at_step=10000, return_with_leftover_noise="disable", latent_image=["ks_hi", 0], **adv)
+        p["save_ks_experts"] = node("SaveLatent", samples=["ks_lo", 0], filename_prefix="ks_experts")
+        p["dit_low"] = node("TetriServeLoadDiT", unet_name="tiny_wan_low.safetensors", weight_dtype="fp32", shift=0.0)
+        p["experts"] = node("TetriServeWanExperts", high_noise_model=["dit", 0], low_noise_model=["dit_low", 0],
+                            boundary=boundary)
+        for k in (1, 2):
+            p[f"ts{k}_experts"] = node("TetriServeSampler", model=["experts", 0], seed=77, steps=6, cfg=5.0,
+                                       sampler_name="euler", scheduler="simple", denoise=1.0, positive=["pos", 0],
+                                       negative=["neg", 0], latent_image=["empty", 0], deadline_s=0.0, priority=k)
+            p[f"save_ts{k}_experts"] = node("SaveLatent", samples=[f"ts{k}_experts", 0],
+                                            filename_prefix=f"ts{k}_experts")
         prompt_id = comfy.post(p)
         history = comfy.history(prompt_id, timeout_s=600)
         assert history["status"]["status_str"] == "success", json.dumps(history["status"])[-3000:]
@@ -62,7 +86,7 @@ def test_tiny_wan_matches_stock_ksampler_at_degree_1_and_2(tmp_path):
             return load_file(str(comfy.output_dir / item["subfolder"] / item["filename"]))["latent_tensor"]
 
         results = {}
-        for name in CASES:
+        for name in list(CASES) + ["experts"]:
             stock = latent(f"save_ks_{name}")
             assert tuple(stock.shape) == (1, 16, 3, 10, 14) and stock.abs().max() > 0.1
             for k in (1, 2):
@@ -70,7 +94,11 @@ def test_tiny_wan_matches_stock_ksampler_at_degree_1_and_2(tmp_path):
                 results[f"{name}@degree{k}"] = float((ours - stock).norm() / stock.norm())
         print("wan parity rel err vs stock KSampler:", json.dumps(results, indent=1))
         assert all(v < PARITY_TOL for v in results.values()), results
+        # the experts case differs from the single-model case by far more than the tolerance
+        assert float((latent("save_ks_experts") - latent("save_ks_t2v_euler_cfg")).norm()
+                     / latent("save_ks_t2v_euler_cfg").norm()) > 1e-2
         jobs = [j for j in get_json(f"{url}/v1/jobs")["jobs"] if j["model"] == "tiny_wan.safetensors"]
+        assert len(jobs) == 2 * (len(CASES) + 1)
         assert {j["sp_degree"] for j in jobs if j["priority"] == 2} == {2}
         assert {j["sp_degree"] for j in jobs if j["priority"] == 1} == {1}
     finally:
