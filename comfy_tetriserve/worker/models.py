@@ -1,5 +1,8 @@
 """diffusers FLUX and SD3 transformers: loading, and one denoising forward on a token shard.
 
+Qwen-Image and Wan 2.x load and run through the same functions; their own code is in
+qwen_image.py, wan.py and families.py (docs/families.md).
+
 ``load_transformer(source, dtype, device)`` accepts
 
 - a diffusers folder (``config.json`` + safetensors, sharded or not; a pipeline folder with a

@@ -197,13 +197,13 @@ def detect(bare_keys: set[str]) -> str | None:
     return None
 
 
-def _rename(sd: dict, pairs_top, pairs_block, block_prefix_src: str, block_prefix_dst: str) -> dict:
+def _rename(sd: dict, pairs_top, pairs_block) -> dict:
     src, out = dict(sd), {}
     for old, new in pairs_top:
         for suffix in ("", ".weight", ".bias"):
             if old + suffix in src:
                 out[new + suffix] = src.pop(old + suffix)
-    blocks = sorted({int(k.split(".")[1]) for k in src if k.startswith(block_prefix_src)})
+    blocks = sorted({int(k.split(".")[1]) for k in src if k.startswith("blocks.")})
     for i in blocks:
         for old, new in pairs_block:
             o, n = f"blocks.{i}.{old}", f"blocks.{i}.{new}"
@@ -217,12 +217,12 @@ def _rename(sd: dict, pairs_top, pairs_block, block_prefix_src: str, block_prefi
 
 def to_diffusers(bare: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original Wan keys (prefix stripped) -> diffusers WanTransformer3DModel keys."""
-    return _rename(bare, _TOP, _BLOCK, "blocks.", "blocks.")
+    return _rename(bare, _TOP, _BLOCK)
 
 
 def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers keys -> original Wan keys (what ComfyUI's own Wan model loads)."""
-    return _rename(sd, [(n, o) for o, n in _TOP], [(n, o) for o, n in _BLOCK], "blocks.", "blocks.")
+    return _rename(sd, [(n, o) for o, n in _TOP], [(n, o) for o, n in _BLOCK])
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> dict:
