@@ -249,6 +249,9 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
             raise InvalidRequest(f"{prefix}context must be [1 or {batch}, tokens, {info.context_dim}], got {_shape(ctx)}")
         if not 1 <= ctx.shape[1] <= limits.max_text_tokens:
             raise InvalidRequest(f"{prefix}context has {ctx.shape[1]} tokens, limit {limits.max_text_tokens}")
+        if pooled.numel() == 0 and info.pooled_dim > 0:
+            raise InvalidRequest(f"tensor {prefix}pooled is empty; model {info.name} takes [1 or {batch}, "
+                                 f"{info.pooled_dim}]")
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch) or pooled.shape[1] != info.pooled_dim:
             raise InvalidRequest(f"{prefix}pooled must be [1 or {batch}, {info.pooled_dim}], got {_shape(pooled)}")
     if settings.cfg != 1.0 and "neg_context" not in tensors:
