@@ -369,3 +369,16 @@ def load_cost_model(spec: str) -> ProfileCostModel:
         names = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
         raise InvalidRequest(f"no profile {spec!r}: neither a shipped profile ({', '.join(names)}) nor a file")
     return ProfileCostModel(load_profile(path))
+
+
+def priced_size(height: int, width: int, extra_tokens: int) -> tuple[int, int]:
+    """(height, width) in pixels of an image with at least ``extra_tokens`` more tokens than
+    ``height`` x ``width``: the same height, the width grown by whole columns of tokens.
+
+    Cost models price a step by its token count, so a FLUX Kontext job (whose reference latents
+    add image tokens to every forward) is planned as this larger image.
+    """
+    if extra_tokens <= 0:
+        return height, width
+    rows = height // 16
+    return height, width + (-(-extra_tokens // rows)) * 16

@@ -107,3 +107,22 @@ def validate_plan(
     running = any(r.is_running for r in view.requests)
     if not running and view.plannable and free and not plan.assignments:
         raise PlanError("empty plan while GPUs are free, nothing runs and requests wait")
+
+
+def node_groups(node_gpu_ids: Sequence[Sequence[int]]) -> tuple[Group, ...]:
+    """The placements of a cluster: each node's aligned blocks, never one that spans two nodes.
+
+    ``node_gpu_ids`` lists each node's GPU ids (disjoint). Sequence-parallel collectives need the
+    node's fast links (NVLink), so a group lives inside one node; largest first, then by node order.
+    """
+    seen: set[int] = set()
+    per_node: list[tuple[Group, ...]] = []
+    for ids in node_gpu_ids:
+        if not ids:
+            raise PlanError("a node without devices")
+        if seen.intersection(ids):
+            raise PlanError(f"GPU ids {sorted(seen.intersection(ids))} belong to two nodes")
+        seen.update(ids)
+        per_node.append(aligned_groups(ids))
+    out = [g for blocks in per_node for g in blocks]
+    return tuple(sorted(out, key=lambda g: -len(g)))

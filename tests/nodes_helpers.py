@@ -91,12 +91,12 @@ def write_comfy_sd3(path: Path, seed: int = 3) -> Path:
     return path
 
 
-def write_tiny_flux(path: Path, seed: int = 5) -> Path:
+def write_tiny_flux(path: Path, seed: int = 5, variant: str = "") -> Path:
     """The engine's tiny FLUX-dev (ComfyUI's single-file layout; ComfyUI itself cannot load it:
     its FLUX detection fixes the width at 3072)."""
     from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
 
-    return write_tiny_checkpoint("flux", "comfy", path, seed=seed)
+    return write_tiny_checkpoint("flux", "comfy", path, seed=seed, variant=variant)
 
 
 # ---------------------------------------------------------------------------- processes

@@ -295,4 +295,7 @@ def test_qwen_image_and_wan_conditioning_need_no_pooled_vector_and_refuse_clip_v
         assert job.tensors["context"].shape == (1, 9, 4096) and job.tensors["neg_context"].shape == (1, 5, 4096)
     with pytest.raises(ConditioningError, match="CLIP-vision"):
         job_conditioning("wan", cond(clip_vision_output=object()), neg, 5.0)
+    with pytest.raises(ConditioningError, match="image-to-video"):
+        job_conditioning("wan", cond(concat_latent_image=torch.zeros(1, 16, 2, 4, 4),
+                                     concat_mask=torch.ones(1, 1, 2, 4, 4)), neg, 5.0)
     assert FAMILY_DEFAULT_SHIFT["wan"] == 8.0 and FAMILY_DEFAULT_SHIFT["qwen_image"] == 1.15

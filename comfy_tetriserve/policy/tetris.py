@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 
 from ..cost import CostModel, parallel_capacity
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
-from .common import EPS, Placer, plan_allocation, usable_degrees
+from .common import EPS, Placer, plan_allocation, usable_degrees, widest_group
 from .packing import admit_by_deadline, choose_round_end, group_knapsack
 
 #: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
@@ -174,7 +174,7 @@ class TetriServePolicy:
             if shape is None:
                 ks = degrees_of.get(r.model)
                 if ks is None:
-                    ks = degrees_of[r.model] = usable_degrees(cost, r.model, n)
+                    ks = degrees_of[r.model] = usable_degrees(cost, r.model, widest_group(view))
                 times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in ks}
                 shape = shapes[r.shape_key] = (times, min(times.values()))
             times, t_min = shape

@@ -36,7 +36,7 @@ def _job_json(job: Job, clock: Clock, now: float) -> dict:
 
 
 def board_json(engine: Engine, store: JobStore, metrics: ServiceMetrics, clock: Clock, *,
-               window_s: float = DEFAULT_WINDOW_S, policy: str = "") -> dict:
+               window_s: float = DEFAULT_WINDOW_S, policy: str = "", nodes: list[dict] | None = None) -> dict:
     now = clock.now()
     since = now - window_s
     records = engine.records(since_at=since)
@@ -61,4 +61,5 @@ def board_json(engine: Engine, store: JobStore, metrics: ServiceMetrics, clock: 
         ],
         "jobs": [_job_json(j, clock, now) for j in sorted(jobs, key=lambda j: j.submitted_at)],
         "sar": metrics.sar_json(),
+        **({"nodes": nodes} if nodes is not None else {}),  # cluster mode: which GPU ids live on which node
     }

@@ -52,7 +52,8 @@ class ModelEntry:
         if self.info is not None:
             out.update(family=self.info.family, num_heads=self.info.num_heads, in_channels=self.info.in_channels,
                        context_dim=self.info.context_dim, pooled_dim=self.info.pooled_dim,
-                       guidance_embeds=self.info.guidance_embeds, dtype=self.info.dtype)
+                       guidance_embeds=self.info.guidance_embeds, dtype=self.info.dtype,
+                       concat_channels=self.info.concat_channels)
         if self.error:
             out["error"] = self.error
         return out

@@ -14,6 +14,11 @@ _NUM_OR_NULL = {"type": ["number", "null"]}
 _STR_OR_NULL = {"type": ["string", "null"]}
 _TOKEN = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"}
 
+#: cluster mode (serve --cluster ray): one entry per node, its GPU ids and whether it is up
+_NODES = {"type": "array", "items": {"type": "object", "properties": {
+    "node": {"type": "integer"}, "node_id": {"type": "string"}, "address": {"type": "string"},
+    "gpu_ids": {"type": "array", "items": {"type": "integer"}}, "alive": {"type": "boolean"},
+    "error": {"type": ["string", "null"]}}}}
 SCHEMAS: dict = {
     "Error": {
         "type": "object", "required": ["error"],
@@ -41,6 +46,8 @@ SCHEMAS: dict = {
             "lease": _TOKEN,
             "latent_space": {"enum": ["vae", "model"], "default": "vae"},
             "result_space": {"enum": ["vae", "model", None]},
+            "reference_latents_method": {"enum": ["offset", "index", "uxo"], "default": "offset",
+                                         "description": "FLUX Kontext: how ref_latent_i are placed"},
         },
     },
     "Job": {
@@ -98,7 +105,7 @@ SCHEMAS: dict = {
                              "family": {"type": "string"}, "num_heads": {"type": "integer"},
                              "in_channels": {"type": "integer"}, "context_dim": {"type": "integer"},
                              "pooled_dim": {"type": "integer"}, "guidance_embeds": {"type": "boolean"},
-                             "dtype": {"type": "string"}, "error": {"type": "string"}}},
+                             "concat_channels": {"type": "integer"}, "dtype": {"type": "string"}, "error": {"type": "string"}}},
     "Health": {"type": "object", "required": ["status", "boot_id", "version"],
                "properties": {"status": {"enum": ["ok", "stopping"]}, "version": {"type": "string"},
                               "api": {"type": "string"}, "boot_id": {"type": "string"},
@@ -121,14 +128,15 @@ SCHEMAS: dict = {
                                 "busy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
                                 "workers": {"type": "array", "items": {"type": "object", "properties": {
                                     "gpu_id": {"type": "integer"}, "device": {"type": "string"},
-                                    "pid": {"type": ["integer", "null"]}, "alive": {"type": "boolean"}}}}}},
+                                    "pid": {"type": ["integer", "null"]}, "alive": {"type": "boolean"}}}},
+                                "nodes": _NODES, "moves": {"type": "object"}}},
     "Board": {"type": "object", "required": ["now_at", "gpu_ids", "assignments", "jobs", "sar"],
               "properties": {"now_at": {"type": "number"}, "window_s": {"type": "number"},
                              "boot_id": {"type": "string"}, "policy": {"type": "string"},
                              "gpu_ids": {"type": "array", "items": {"type": "integer"}},
                              "healthy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
                              "busy_gpu_ids": {"type": "array", "items": {"type": "integer"}},
-                             "round_index": {"type": "integer"},
+                             "round_index": {"type": "integer"}, "nodes": _NODES,
                              "assignments": {"type": "array", "items": {"type": "object"}},
                              "jobs": {"type": "array", "items": {"type": "object"}},
                              "sar": {"type": "object"}}},

@@ -25,6 +25,7 @@ from .catalog import ModelStatus, check_model_name
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
 from .openapi import openapi_document
+from .image_inputs import priced_size
 from .schemas import check_tensors, check_token, parse_body, resolve_job
 from .state import SERVICE, Service
 
@@ -132,7 +133,7 @@ async def board(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     window = query_number(request, "window_s", DEFAULT_WINDOW_S, 1.0, MAX_WINDOW_S)
     return web.json_response(board_json(svc.engine, svc.store, svc.metrics, svc.clock, window_s=window,
-                                        policy=svc.policy_name))
+                                        policy=svc.policy_name, nodes=svc.nodes_json()))
 
 
 @contextlib.contextmanager
@@ -248,6 +249,7 @@ async def submit(request: web.Request) -> web.Response:
     height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
     if tensors["latent"].ndim == 5:  # video: frames fold into the height, so the cost model sees the token count
         height *= int(tensors["latent"].shape[2])
+    height, width = priced_size(height, width, sampling_job.num_reference_tokens)  # Kontext: + reference tokens
     gen = GenRequest(
         request_id=job_id, model=settings.model, height=height, width=width, num_steps=sampling_job.num_steps,
         arrival_at=received_at,

@@ -29,12 +29,14 @@ from ..sampling import latents, schedules
 from ..sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
 from ..core.executor import ModelInfo, SamplingJob
 from ..errors import InvalidRequest
+from ..sampling.image_cond import REFERENCE_METHODS
 from .catalog import check_model_name
+from .image_inputs import IMAGE_TENSORS, check_image_tensors, image_inputs
 from .settings import ServiceConfig
 
 SETTINGS_KEY = "tetriserve"
 REQUIRED_TENSORS = ("latent", "context", "pooled")
-OPTIONAL_TENSORS = ("noise", "sigmas", "neg_context", "neg_pooled")
+OPTIONAL_TENSORS = ("noise", "sigmas", "neg_context", "neg_pooled") + IMAGE_TENSORS  # image_inputs.py
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPACES = ("vae", "model")
 MAX_HEADER_BYTES = 1 << 20
@@ -75,6 +77,7 @@ class JobSettings:
     lease: str | None = None
     latent_space: str = "vae"  # the latent sent is in VAE space ("vae") or already in model space ("model")
     result_space: str | None = None  # space of the returned latent; default: latent_space
+    reference_latents_method: str = "offset"  # how FLUX Kontext places ref_latent_i: offset, index or uxo
     # Wan 2.2 two-expert jobs: ``model`` is the high-noise expert, this the low-noise one, switched at
     # the first step whose sigma is below ``expert_boundary`` (worker/experts.py)
     expert_model: str | None = None
@@ -150,6 +153,8 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     for name in ("latent_space", "result_space"):
         if s.get(name) is not None and s[name] not in SPACES:
             raise InvalidRequest(f"{name} must be one of {', '.join(SPACES)}")
+    if s.get("reference_latents_method", "offset") not in REFERENCE_METHODS:
+        raise InvalidRequest(f"reference_latents_method must be one of {', '.join(REFERENCE_METHODS)}")
     for name in ("denoise", "cfg"):
         if name in s:
             s[name] = float(s[name])
@@ -202,6 +207,8 @@ def parse_body(body: bytes, limits: ServiceConfig) -> tuple[JobSettings, dict[st
                              f"(allowed: {', '.join(REQUIRED_TENSORS + OPTIONAL_TENSORS)})")
     if ("neg_context" in tensors) != ("neg_pooled" in tensors):
         raise InvalidRequest("neg_context and neg_pooled go together")
+    if ("concat_latent_image" in tensors) != ("concat_mask" in tensors):
+        raise InvalidRequest("concat_latent_image and concat_mask go together")
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
             raise InvalidRequest(f"tensor {name} must be floating point (F32, F16, BF16 or F64), got {t.dtype}")
@@ -254,6 +261,7 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
                                  f"{info.pooled_dim}]")
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch) or pooled.shape[1] != info.pooled_dim:
             raise InvalidRequest(f"{prefix}pooled must be [1 or {batch}, {info.pooled_dim}], got {_shape(pooled)}")
+    check_image_tensors(tensors, info, limits.max_image_tokens)
     if settings.cfg != 1.0 and "neg_context" not in tensors:
         raise InvalidRequest("cfg != 1 needs neg_context and neg_pooled (the negative conditioning)")
     if "sigmas" in tensors:
@@ -287,6 +295,7 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
     if not info.guidance_embeds:
         guidance = None
     uses_cfg = settings.cfg != 1.0
+    concat, refs = image_inputs(info.family, tensors)
     return SamplingJob(
         request_id=job_id, model=settings.model, latent=latent, noise=noise, sigmas=sigmas,
         context=tensors["context"], pooled=tensors["pooled"], sampler=settings.sampler, seed=settings.seed,
@@ -296,6 +305,7 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
         extra={"result_space": settings.result_space or settings.latent_space,
                **({"expert": {"model": settings.expert_model, "boundary": float(settings.expert_boundary)}}
                   if settings.expert_model is not None else {})},
+        concat=concat, ref_latents=refs, ref_method=settings.reference_latents_method,
     )
 
 

@@ -66,6 +66,13 @@ class ServiceConfig:
                   "a worker death costs a job at most about this much work plus a step (0: after every step; the "
                   "end of every assignment is always checkpointed)")
     restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
+    cluster: str = field("off", help="'ray': one planner over every node of a Ray cluster (needs the cluster extra); "
+                                     "--devices is then ignored", choices=("off", "ray"))
+    ray_address: str | None = field(None, help="cluster mode: the Ray cluster to join (default $RAY_ADDRESS, else "
+                                               "'auto': the cluster this machine runs)")
+    devices_per_node: str = field("gpu", help="cluster mode: 'gpu' (one worker per GPU of every node with GPUs) or "
+                                              "cpu:N (N CPU workers on every node, for tests)")
+    inter_node_gbps: float = field(100.0, help="cluster mode: bandwidth between nodes in Gbit/s, prices a job's move")
     journal: str = field(
         "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
                      "lost; 'auto': <cache>/journal-<port>.jsonl; 'off': none")
@@ -94,7 +101,7 @@ class ServiceConfig:
             raise InvalidRequest(f"port out of range: {self.port}")
         for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s",
                      "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s",
-                     "device_fault_window_s"):
+                     "device_fault_window_s", "inter_node_gbps"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
         for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults"):
@@ -105,6 +112,10 @@ class ServiceConfig:
                      "max_job_faults", "max_restart_attempts"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be >= 1")
+        if self.cluster == "ray":
+            from ..cluster.topology import parse_devices_per_node
+
+            parse_devices_per_node(self.devices_per_node)
         parse_pairs(self.model, "model")
         parse_pairs(self.profile_as, "profile_as")
 

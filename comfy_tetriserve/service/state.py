@@ -56,6 +56,11 @@ class Service:
             recovery=self.loop.recovery.to_json() if self.loop.recovery.supported else None,
         )
 
+    def nodes_json(self) -> list[dict] | None:
+        """Cluster mode: the executor's nodes (None on one box)."""
+        nodes = getattr(self.executor, "nodes", None)
+        return nodes() if callable(nodes) else None
+
     def executor_json(self) -> dict:
         """The executor's health: recovery state, faults, restarts and, for worker pools, each worker."""
         out = {"executor": type(self.executor).__name__, **self.loop.recovery.to_json(),
@@ -64,6 +69,10 @@ class Service:
         workers = getattr(self.executor, "workers", None)
         if callable(workers):
             out["workers"] = workers()
+        nodes = getattr(self.executor, "nodes", None)  # cluster mode: one entry per node
+        if callable(nodes):
+            out["nodes"] = nodes()
+            out["moves"] = self.executor.moves()
         return out
 
 

@@ -77,7 +77,12 @@ _SIM_RE = re.compile(r"^sim:(\d+)$")
 
 
 def build_executor(config: ServiceConfig, cost: CostModel):
-    """``sim:N`` gives the simulated executor (priced by ``cost``); anything else the worker pool."""
+    """``sim:N`` gives the simulated executor (priced by ``cost``); anything else the worker pool;
+    ``--cluster ray`` the executor over a Ray cluster (comfy_tetriserve.cluster)."""
+    if config.cluster == "ray":
+        from ..cluster.service import build_cluster_executor
+
+        return build_cluster_executor(config)
     match = _SIM_RE.match(config.devices)
     if match:
         from ..core.sim_executor import SimulatedExecutor

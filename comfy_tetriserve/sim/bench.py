@@ -9,7 +9,8 @@ arrival-aware limits on scale-up and round length),
 ``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
 ``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat; with
 the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates), ``video`` (FLUX images
-and Wan 14B clips, Wan priced by FLOPs: video_bench.py).
+and Wan 14B clips, Wan priced by FLOPs: video_bench.py), ``cluster`` (two boxes at twice the
+rate: one cluster-wide planner vs one planner per box behind a router, sim/cluster.py).
 Every simulated number comes from the cost model named in the report (``cost_model``).
 
     comfy-tetriserve bench                      # the full run (about 4 minutes on 2 busy cores)
@@ -49,7 +50,9 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
     "scale-up: grants end within 40 ms": {"scale_up_commit_s": 0.04},
     "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
 }
-SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "video")
+SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "video", "cluster")
+#: run by default (``cluster`` simulates two boxes at twice the load, about 18 minutes: ask for it)
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "cluster")
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class BenchConfig:
                                                   help="overload section: rates of 256/512 px requests, per minute")
     video_rate_per_min: float = cfg.field(2.5, help="video section: arrivals per minute (FLUX images + Wan clips)")
     video_requests: int = cfg.field(150, help="video section: requests per trace")
-    sections: tuple[str, ...] = cfg.field(SECTIONS, help=f"sections to run ({' '.join(SECTIONS)})")
+    sections: tuple[str, ...] = cfg.field(DEFAULT_SECTIONS, help=f"sections to run ({' '.join(SECTIONS)}; "
+                                                                  "cluster only when named)")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
     jobs: int = cfg.field(0, help="worker processes (0: one per CPU core)")
     plots: bool = cfg.field(True, help="write PNG plots")
@@ -533,6 +537,13 @@ class Bench:
         from .video_bench import section
 
         return section(self)
+
+    def section_cluster(self) -> str:
+        """Two boxes at twice the rate: one cluster-wide planner vs per-box planners behind routers (sim/cluster.py)."""
+        from .cluster import section
+
+        self.report["cluster"], text = section(self)
+        return text
 
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -58,6 +58,7 @@ import torch
 from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import Assignment, AssignmentResult
+from ..sampling.image_cond import check_image_conditioning
 from ..core.executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
 from .runner import Conditioning, WorkerConfig, worker_main
 from .samplers import Trajectory, finish_latent, start_trajectory
@@ -175,6 +176,8 @@ class WorkerPool:
         self.num_restarts = 0
         #: called on the event loop with every WorkerFault (the service sets it)
         self.on_fault: Callable[[WorkerFault], None] | None = None
+        #: called on the event loop with {request_id: CPU trajectory} for each checkpoint inside an assignment
+        self.on_checkpoint: Callable[[dict[str, Trajectory]], None] | None = None
         self.worker_info: list[dict] = []
         self.stats: dict[str, deque[float]] = {k: deque(maxlen=STATS_KEPT)
                                                for k in ("handoff_local_s", "handoff_bcast_s", "handoff_pool_s")}
@@ -382,6 +385,11 @@ class WorkerPool:
             task = self._tasks.get(msg[1])
             if task is not None:
                 task.partial = msg[2]
+                if self.on_checkpoint is not None:
+                    try:
+                        self.on_checkpoint(msg[2])
+                    except Exception:  # noqa: BLE001 - a listener must not break the pool
+                        log.exception("on_checkpoint listener failed")
         elif kind == "done":
             try:
                 self._on_done(rank, msg[1], *msg[3:])
@@ -523,7 +531,9 @@ class WorkerPool:
         return {name: info for name, (_, _, info) in self._models.items()}
 
     # ------------------------------------------------------------ requests
-    async def admit(self, job: SamplingJob) -> None:
+    async def admit(self, job: SamplingJob, checkpoint: Trajectory | None = None) -> None:
+        """Take a request; with ``checkpoint`` (a CPU trajectory of this job, e.g. from another box)
+        it resumes from there instead of its first step."""
         if job.request_id in self._requests:
             raise Conflict(f"request {job.request_id} is admitted already")
         if job.model not in self._models:
@@ -541,6 +551,11 @@ class WorkerPool:
                   if key in job.extra}
         traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed,
                                 **kwargs)
+        if checkpoint is not None:
+            if checkpoint.num_steps != traj.num_steps or tuple(checkpoint.x.shape) != tuple(traj.x.shape):
+                raise InvalidRequest(f"checkpoint of {job.request_id} does not fit the job "
+                                     f"({checkpoint.num_steps} steps, shape {list(checkpoint.x.shape)})")
+            traj = checkpoint
         self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj)
 
     @staticmethod
@@ -566,6 +581,7 @@ class WorkerPool:
                 raise InvalidRequest(f"pooled output for {name} must be [B, {info.pooled_dim}]")
             if lat.shape[0] % ctx.shape[0] or lat.shape[0] % pooled.shape[0]:
                 raise InvalidRequest(f"{name} batch does not divide the latent batch {lat.shape[0]}")
+        check_image_conditioning(job, info)
 
     def checkpoint(self, request_id: str) -> Trajectory:
         """The latest checkpointed trajectory of a request (CPU)."""
@@ -722,6 +738,7 @@ def _conditioning(job: SamplingJob) -> Conditioning:
     return Conditioning(request_id=job.request_id, model=job.model, context=job.context, pooled=job.pooled,
                         cfg=float(job.cfg), guidance=job.guidance, expert=parse_expert(job.extra),
                         neg_context=job.neg_context,
-                        neg_pooled=job.neg_pooled)
+                        neg_pooled=job.neg_pooled, concat=job.concat, refs=tuple(job.ref_latents),
+                        ref_method=job.ref_method)
 
 

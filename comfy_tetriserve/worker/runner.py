@@ -83,6 +83,9 @@ class Conditioning:
     guidance: float | None = None
     neg_context: torch.Tensor | None = None
     neg_pooled: torch.Tensor | None = None
+    concat: torch.Tensor | None = None  # FLUX Fill's extra input channels (both CFG branches)
+    refs: tuple = ()  # FLUX Kontext reference latents (both CFG branches)
+    ref_method: str = "offset"
     expert: tuple[str, float] | None = None  # (low-noise model, boundary sigma): experts.py
 
     @property
@@ -93,7 +96,8 @@ class Conditioning:
         def mv(t):
             return None if t is None else t.to(device=device, dtype=dtype)
         return dataclasses.replace(self, context=mv(self.context), pooled=mv(self.pooled),
-                                   neg_context=mv(self.neg_context), neg_pooled=mv(self.neg_pooled))
+                                   neg_context=mv(self.neg_context), neg_pooled=mv(self.neg_pooled),
+                                   concat=mv(self.concat), refs=tuple(mv(r) for r in self.refs))
 
 
 # ----------------------------------------------------------------- trajectories as tensors
@@ -140,7 +144,8 @@ def broadcast_trajectory(comm: GroupComm, src_index: int, mine: Trajectory | Non
 
 
 # ----------------------------------------------------------------- batched sampler steps
-Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None)
+Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None,
+#               concat [b,C',H,W] | None, refs (tuple of [b,C,h,w]), ref_method)
 
 
 class _Rendezvous:
@@ -212,15 +217,21 @@ class StepRunner:
         self.vote = 0.0
 
     def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
-        """Model outputs for rows; rows with equal text length share one forward (row order kept)."""
+        """Model outputs for rows; rows with equal text length (and equal reference latent sizes)
+        share one forward (row order kept)."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
         by_len: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            by_len.setdefault((r[2].shape[1], r[4] is None), []).append(i)
+            refs_key = tuple(tuple(t.shape[1:]) for t in r[6])
+            by_len.setdefault((r[2].shape[1], r[4] is None, r[5] is None, refs_key, r[7]), []).append(i)
         for idxs in by_len.values():
             cat = [torch.cat([rows[i][j] for i in idxs]) for j in range(4)]
-            guidance = None if rows[idxs[0]][4] is None else torch.cat([rows[i][4] for i in idxs])
-            out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote)
+            first = rows[idxs[0]]
+            guidance = None if first[4] is None else torch.cat([rows[i][4] for i in idxs])
+            concat = None if first[5] is None else torch.cat([rows[i][5] for i in idxs])
+            refs = tuple(torch.cat([rows[i][6][k] for i in idxs]) for k in range(len(first[6])))
+            out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote, concat=concat,
+                                                 refs=refs, ref_method=first[7])
             pos = 0
             for i in idxs:
                 n = rows[i][0].shape[0]
@@ -237,9 +248,10 @@ class StepRunner:
             g = None
             if self.model.config.get("guidance_embeds"):  # FLUX-dev; ComfyUI's default guidance is 3.5
                 g = torch.full((b,), 3.5 if cond.guidance is None else cond.guidance, device=x.device)
-            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g)]
+            image = (_expand(cond.concat, b), tuple(_expand(r, b) for r in cond.refs), cond.ref_method)
+            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g, *image)]
             if cond.uses_cfg:
-                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g))
+                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, *image))
             outs = submit(rows)
             s = sigma.view(-1, *([1] * (x.dim() - 1)))
             den = [x - o * s for o in outs]
