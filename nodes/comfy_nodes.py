@@ -14,6 +14,7 @@ All service I/O runs on the server's event loop (see jobs.py for why).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from types import SimpleNamespace
@@ -93,7 +94,12 @@ class _ModelView:
     comfy.samplers.KSampler's sigmas), for a model that lives in the service."""
 
     def __init__(self, handle: ModelHandle) -> None:
-        if handle.family == "sd3":
+        if handle.family in ("qwen_image", "wan"):  # ComfyUI's QwenImage / WAN21_T2V / WAN22_T2V settings
+            video = {"qwen_image": comfy.supported_models.QwenImage, "wan": comfy.supported_models.WAN21_T2V}
+            self.latent_format = (comfy.latent_formats.Wan22() if handle.in_channels == 48
+                                  else comfy.latent_formats.Wan21())
+            settings, model_type = dict(video[handle.family].sampling_settings), comfy.model_base.ModelType.FLOW
+        elif handle.family == "sd3":
             self.latent_format = comfy.latent_formats.SD3()
             settings, model_type = dict(comfy.supported_models.SD3.sampling_settings), comfy.model_base.ModelType.FLOW
         elif handle.guidance_embeds:
@@ -135,17 +141,19 @@ class TetriServeLoadDiT(io.ComfyNode):
             node_id="TetriServeLoadDiT",
             display_name="TetriServe Load DiT",
             category=CATEGORY,
-            description="Has the TetriServe scheduler service load a FLUX or SD3 diffusion model from ComfyUI's "
+            description="Has the TetriServe scheduler service load a FLUX, SD3, Qwen-Image or Wan 2.x (text-to-video) "
+                        "diffusion model from ComfyUI's "
                         "diffusion_models folders (the service reads the same folders). ComfyUI itself never "
                         "loads it.",
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="a FLUX or SD3 file from the diffusion_models folders"),
+                               tooltip="a FLUX, SD3, Qwen-Image or Wan file from the diffusion_models folders"),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="weight dtype on the service's devices; default: the service's setting"),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01,
                                tooltip="model-sampling shift; 0 = the family's default (SD3 3.0, FLUX-dev 1.15, "
-                                       "FLUX-schnell 1.0), as ModelSamplingSD3 / ModelSamplingFlux set it"),
+                                       "FLUX-schnell 1.0, Qwen-Image 1.15, Wan 8.0), as ModelSamplingSD3 / "
+                                       "ModelSamplingFlux / ModelSamplingAuraFlow set it"),
             ],
             outputs=[TetriServeModel.Output(display_name="model")],
         )
@@ -227,6 +235,8 @@ class TetriServeSampler(io.ComfyNode):
         settings = {"model": model.model, "steps": num_steps, "sampler": sampler_name, "seed": int(seed),
                     "cfg": float(cfg), "deadline_s": deadline_setting(deadline_s), "priority": int(priority),
                     "latent_space": "model", "result_space": "model"}
+        if model.expert_model is not None:  # one two-expert job (TetriServe Wan 2.2 Experts)
+            settings["expert_model"], settings["expert_boundary"] = model.expert_model, model.expert_boundary
         if cond.guidance is not None:
             settings["guidance"] = cond.guidance
         settings.update(cond.settings)
@@ -267,9 +277,44 @@ class TetriServeSampler(io.ComfyNode):
         return io.NodeOutput(out)
 
 
+class TetriServeWanExperts(io.ComfyNode):
+    """Wan 2.2 A14B: the high-noise and low-noise experts as one model, switched at a sigma boundary."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TetriServeWanExperts",
+            display_name="TetriServe Wan 2.2 Experts",
+            category=CATEGORY,
+            description="One TetriServe model from Wan 2.2's two experts: steps whose sigma is at or above the "
+                        "boundary run on the high-noise model, the rest on the low-noise one, as one job that the "
+                        "scheduler plans whole (instead of two KSamplerAdvanced jobs).",
+            inputs=[
+                TetriServeModel.Input("high_noise_model"),
+                TetriServeModel.Input("low_noise_model"),
+                io.Float.Input("boundary", default=0.875, min=0.001, max=0.999, step=0.001,
+                               tooltip="sigma of the switch (Wan 2.2 A14B text-to-video: 0.875, image-to-video: 0.9)"),
+            ],
+            outputs=[TetriServeModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, high_noise_model: ModelHandle, low_noise_model: ModelHandle, boundary: float) -> io.NodeOutput:
+        for m in (high_noise_model, low_noise_model):
+            if not isinstance(m, ModelHandle) or m.expert_model is not None:
+                raise ValueError("TetriServe Wan 2.2 Experts needs two single models from TetriServe Load DiT")
+        if high_noise_model.url != low_noise_model.url:
+            raise ValueError("both experts must live in the same TetriServe service")
+        if (high_noise_model.family, high_noise_model.in_channels) != (low_noise_model.family,
+                                                                       low_noise_model.in_channels):
+            raise ValueError("the two experts must be the same kind of model (family and latent channels)")
+        return io.NodeOutput(dataclasses.replace(high_noise_model, expert_model=low_noise_model.model,
+                                                 expert_boundary=float(boundary)))
+
+
 class TetriServeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TetriServeLoadDiT, TetriServeSampler]
+        return [TetriServeLoadDiT, TetriServeSampler, TetriServeWanExperts]
 
 
 def _register_routes() -> None:

@@ -41,6 +41,7 @@ UNSUPPORTED_KEYS = {
     "control": "a ControlNet",
     "gligen": "GLIGEN boxes",
     "hooks": "LoRA/model hooks",
+    "clip_vision_output": "CLIP-vision image conditioning (image-to-video)",
     "attention_mask": "a text attention mask",
     "unclip_conditioning": "unCLIP image conditioning",
     "noise_augmentation": "noise augmentation",
@@ -65,7 +66,11 @@ class JobConditioning:
     settings: dict = field(default_factory=dict)  # job settings the conditioning implies (reference method)
 
 
-def _entry(conditioning: Any, branch: str) -> tuple[torch.Tensor, dict]:
+#: families whose text encoders give no pooled vector (Qwen2.5-VL, umT5): the job's pooled is [B, 0]
+NO_POOLED_FAMILIES = ("qwen_image", "wan")
+
+
+def _entry(conditioning: Any, branch: str, needs_pooled: bool = True) -> tuple[torch.Tensor, dict]:
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ConditioningError(f"{branch} conditioning is empty or not a CONDITIONING list")
     if len(conditioning) != 1:
@@ -95,6 +100,8 @@ def _entry(conditioning: Any, branch: str) -> tuple[torch.Tensor, dict]:
     if unknown:
         log.warning("%s conditioning: ignoring keys %s", branch, ", ".join(unknown))
     pooled = extras.get("pooled_output")
+    if not needs_pooled:
+        return context, {**extras, "pooled_output": context.new_zeros((context.shape[0], 0))}
     if not isinstance(pooled, torch.Tensor):
         raise ConditioningError(f"{branch} conditioning has no pooled_output (the pooled CLIP vector); encode the "
                                 "text with the model's own text encoders (DualCLIPLoader / TripleCLIPLoader)")
@@ -124,14 +131,16 @@ own_tensor = _own  # for the sampler node: a job body holds each tensor once
 def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, guidance_embeds: bool = True,
                      context_dim: int | None = None, pooled_dim: int | None = None) -> JobConditioning:
     """The job tensors (``context``, ``pooled`` and, when CFG runs, ``neg_context``/``neg_pooled``)
-    and the FLUX guidance, for a model of ``family`` ("flux" or "sd3").
+    and the FLUX guidance, for a model of ``family`` ("flux", "sd3", "qwen_image" or "wan"; the last
+    two take no pooled vector, their stock text encoders give none).
 
     The negative branch is read only when cfg != 1 (ComfyUI skips it at cfg 1, math.isclose).
     Raises ConditioningError naming what cannot be sampled.
     """
-    if family not in ("flux", "sd3"):
+    if family not in ("flux", "sd3", *NO_POOLED_FAMILIES):
         raise ConditioningError(f"unknown model family {family!r}")
-    context, extras = _entry(positive, "positive")
+    needs_pooled = family not in NO_POOLED_FAMILIES
+    context, extras = _entry(positive, "positive", needs_pooled)
     _check_dims("positive", context, extras["pooled_output"], context_dim, pooled_dim)
     tensors = {"context": context.float().contiguous(), "pooled": extras["pooled_output"].float().contiguous()}
     guidance = None
@@ -141,7 +150,7 @@ def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, g
     if not math.isclose(cfg, 1.0):
         if negative is None:
             raise ConditioningError(f"cfg {cfg} needs a negative conditioning (or set cfg to 1)")
-        neg_context, neg_extras = _entry(negative, "negative")
+        neg_context, neg_extras = _entry(negative, "negative", needs_pooled)
         _check_dims("negative", neg_context, neg_extras["pooled_output"], context_dim, pooled_dim)
         if family == "flux" and guidance_embeds:
             neg_guidance = neg_extras.get("guidance", DEFAULT_FLUX_GUIDANCE)
@@ -152,6 +161,9 @@ def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, g
         tensors["neg_context"] = _own(neg_context.float().contiguous(), tensors.values())
         tensors["neg_pooled"] = _own(neg_extras["pooled_output"].float().contiguous(), tensors.values())
     image, settings = image_tensors(extras)
+    if image and family in NO_POOLED_FAMILIES:
+        raise ConditioningError(f"{family} image conditioning ({', '.join(sorted(image))}: image-to-video or edit "
+                                "inputs) is not supported by the TetriServe Sampler; use the stock KSampler for it")
     if not math.isclose(cfg, 1.0):
         neg_image, neg_settings = image_tensors(neg_extras)
         if neg_settings != settings or set(neg_image) != set(image) or any(

@@ -21,7 +21,7 @@ from comfy_tetriserve.errors import Conflict, NotFound, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32")
-FAMILY_DEFAULT_SHIFT = {"sd3": 3.0, "flux": 1.15}
+FAMILY_DEFAULT_SHIFT = {"sd3": 3.0, "flux": 1.15, "qwen_image": 1.15, "wan": 8.0}  # ComfyUI's sampling settings
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ModelHandle:
 
     url: str
     model: str  # the name the service knows it by (a file name in its model folders)
-    family: str  # "flux" | "sd3"
+    family: str  # "flux" | "sd3" | "qwen_image" | "wan"
     dtype: str | None  # weight dtype asked for (None: the service's default)
     guidance_embeds: bool
     num_heads: int
@@ -38,6 +38,8 @@ class ModelHandle:
     context_dim: int
     pooled_dim: int
     shift: float | None = None  # model-sampling shift; None = the family's default
+    expert_model: str | None = None  # Wan 2.2 two-expert jobs: the low-noise model (this one is the high-noise)
+    expert_boundary: float | None = None  # sigma below which steps run on expert_model
 
     @classmethod
     def from_entry(cls, url: str, entry: dict, dtype: str | None, shift: float | None) -> "ModelHandle":

@@ -33,6 +33,9 @@ def test_quick_bench_writes_the_report_and_plots(tmp_path, capsys):
     assert set(report["probes"]["bursty"]["skewed"]["1.0"]) >= {"tetriserve", "edf-admit", "rssp-admit"}
     assert report["gains"]["skewed"]["strongest_baseline"] and report["isolated_bound"]["uniform"]["1.0"] <= 1.0
     assert "vs the strongest baseline" in text and "Probe bursty" in text
+    for scale in ("1.0", "1.5"):
+        assert set(report["video"]["sar"][scale]) >= {"tetriserve", "sp1", "sp2", "sp4", "sp8", "best-per-class", "edf"}
+    assert "modelled" in report["video"]["cost_model"]
     for name in ("sar_vs_scale", "rate_sweep", "sar_per_resolution", "ablation", "granularity", "latency_cdf",
                  "decision_time", "probes"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000, name

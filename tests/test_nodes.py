@@ -281,3 +281,21 @@ def test_only_the_comfy_glue_imports_comfyui():
                  if p.name != "comfy_nodes.py" and pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
     assert pattern.search((ROOT / "nodes" / "comfy_nodes.py").read_text(encoding="utf-8"))
+
+
+def test_qwen_image_and_wan_conditioning_need_no_pooled_vector_and_refuse_clip_vision():
+    from tetriserve_nodes.service import FAMILY_DEFAULT_SHIFT
+
+    pos, neg = cond(tokens=9, dim=4096, pooled=1), cond(tokens=5, dim=4096, pooled=1)
+    for family in ("qwen_image", "wan"):
+        pos[0][1].pop("pooled_output", None)
+        job = job_conditioning(family, pos, neg, 5.0, context_dim=4096, pooled_dim=0)
+        assert job.guidance is None
+        assert job.tensors["pooled"].shape == (1, 0) and job.tensors["neg_pooled"].shape == (1, 0)
+        assert job.tensors["context"].shape == (1, 9, 4096) and job.tensors["neg_context"].shape == (1, 5, 4096)
+    with pytest.raises(ConditioningError, match="CLIP-vision"):
+        job_conditioning("wan", cond(clip_vision_output=object()), neg, 5.0)
+    with pytest.raises(ConditioningError, match="image-to-video"):
+        job_conditioning("wan", cond(concat_latent_image=torch.zeros(1, 16, 2, 4, 4),
+                                     concat_mask=torch.ones(1, 1, 2, 4, 4)), neg, 5.0)
+    assert FAMILY_DEFAULT_SHIFT["wan"] == 8.0 and FAMILY_DEFAULT_SHIFT["qwen_image"] == 1.15

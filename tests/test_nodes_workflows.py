@@ -19,7 +19,7 @@ def test_committed_workflows_are_up_to_date():
     proc = subprocess.run([sys.executable, str(BUILD), "--check"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert NAMES == sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
-    assert len(NAMES) == 5
+    assert len(NAMES) == 7
     # ComfyUI lists */workflows/*.json as templates too: API files stay in a subfolder
     assert not list((ROOT / "workflows").glob("*.json"))
 
@@ -61,6 +61,18 @@ def test_workflows_cover_flux_sd3_cfg_and_concurrent_deadlines():
     assert sd3["cfg"] > 1.0 and sd3["negative"] != sd3["positive"]
     multi = samplers("tetriserve_flux_multi_resolution_deadlines")
     assert len(multi) == 3 and len({m["deadline_s"] for m in multi}) == 3 and len({m["latent_image"][0] for m in multi}) == 3
+
+
+def test_qwen_image_and_wan_workflows_use_the_stock_latents_and_encoders_with_deadlines():
+    api = {name: json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text()) for name in NAMES}
+    for name, encoder, latent in (("tetriserve_qwen_image_text_to_image", "qwen_image", "EmptySD3LatentImage"),
+                                  ("tetriserve_wan_text_to_video", "wan", "EmptyHunyuanLatentVideo")):
+        nodes = api[name]
+        (sampler,) = [n["inputs"] for n in nodes.values() if n["class_type"] == "TetriServeSampler"]
+        assert sampler["deadline_s"] > 0 and sampler["cfg"] > 1.0
+        assert nodes[sampler["latent_image"][0]]["class_type"] == latent
+        (clip,) = [n["inputs"] for n in nodes.values() if n["class_type"] == "CLIPLoader"]
+        assert clip["type"] == encoder
 
 
 def test_fill_and_kontext_workflows_wire_the_stock_image_conditioning():

@@ -8,7 +8,8 @@
 - ``workflows/api/NAME.json``: the API format, for ``POST /prompt`` (``{"prompt": ...}``).
 
 The model and text-encoder file names are the usual ones (flux1-dev.safetensors, clip_l,
-t5xxl_fp16, ae.safetensors, sd3.5_medium.safetensors, clip_g); change them in the loaders.
+t5xxl_fp16, ae.safetensors, sd3.5_medium.safetensors, clip_g, qwen_image_bf16, qwen_2.5_vl_7b,
+wan2.1_t2v_1.3B_bf16, umt5_xxl, wan_2.1_vae); change them in the loaders.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ CLASSES: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]
     "FluxGuidance": (["guidance"], [("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "ConditioningZeroOut": ([], [("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "EmptySD3LatentImage": (["width", "height", "batch_size"], [], [("LATENT", "LATENT")]),
+    "CLIPLoader": (["clip_name", "type", "device"], [], [("CLIP", "CLIP")]),
+    "EmptyHunyuanLatentVideo": (["width", "height", "length", "batch_size"], [], [("LATENT", "LATENT")]),
+    "SaveAnimatedWEBP": (["filename_prefix", "fps", "lossless", "quality", "method"], [("images", "IMAGE")], []),
     "TetriServeLoadDiT": (["unet_name", "weight_dtype", "shift"], [], [("model", "TETRISERVE_MODEL")]),
     "TetriServeSampler": (["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "deadline_s", "priority"],
                           [("model", "TETRISERVE_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -175,6 +179,49 @@ def flux_multi_deadline() -> list[Node]:
     return nodes
 
 
+def qwen_t2i() -> list[Node]:
+    """Qwen-Image text to image (ComfyUI's stock Qwen text encoder and VAE), with a deadline."""
+    return [
+        Node(1, "CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                               "device": "default"}, pos=(0, 0)),
+        Node(2, "CLIPTextEncode", {"text": "a neon sign reading 'OPEN LATE' above a rainy noodle bar, night"},
+             {"clip": (1, 0)}, pos=(360, 0), title="positive"),
+        Node(3, "CLIPTextEncode", {"text": ""}, {"clip": (1, 0)}, pos=(360, 220), title="negative"),
+        Node(4, "TetriServeLoadDiT", {"unet_name": "qwen_image_bf16.safetensors", "weight_dtype": "default",
+                                      "shift": 0.0}, pos=(0, 200)),
+        Node(5, "EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1}, pos=(0, 360)),
+        Node(6, "VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, pos=(0, 500)),
+        Node(7, "TetriServeSampler", {"seed": 11, "steps": 20, "cfg": 2.5, "sampler_name": "euler",
+                                      "scheduler": "simple", "denoise": 1.0, "deadline_s": 60.0, "priority": 0},
+             {"model": (4, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (5, 0)}, pos=(720, 0)),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (6, 0)}, pos=(1080, 0)),
+        Node(9, "SaveImage", {"filename_prefix": "tetriserve_qwen_image"}, {"images": (8, 0)}, pos=(1080, 120)),
+    ]
+
+
+def wan_t2v() -> list[Node]:
+    """Wan 2.1 text to video (umT5 encoder, Wan 2.1 VAE): 33 frames at 832 x 480, with a deadline."""
+    return [
+        Node(1, "CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                               "device": "default"}, pos=(0, 0)),
+        Node(2, "CLIPTextEncode", {"text": "a red kite dancing over a windy beach, waves rolling in, handheld camera"},
+             {"clip": (1, 0)}, pos=(360, 0), title="positive"),
+        Node(3, "CLIPTextEncode", {"text": "static, blurry, low quality, watermark"}, {"clip": (1, 0)},
+             pos=(360, 220), title="negative"),
+        Node(4, "TetriServeLoadDiT", {"unet_name": "wan2.1_t2v_1.3B_bf16.safetensors", "weight_dtype": "default",
+                                      "shift": 0.0}, pos=(0, 200)),
+        Node(5, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1},
+             pos=(0, 360)),
+        Node(6, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, pos=(0, 520)),
+        Node(7, "TetriServeSampler", {"seed": 5, "steps": 30, "cfg": 6.0, "sampler_name": "euler",
+                                      "scheduler": "simple", "denoise": 1.0, "deadline_s": 300.0, "priority": 0},
+             {"model": (4, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (5, 0)}, pos=(720, 0)),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (6, 0)}, pos=(1080, 0)),
+        Node(9, "SaveAnimatedWEBP", {"filename_prefix": "tetriserve_wan", "fps": 16.0, "lossless": False,
+                                     "quality": 90, "method": "default"}, {"images": (8, 0)}, pos=(1080, 120)),
+    ]
+
+
 def flux_fill_inpaint() -> list[Node]:
     """FLUX Fill: the image and its mask (paint it in the mask editor) through InpaintModelConditioning."""
     return [
@@ -229,6 +276,8 @@ WORKFLOWS = {
     "tetriserve_flux_text_to_image": flux_t2i,
     "tetriserve_sd3_cfg": sd3_cfg,
     "tetriserve_flux_multi_resolution_deadlines": flux_multi_deadline,
+    "tetriserve_qwen_image_text_to_image": qwen_t2i,
+    "tetriserve_wan_text_to_video": wan_t2v,
     "tetriserve_flux_fill_inpaint": flux_fill_inpaint,
     "tetriserve_flux_kontext_edit": flux_kontext_edit,
 }

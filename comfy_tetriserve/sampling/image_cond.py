@@ -152,7 +152,7 @@ def check_image_conditioning(job, info) -> None:
     refuse them. Reference latents are for FLUX models that take the latent's channels only.
     """
     lat = job.latent
-    b, c, h, w = lat.shape
+    b, c, h, w = lat.shape[0], lat.shape[1], lat.shape[-2], lat.shape[-1]  # Wan latents are 5-D
     need = int(getattr(info, "concat_channels", 0) or 0)
     if need and job.concat is None:
         raise InvalidRequest(f"model {info.name} is a FLUX Fill (inpainting) model: it needs the masked image "

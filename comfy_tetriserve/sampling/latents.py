@@ -6,24 +6,46 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InvalidRequest
-from .names import family_spec
+from .names import family_spec, sampling_family
+
+
+def _channel_stats(f, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if latent.dim() < 2 or latent.shape[1] != len(f.latent_mean):
+        raise InvalidRequest(f"{f.name} latents have {len(f.latent_mean)} channels, got shape {tuple(latent.shape)}")
+    view = (1, -1) + (1,) * (latent.dim() - 2)
+    mean = torch.tensor(f.latent_mean, dtype=latent.dtype, device=latent.device).view(view)
+    std = torch.tensor(f.latent_std, dtype=latent.dtype, device=latent.device).view(view)
+    return mean, std
 
 
 def process_latent_in(family: str, latent: torch.Tensor) -> torch.Tensor:
     f = family_spec(family)
+    if f.latent_mean is not None:
+        mean, std = _channel_stats(f, latent)
+        return (latent - mean) / std
     return (latent - f.latent_shift) * f.latent_scale
 
 
 def process_latent_out(family: str, latent: torch.Tensor) -> torch.Tensor:
     f = family_spec(family)
+    if f.latent_mean is not None:
+        mean, std = _channel_stats(f, latent)
+        return latent * std + mean
     return (latent / f.latent_scale) + f.latent_shift
 
 
 def fix_empty_latent_channels(family: str, latent: torch.Tensor) -> torch.Tensor:
     """An all-zero latent with another channel count (e.g. a 4-channel empty latent) becomes the
     family's all-zero latent, as ComfyUI does before it draws noise; other mismatches are errors."""
-    channels = family_spec(family).latent_channels
-    if latent.dim() != 4:
+    spec = family_spec(family)
+    channels = spec.latent_channels
+    if spec.latent_dims == 3:
+        # ComfyUI: a 4-D latent of a video-latent family gains a frame axis (an image is one frame)
+        if latent.dim() == 4:
+            latent = latent.unsqueeze(2)
+        if latent.dim() != 5:
+            raise InvalidRequest(f"{family} latents are [B, C, F, H, W], got shape {tuple(latent.shape)}")
+    elif latent.dim() != 4:
         raise InvalidRequest(f"latent must be [B, C, H, W], got shape {tuple(latent.shape)}")
     if latent.shape[1] == channels:
         return latent
@@ -70,3 +92,30 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
         raise InvalidRequest(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
+
+
+# ----------------------------------------------------------------- video-latent families
+def is_video_family(family: str) -> bool:
+    """Families whose latents ComfyUI keeps 5-D [B, C, F, H, W] (Qwen-Image with F = 1, Wan)."""
+    from .names import FAMILIES
+
+    return family in FAMILIES and FAMILIES[family].latent_dims == 3
+
+
+def check_video_latent(family: str, shape: tuple[int, ...]) -> int:
+    """Validate a 5-D latent's shape for ``family``; returns its number of latent frames."""
+    if len(shape) != 5:
+        raise InvalidRequest(f"{family} latents are [B, C, F, H, W], got {list(shape)}")
+    if family == "qwen_image" and shape[2] != 1:
+        raise InvalidRequest(f"Qwen-Image latents have one frame, got {list(shape)}")
+    if shape[2] < 1:
+        raise InvalidRequest(f"latent has no frames: {list(shape)}")
+    return int(shape[2])
+
+
+def sampling_family_of(info) -> str:
+    """The latent format / model sampling family the service uses for a loaded model's ModelInfo:
+    the model family, except Wan 2.2 5B (48 channels), which is 'wan22'."""
+    if info.family == "wan":
+        return sampling_family("wan", latent_channels=info.in_channels)
+    return info.family

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InvalidRequest
+from .video_latents import WAN21_MEAN, WAN21_STD, WAN22_MEAN, WAN22_STD
 
 #: samplers the workers run (ComfyUI's names); worker/samplers.py implements exactly these
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2s_ancestral", "lcm", "ipndm",
@@ -26,13 +27,27 @@ class FamilySpec:
     multiplier: float  # timestep = sigma * multiplier
     num_sampling_steps: int  # length of the model-sampling sigma table
     latent_channels: int = 16
+    # Per-channel latent formats (Wan VAEs): process_in = (x - mean) / std; scalars unused then.
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
+    latent_dims: int = 2  # spatial (H, W) or, 3, video (F, H, W): ComfyUI's latent_dimensions
 
 
 FAMILIES: dict[str, FamilySpec] = {
     "sd3": FamilySpec("sd3", 1.5305, 0.0609, "discrete_flow", 3.0, 1000.0, 1000),
     "flux": FamilySpec("flux", 0.3611, 0.1159, "flux", 1.15, 1.0, 10000),
     "flux-schnell": FamilySpec("flux-schnell", 0.3611, 0.1159, "discrete_flow", 1.0, 1.0, 1000),
+    # ComfyUI: QwenImage (shift 1.15, multiplier 1.0, Wan 2.1 latents); WAN21_T2V (shift 8.0,
+    # multiplier 1000); WAN22_T2V, the 5B text/image-to-video model (48-channel Wan 2.2 latents).
+    "qwen_image": FamilySpec("qwen_image", 1.0, 0.0, "discrete_flow", 1.15, 1.0, 1000,
+                             latent_mean=WAN21_MEAN, latent_std=WAN21_STD, latent_dims=3),
+    "wan": FamilySpec("wan", 1.0, 0.0, "discrete_flow", 8.0, 1000.0, 1000,
+                      latent_mean=WAN21_MEAN, latent_std=WAN21_STD, latent_dims=3),
+    "wan22": FamilySpec("wan22", 1.0, 0.0, "discrete_flow", 8.0, 1000.0, 1000, latent_channels=48,
+                        latent_mean=WAN22_MEAN, latent_std=WAN22_STD, latent_dims=3),
 }
+#: model families whose sampling family depends on the latent channels (Wan 2.2 5B: 48)
+VIDEO_FAMILIES = ("wan", "wan22")
 
 
 def family_spec(family: str) -> FamilySpec:
@@ -42,10 +57,12 @@ def family_spec(family: str) -> FamilySpec:
         raise InvalidRequest(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})") from None
 
 
-def sampling_family(family: str, guidance_embeds: bool = True) -> str:
+def sampling_family(family: str, guidance_embeds: bool = True, latent_channels: int | None = None) -> str:
     """The sampling family of a loaded model: a FLUX without guidance embedding samples as schnell."""
     if family == "flux" and not guidance_embeds:
         return "flux-schnell"
+    if family == "wan" and latent_channels == 48:
+        return "wan22"
     family_spec(family)
     return family
 

@@ -44,7 +44,7 @@ def reference_names(tensors: dict) -> list[str]:
 def check_image_tensors(tensors: dict[str, torch.Tensor], info: ModelInfo, max_image_tokens: int) -> None:
     """Shapes of the image conditioning against the model; raises InvalidRequest naming the tensor."""
     latent = tensors["latent"]
-    batch, channels, h, w = latent.shape
+    batch, channels, h, w = latent.shape[0], latent.shape[1], latent.shape[-2], latent.shape[-1]  # Wan: 5-D
     fill = [n for n in FILL_TENSORS if n in tensors]
     if info.concat_channels and info.concat_channels != channels + FILL_MASK_CHANNELS:
         raise InvalidRequest(f"model {info.name} takes {info.concat_channels} conditioning channels (a FLUX Depth / "

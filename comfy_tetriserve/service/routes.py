@@ -251,10 +251,15 @@ async def submit(request: web.Request) -> web.Response:
         return web.json_response({**job_json(svc, existing), "existing": True}, status=200)
     info = svc.catalog.info(settings.model)
     check_tensors(settings, tensors, info, svc.config)
+    if settings.expert_model is not None:  # a two-expert job: both experts loaded and interchangeable
+        from ..core.experts import check_experts
+        check_experts(info, svc.catalog.info(settings.expert_model))
     svc.store.check_capacity(tenant)
     job_id = svc.store.new_job_id()
     sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)
     height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
+    if tensors["latent"].ndim == 5:  # video: frames fold into the height, so the cost model sees the token count
+        height *= int(tensors["latent"].shape[2])
     height, width = priced_size(height, width, sampling_job.num_reference_tokens)  # Kontext: + reference tokens
     gen = GenRequest(
         request_id=job_id, model=settings.model, height=height, width=width, num_steps=sampling_job.num_steps,

@@ -94,6 +94,11 @@ class JobSettings:
     result_space: Space | None = None  # space of the returned latent; default: latent_space
     # FLUX Kontext: how ref_latent_i are placed
     reference_latents_method: Literal[REFERENCE_METHODS] = "offset"  # type: ignore[valid-type]
+    # Wan 2.2 two-expert jobs: ``model`` is the high-noise expert, this the low-noise one, switched at
+    # the first step whose sigma is below ``expert_boundary`` (worker/experts.py); both or neither
+    expert_model: Annotated[StrictStr, Field(description="Wan 2.2: the low-noise expert model")] | None = None
+    expert_boundary: Annotated[StrictFloat, Field(gt=0.0, lt=1.0, description="Wan 2.2: sigma where the low-noise "
+                                                  "expert takes over")] | None = None
 
 
 SETTINGS_ADAPTER: TypeAdapter[JobSettings] = TypeAdapter(JobSettings)
@@ -114,6 +119,10 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     longest = MAX_SCHEDULE_FACTOR * limits.max_steps
     if settings.steps is not None and settings.denoise <= 0.9999 and settings.steps / settings.denoise > longest:
         # ComfyUI computes a schedule of steps / denoise steps and keeps the tail: bound its length
+    if (settings.expert_model is None) != (settings.expert_boundary is None):
+        raise InvalidRequest("expert_model and expert_boundary go together")
+    if settings.expert_model is not None:
+        check_model_name(settings.expert_model)
         raise InvalidRequest(f"denoise {settings.denoise:g} is too small for {settings.steps} steps: the full "
                              f"schedule would have {settings.steps / settings.denoise:.3g} steps, more than {longest}")
     if settings.deadline_s is not None and settings.deadline_s > limits.max_deadline_s:
@@ -173,7 +182,7 @@ def parse_body(body: bytes, limits: ServiceConfig) -> tuple[JobSettings, dict[st
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
             raise InvalidRequest(f"tensor {name} must be floating point (F32, F16, BF16 or F64), got {t.dtype}")
-        if t.numel() == 0:
+        if t.numel() == 0 and name not in ("pooled", "neg_pooled"):  # Qwen-Image / Wan: no pooled vector, [B, 0]
             raise InvalidRequest(f"tensor {name} is empty")
         if not torch.isfinite(t).all():
             raise InvalidRequest(f"tensor {name} contains NaN or Inf")
@@ -188,7 +197,11 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
                   limits: ServiceConfig) -> None:
     """Shapes against the model and the limits; raises InvalidRequest naming the tensor."""
     latent = tensors["latent"]
-    if latent.ndim != 4:
+    frames = 1
+    if latent.ndim == 5 and latents.is_video_family(info.family):  # [B, C, F, H, W] (Qwen-Image: F = 1)
+        frames = latents.check_video_latent(info.family, tuple(latent.shape))
+        latent = latent[:, :, 0]
+    elif latent.ndim != 4:
         raise InvalidRequest(f"latent must be [B, C, H/8, W/8], got {_shape(latent)}")
     batch, channels, h, w = latent.shape
     if not 1 <= batch <= limits.max_batch:
@@ -197,11 +210,14 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
         raise InvalidRequest(f"latent has {channels} channels, model {info.name} takes {info.in_channels}")
     if h < 2 or w < 2 or h % 2 or w % 2:
         raise InvalidRequest(f"latent height and width must be even and >= 2 (images in multiples of 16 px), got {h}x{w}")
-    if (h // 2) * (w // 2) > limits.max_image_tokens:
-        raise InvalidRequest(f"image of {h * 8}x{w * 8} px has {(h // 2) * (w // 2)} tokens, "
+    if info.family == "wan" and tensors["latent"].ndim != 5:
+        raise InvalidRequest(f"a Wan model takes video latents [B, C, F, H/8, W/8], got {_shape(latent)}")
+    if frames * (h // 2) * (w // 2) > limits.max_image_tokens:
+        raise InvalidRequest(f"latent of {frames} x {h * 8}x{w * 8} px has {frames * (h // 2) * (w // 2)} tokens, "
                              f"more than the limit {limits.max_image_tokens}")
-    if "noise" in tensors and tensors["noise"].shape != latent.shape:
-        raise InvalidRequest(f"noise must have the latent's shape {_shape(latent)}, got {_shape(tensors['noise'])}")
+    if "noise" in tensors and tensors["noise"].shape != tensors["latent"].shape:
+        raise InvalidRequest(f"noise must have the latent's shape {_shape(tensors['latent'])}, "
+                             f"got {_shape(tensors['noise'])}")
     for prefix in ("", "neg_"):
         if prefix + "context" not in tensors:
             continue
@@ -210,6 +226,9 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
             raise InvalidRequest(f"{prefix}context must be [1 or {batch}, tokens, {info.context_dim}], got {_shape(ctx)}")
         if not 1 <= ctx.shape[1] <= limits.max_text_tokens:
             raise InvalidRequest(f"{prefix}context has {ctx.shape[1]} tokens, limit {limits.max_text_tokens}")
+        if pooled.numel() == 0 and info.pooled_dim > 0:
+            raise InvalidRequest(f"tensor {prefix}pooled is empty; model {info.name} takes [1 or {batch}, "
+                                 f"{info.pooled_dim}]")
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch) or pooled.shape[1] != info.pooled_dim:
             raise InvalidRequest(f"{prefix}pooled must be [1 or {batch}, {info.pooled_dim}], got {_shape(pooled)}")
     check_image_tensors(tensors, info, limits.max_image_tokens)
@@ -231,13 +250,14 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
     """The SamplingJob the workers run: sigmas, noise and latent space resolved (ComfyUI's rules)."""
     latent = tensors["latent"].to(torch.float32).contiguous()
     noise = tensors["noise"].to(torch.float32) if "noise" in tensors else latents.prepare_noise(latent, settings.seed)
+    family = latents.sampling_family_of(info)
     if settings.latent_space == "vae" and bool(latent.count_nonzero()):
-        latent = latents.process_latent_in(info.family, latent)
+        latent = latents.process_latent_in(family, latent)
     if "sigmas" in tensors:
         sigmas = tensors["sigmas"].to(torch.float32)
     else:
         assert settings.steps is not None
-        sigmas = schedules.compute_sigmas(info.family, settings.scheduler, settings.steps, settings.denoise,
+        sigmas = schedules.compute_sigmas(family, settings.scheduler, settings.steps, settings.denoise,
                                          settings.shift)
     guidance = settings.guidance
     if info.guidance_embeds and guidance is None:
@@ -252,7 +272,9 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
         cfg=settings.cfg, guidance=guidance,
         neg_context=tensors.get("neg_context") if uses_cfg else None,
         neg_pooled=tensors.get("neg_pooled") if uses_cfg else None,
-        extra={"result_space": settings.result_space or settings.latent_space},
+        extra={"result_space": settings.result_space or settings.latent_space,
+               **({"expert": {"model": settings.expert_model, "boundary": float(settings.expert_boundary)}}
+                  if settings.expert_model is not None else {})},
         concat=concat, ref_latents=refs, ref_method=settings.reference_latents_method,
     )
 

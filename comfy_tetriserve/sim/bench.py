@@ -8,10 +8,12 @@ arrival-aware limits on scale-up and round length),
 ``granularity`` (round length in steps), ``bound`` (offline MILP upper bound on small traces),
 ``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
 ``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat; with
-the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates), ``cluster`` (two boxes at twice the
-rate: one cluster-wide planner vs one planner per box behind a router, sim/cluster.py), ``probes`` (the paper's
+the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates), ``multimodel`` (three models
+that do not all fit everywhere: placement, loads, evictions; multimodel_bench.py), ``probes`` (the paper's
 workload with one thing changed: bursty arrivals, step-time noise, a slower engine, 4 GPUs, twice
-the rate; sim/probes.py), each with the offline bound on small traces.
+the rate; sim/probes.py, each with the offline bound on small traces), ``video`` (FLUX images and Wan 14B
+clips, Wan priced by FLOPs: video_bench.py), ``cluster`` (two boxes at twice the rate: one cluster-wide
+planner vs one planner per box behind a router, sim/cluster.py; not in the default run).
 Every SAR row also carries the isolated bound (share of requests that could meet their deadline
 alone on the whole box, sim.bound.isolated_bound) and the gain over the strongest of all baselines.
 Every simulated number comes from the cost model named in the report (``cost_model``).
@@ -59,7 +61,7 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
 #: the probes compare TetriServe with the baselines that are strongest somewhere on the main table
 PROBE_POLICIES = ("tetriserve", "edf", "sp2-admit", "sp4-admit", "sp8-admit", "rssp-admit", "edf-admit")
 SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "multimodel",
-            "probes", "cluster")
+            "probes", "video", "cluster")
 #: run by default (``cluster`` simulates two boxes at twice the load, about 18 minutes: ask for it)
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "cluster")
 
@@ -91,6 +93,8 @@ class BenchConfig:
     probe_scales: tuple[float, ...] = cfg.field((1.0, 1.2, 1.5), help="SLO scales of the probes section")
     probe_policies: tuple[str, ...] = cfg.field(PROBE_POLICIES, help="policies of the probes section (those of "
                                                 "--policies among them)")
+    video_rate_per_min: float = cfg.field(2.5, help="video section: arrivals per minute (FLUX images + Wan clips)")
+    video_requests: int = cfg.field(150, help="video section: requests per trace")
     sections: tuple[str, ...] = cfg.field(DEFAULT_SECTIONS, help=f"sections to run ({' '.join(SECTIONS)}; "
                                                                   "cluster only when named)")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
@@ -105,7 +109,7 @@ class BenchConfig:
             self, num_requests=min(self.num_requests, 24), seeds=1, scales=(1.0, 1.5), rates=(6.0, 18.0),
             granularities=(1, 5), bound_requests=min(self.bound_requests, 12), bound_seeds=1,
             decision_sizes=(16, 64), decision_samples=20, step_counts=(28,), overload_rates=(120.0,),
-            probe_scales=(1.0,))
+            probe_scales=(1.0,), video_requests=min(self.video_requests, 24))
 
 
 # ------------------------------------------------------------------------------ running sims
@@ -559,6 +563,11 @@ class Bench:
         return ("Overload of small images (256/512 px only): SAR (GPU utilisation)\n"
                 + rep.format_table(["setting"] + policies, rows)
                 + "\n\nTetriServe variants in overload: SAR\n" + rep.format_table(["variant"] + vkeys, vrows))
+
+    def section_video(self) -> str:
+        from .video_bench import section
+
+        return section(self)
 
     def section_cluster(self) -> str:
         """Two boxes at twice the rate: one cluster-wide planner vs per-box planners behind routers (sim/cluster.py)."""

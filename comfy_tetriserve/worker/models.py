@@ -1,5 +1,8 @@
 """diffusers FLUX and SD3 transformers: loading, and one denoising forward on a token shard.
 
+Qwen-Image and Wan 2.x load and run through the same functions; their own code is in
+qwen_image.py, wan.py and families.py (docs/families.md).
+
 ``load_transformer(source, dtype, device)`` accepts
 
 - a diffusers folder (``config.json`` + safetensors, sharded or not; a pipeline folder with a
@@ -37,6 +40,7 @@ from ..core.executor import ModelInfo
 from .parallel import GroupComm, SeqShard, StepBinding, attention_backend, bind, gather_tokens, install_processors
 from .samplers import timestep_of_sigma
 from .tiny import TINY_FLUX_CONFIG, TINY_SD3_CONFIG, model_class, model_kwargs, random_model
+from . import families
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ PRESETS: dict[str, dict] = {
                     "qk_norm": "rms_norm"},
     "tiny-flux": TINY_FLUX_CONFIG,
     "tiny-sd3": TINY_SD3_CONFIG,
+    **families.PRESETS,  # Qwen-Image and Wan (families.py)
 }
 
 
@@ -86,6 +91,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def family_of(config: dict) -> str:
+    other = families.family_of_class(config.get("_class_name"))
+    if other:
+        return other
     return "flux" if config.get("_class_name") == FLUX_CLASS else "sd3"
 
 
@@ -130,8 +138,8 @@ def _diffusers_folder(path: Path) -> tuple[dict, list[Path]]:
     if not cfg_path.exists():
         raise InvalidRequest(f"{path} is a folder without config.json (not a diffusers model folder)")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if config.get("_class_name") not in (FLUX_CLASS, SD3_CLASS):
-        raise InvalidRequest(f"{path}: {config.get('_class_name')!r} is not a FLUX or SD3 transformer")
+    if config.get("_class_name") not in (FLUX_CLASS, SD3_CLASS, *families.CLASS_FAMILY):
+        raise InvalidRequest(f"{path}: {config.get('_class_name')!r} is not a FLUX, SD3, Qwen-Image or Wan transformer")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise InvalidRequest(f"{path} holds no .safetensors weights")
@@ -149,7 +157,11 @@ def read_checkpoint(source: str, device: str | torch.device = "cpu") -> tuple[di
         return config, _read_safetensors(files, device)
     if path.suffix != ".safetensors":
         raise InvalidRequest(f"{source}: only .safetensors files are read (no pickled checkpoints)")
-    family, sd = to_diffusers(_read_safetensors([path], device))
+    raw = _read_safetensors([path], device)
+    other = families.read_single_file(raw)
+    if other is not None:
+        return other
+    family, sd = to_diffusers(raw)
     return infer_config(family, sd), sd
 
 
@@ -167,7 +179,10 @@ class LoadedModel:
     source: str
 
     def __post_init__(self) -> None:
-        self.processor = install_processors(self.module, self.family)
+        if self.family in families.DEFAULT_TEXT_TOKENS:
+            self.processor = families.install_processor(self.module, self.family)
+        else:
+            self.processor = install_processors(self.module, self.family)
 
     @property
     def num_heads(self) -> int:
@@ -175,7 +190,9 @@ class LoadedModel:
 
     @property
     def patch_size(self) -> int:
-        return 2 if self.family == "flux" else int(self.config["patch_size"])
+        if self.family == "wan":
+            return int(self.config["patch_size"][1])
+        return 2 if self.family in ("flux", "qwen_image") else int(self.config["patch_size"])
 
     def info(self) -> ModelInfo:
         return info_of_config(self.name, self.config, self.dtype, self.source)
@@ -207,6 +224,8 @@ class LoadedModel:
         FLUX only: ``concat`` holds a Fill model's extra input channels, ``refs`` Kontext reference
         latents appended as image tokens (flux_inputs.py); both in model space.
         """
+        if self.family in families.DEFAULT_TEXT_TOKENS:  # Qwen-Image, Wan (families.py)
+            return families.forward(self, x, sigma, context, comm, vote)
         b, _, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
@@ -303,6 +322,7 @@ def load_transformer(source: str, *, dtype: str | torch.dtype = "bf16", device: 
         if missing or unexpected:
             raise InvalidRequest(f"{source}: weights do not fit the inferred architecture "
                                  f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        families.materialize(module, config, device)
         left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if left:
             raise InvalidRequest(f"{source}: no weights for {left[:5]}")
@@ -316,6 +336,12 @@ def load_transformer(source: str, *, dtype: str | torch.dtype = "bf16", device: 
 
 def info_of_config(name: str, config: dict, dtype: torch.dtype, source: str) -> ModelInfo:
     family = family_of(config)
+    if family in families.DEFAULT_TEXT_TOKENS:
+        return ModelInfo(
+            name=name, family=family, num_heads=int(config["num_attention_heads"]),
+            in_channels=families.latent_channels(family, config), context_dim=families.context_dim(family, config),
+            pooled_dim=0, guidance_embeds=False, dtype=dtype_name(dtype),
+            source=source if source.startswith("random:") else Path(source).name)
     latent_channels = config["out_channels"] // 4 if family == "flux" else config["in_channels"]
     concat_channels = (config["in_channels"] - config["out_channels"]) // 4 if family == "flux" else 0
     return ModelInfo(
@@ -331,8 +357,12 @@ def info_of_config(name: str, config: dict, dtype: torch.dtype, source: str) -> 
 
 
 def num_attention_layers(config: dict) -> int:
-    """Attention layers of a diffusers config (FLUX: double + single blocks; SD3: joint + dual)."""
-    if family_of(config) == "flux":
+    """Attention layers of a diffusers config (FLUX: double + single blocks; SD3: joint + dual; Qwen-Image and
+    Wan: families.py)."""
+    family = family_of(config)
+    if family in families.DEFAULT_TEXT_TOKENS:
+        return families.num_attention_layers(family, config)
+    if family == "flux":
         return int(config["num_layers"]) + int(config["num_single_layers"])
     return int(config["num_layers"]) + len(config.get("dual_attention_layers") or ())
 

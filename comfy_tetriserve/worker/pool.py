@@ -538,6 +538,12 @@ class WorkerPool(PoolMemory):
             raise NotFound(f"model {job.model!r} is not loaded")
         info = self._models[job.model][2]
         self._check_job(job, info)
+        from .experts import check_experts, parse_expert
+        expert = parse_expert(job.extra)
+        if expert is not None:  # a two-expert job: the low-noise model must be loaded and compatible
+            if expert[0] not in self._models:
+                raise NotFound(f"expert model {expert[0]!r} is not loaded")
+            check_experts(info, self._models[expert[0]][2])
         # Sampler settings beyond the name travel in ``extra`` ("sampler_options", "noise_device").
         kwargs = {arg: job.extra[key] for key, arg in (("sampler_options", "options"), ("noise_device", "noise_device"))
                   if key in job.extra}
@@ -553,9 +559,12 @@ class WorkerPool(PoolMemory):
     @staticmethod
     def _check_job(job: SamplingJob, info: ModelInfo) -> None:
         lat = job.latent
-        if lat.ndim != 4 or lat.shape[1] != info.in_channels:
+        if info.family in ("qwen_image", "wan"):  # 5-D latents (families.py)
+            from .families import check_latent_shape
+            check_latent_shape(info, tuple(lat.shape))
+        elif lat.ndim != 4 or lat.shape[1] != info.in_channels:
             raise InvalidRequest(f"latent must be [B, {info.in_channels}, H, W], got {list(lat.shape)}")
-        if lat.shape[2] % 2 or lat.shape[3] % 2:
+        if lat.shape[-2] % 2 or lat.shape[-1] % 2:
             raise InvalidRequest(f"latent size {lat.shape[2]}x{lat.shape[3]} must be even (pixel size a multiple of 16)")
         if job.noise.shape != lat.shape:
             raise InvalidRequest("noise and latent differ in shape")
@@ -739,8 +748,11 @@ def _exit_description(proc) -> str:
 
 
 def _conditioning(job: SamplingJob) -> Conditioning:
+    from .experts import parse_expert
+
     return Conditioning(request_id=job.request_id, model=job.model, context=job.context, pooled=job.pooled,
-                        cfg=float(job.cfg), guidance=job.guidance, neg_context=job.neg_context,
+                        cfg=float(job.cfg), guidance=job.guidance, expert=parse_expert(job.extra),
+                        neg_context=job.neg_context,
                         neg_pooled=job.neg_pooled, concat=job.concat, refs=tuple(job.ref_latents),
                         ref_method=job.ref_method)
 

@@ -53,6 +53,7 @@ class ProfileSpec:
     warmup: int = 2
     text_tokens: int | None = None  # None: the family's usual count (FLUX 512, SD3 333)
     loaded: bool = False  # measure with every other disjoint group running the same request
+    frames: int = 81  # video models (Wan): pixel frames per clip; rows fold latent frames into the height
 
 
 #: a device count is within the parallel capacity while its step takes at most this x the time alone
@@ -83,12 +84,22 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return height, width
 
 
+def latent_frames(info, frames: int) -> int:
+    """Latent frames of a ``frames``-frame clip for a video model (Wan's VAE: 1 + (frames - 1) / 4), else 1."""
+    return 1 + (frames - 1) // 4 if info.family == "wan" else 1
+
+
 def synthetic_job(request_id: str, model: str, info, height: int, width: int, batch: int, tokens: int,
-                  num_steps: int) -> SamplingJob:
+                  num_steps: int, frames: int = 81) -> SamplingJob:
+    from ..sampling.latents import sampling_family_of
+
     g = torch.Generator().manual_seed(0)
-    latent = torch.zeros(batch, info.in_channels, height // 8, width // 8)
+    shape = (batch, info.in_channels, height // 8, width // 8)
+    if info.family == "wan":
+        shape = shape[:2] + (latent_frames(info, frames),) + shape[2:]
+    latent = torch.zeros(shape)
     return SamplingJob(request_id=request_id, model=model, latent=latent, noise=prepare_noise(latent, 0),
-                       sigmas=compute_sigmas(info.family, "simple", num_steps),
+                       sigmas=compute_sigmas(sampling_family_of(info), "simple", num_steps),
                        context=torch.randn(1, tokens, info.context_dim, generator=g),
                        pooled=torch.randn(1, info.pooled_dim, generator=g),
                        guidance=3.5 if info.guidance_embeds else None)
@@ -96,13 +107,17 @@ def synthetic_job(request_id: str, model: str, info, height: int, width: int, ba
 
 async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileSpec) -> tuple[ModelProfile, list[ProfileRow]]:
     """Profile one model on a started pool."""
+    from . import families
     from .models import DEFAULT_TEXT_TOKENS, allowed_degrees, source_config
 
     info = await pool.load_model(name, source, dtype)
     config = source_config(source)
-    tokens = spec.text_tokens or DEFAULT_TEXT_TOKENS[info.family]
-    layers = (config["num_layers"] + config["num_single_layers"] if info.family == "flux"
-              else config["num_layers"] + len(config.get("dual_attention_layers") or ()))
+    tokens = spec.text_tokens or {**DEFAULT_TEXT_TOKENS, **families.DEFAULT_TEXT_TOKENS}[info.family]
+    if info.family in families.DEFAULT_TEXT_TOKENS:
+        layers = families.num_attention_layers(info.family, config)
+    else:
+        layers = (config["num_layers"] + config["num_single_layers"] if info.family == "flux"
+                  else config["num_layers"] + len(config.get("dual_attention_layers") or ()))
     profile = ModelProfile(num_heads=info.num_heads, num_attention_layers=int(layers),
                            hidden_size=int(info.num_heads * config["attention_head_dim"]), num_text_tokens=tokens)
     degrees = allowed_degrees(info.num_heads, len(pool.gpu_ids))
@@ -114,7 +129,8 @@ async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileS
             for k in degrees:
                 group = next(g for g in pool.groups if len(g) == k)
                 rid = f"profile-{name}-{height}x{width}-b{batch}-k{k}"
-                job = synthetic_job(rid, name, info, height, width, batch, tokens, spec.warmup + spec.steps)
+                job = synthetic_job(rid, name, info, height, width, batch, tokens, spec.warmup + spec.steps,
+                                    spec.frames)
                 await pool.admit(job)
                 load = await _start_load(pool, spec, name, info, height, width, batch, tokens, rid, group)
                 try:
@@ -131,7 +147,9 @@ async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileS
                     await _stop_load(pool, load)
                     await pool.release(rid)
                 step_s = statistics.median(times)
-                rows.append(ProfileRow(model=name, height=height, width=width, batch=batch, sp_degree=k,
+                # a clip's latent frames fold into the height, as the service prices video jobs
+                rows.append(ProfileRow(model=name, height=height * latent_frames(info, spec.frames), width=width,
+                                       batch=batch, sp_degree=k,
                                        compute_s=step_s, includes_comm=True))
                 log.info("%s %dx%d batch %d degree %d: %.4f s/step", name, height, width, batch, k, step_s)
     return profile, rows
@@ -148,7 +166,7 @@ async def _start_load(pool, spec: ProfileSpec, name: str, info, height: int, wid
     room = 50 * (spec.warmup + spec.steps) + 50
     for i, g in enumerate(load_groups(pool.groups, group)):
         lid = f"{rid}-load{i}"
-        await pool.admit(synthetic_job(lid, name, info, height, width, batch, tokens, room))
+        await pool.admit(synthetic_job(lid, name, info, height, width, batch, tokens, room, spec.frames))
         load.append((lid, asyncio.ensure_future(pool.execute(Assignment((lid,), g, room)))))
     return load
 
@@ -271,7 +289,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="degrees to measure (default: every allowed degree that fits the devices)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per point (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per point (default: 2)")
-    parser.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: FLUX 512, SD3 333)")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="text tokens (default: FLUX 512, SD3 333, Qwen-Image 256, Wan 512)")
+    parser.add_argument("--frames", type=int, default=81,
+                        help="video models (Wan): frames per clip (default: 81); rows fold latent frames into the height")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: bf16)")
     parser.add_argument("--loaded", action="store_true",
                         help="measure each point while every other disjoint group of its size runs the same "
@@ -284,7 +305,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = ProfileSpec(resolutions=tuple(parse_resolution(r) for r in args.res), batches=tuple(args.batch),
                            degrees=tuple(args.degrees) if args.degrees else None, steps=args.steps,
-                           warmup=args.warmup, text_tokens=args.text_tokens, loaded=args.loaded)
+                           warmup=args.warmup, text_tokens=args.text_tokens, loaded=args.loaded,
+                           frames=args.frames)
         if spec.steps < 1 or spec.warmup < 0 or any(b < 1 for b in spec.batches):
             raise InvalidRequest("--steps must be >= 1, --warmup >= 0, batches >= 1")
         models = parse_models(args.model)

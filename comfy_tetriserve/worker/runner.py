@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .experts import step_with_experts
 from .parallel import GroupComm
 from .samplers import Trajectory, cfg_combine, step
 
@@ -85,6 +86,7 @@ class Conditioning:
     concat: torch.Tensor | None = None  # FLUX Fill's extra input channels (both CFG branches)
     refs: tuple = ()  # FLUX Kontext reference latents (both CFG branches)
     ref_method: str = "offset"
+    expert: tuple[str, float] | None = None  # (low-noise model, boundary sigma): experts.py
 
     @property
     def uses_cfg(self) -> bool:
@@ -251,7 +253,7 @@ class StepRunner:
             if cond.uses_cfg:
                 rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, *image))
             outs = submit(rows)
-            s = sigma.view(-1, 1, 1, 1)
+            s = sigma.view(-1, *([1] * (x.dim() - 1)))
             den = [x - o * s for o in outs]
             return cfg_combine(den[0], den[1], cond.cfg) if cond.uses_cfg else den[0]
         return denoise
@@ -469,7 +471,13 @@ class Worker:
             trajs = [self.obtain(rid, task["sources"][rid], comm) for rid in rids]
             stats["handoff_s"] = time.perf_counter() - t0
             stats["handoff_kinds"] = sorted({task["sources"][rid][0] for rid in rids})
-            runner = StepRunner(model, comm)
+            runners = {task["model"]: StepRunner(model, comm)}
+
+            def runner_for(name: str) -> StepRunner:  # two-expert jobs step on either model (experts.py)
+                if name not in runners:
+                    runners[name] = StepRunner(self.models[name], comm)
+                return runners[name]
+
             conds = [self.conds[rid] for rid in rids]
             every = task.get("checkpoint_every_s")
             last_ckpt = time.perf_counter()
@@ -477,7 +485,7 @@ class Worker:
                 t0 = time.perf_counter()
                 self._raise_injected()
                 vote = 1.0 if task_id in self.stop_task_ids else 0.0
-                trajs, stop = runner.step(trajs, conds, vote)
+                trajs, stop = step_with_experts(runner_for, trajs, conds, vote, task["model"])
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t0)

@@ -43,8 +43,13 @@ from .tiny import TINY_CONFIGS, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
-LAYOUT = {"flux": "bfl", "sd3": "sd3_single"}
-PREFERRED_SAMPLERS = {"flux": ("euler_ancestral", "euler"), "sd3": ("dpmpp_2m", "euler")}
+LAYOUT = {"flux": "bfl", "sd3": "sd3_single", "qwen_image": "comfy", "wan": "wan"}
+PREFERRED_SAMPLERS = {"flux": ("euler_ancestral", "euler"), "sd3": ("dpmpp_2m", "euler"),
+                      "qwen_image": ("dpmpp_2m", "euler"), "wan": ("euler_ancestral", "euler")}
+FAMILIES = ("flux", "sd3", "qwen_image", "wan")
+#: latents: Qwen-Image as ComfyUI hands it over (one frame), Wan 3 latent frames (9 video frames)
+LATENT_SHAPES = {"flux": (1, 16, 14, 18), "sd3": (1, 16, 14, 18), "qwen_image": (1, 16, 1, 14, 18),
+                 "wan": (1, 16, 3, 14, 18)}
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 1e-2}
 
 
@@ -53,12 +58,15 @@ def sampler_for(family: str) -> str:
 
 
 def make_job(request_id: str, model: str, family: str, steps: int, seed: int = 0) -> SamplingJob:
-    """A text-to-image request for a tiny model: 112 x 144 px, 7 text tokens."""
-    cfg = TINY_CONFIGS[family]
+    """A text-to-image (video) request for a tiny model: 112 x 144 px, 7 text tokens."""
+    from .families import TINY_CONFIGS as OTHER_CONFIGS
+
+    cfg = TINY_CONFIGS.get(family) or OTHER_CONFIGS[family]
     g = torch.Generator().manual_seed(seed + 1)
-    latent = torch.zeros(1, 16, 14, 18)
-    ctx_dim, pooled_dim = cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
-    uncond = family == "sd3"
+    latent = torch.zeros(LATENT_SHAPES[family])
+    ctx_dim = cfg["text_dim"] if family == "wan" else cfg["joint_attention_dim"]
+    pooled_dim = cfg.get("pooled_projection_dim", 0)
+    uncond = family in ("sd3", "qwen_image", "wan")
     return SamplingJob(
         request_id=request_id, model=model, latent=latent, noise=prepare_noise(latent, seed),
         sigmas=compute_sigmas(family, "simple", steps), context=torch.randn(1, 7, ctx_dim, generator=g),
@@ -164,14 +172,15 @@ async def run_checks(pool, workdir: str | Path, *, steps: int = 6, seed: int = 0
     return report
 
 
-async def selfcheck(devices: str, *, steps: int = 6, seed: int = 0, dtype: str = "fp32") -> dict:
+async def selfcheck(devices: str, *, steps: int = 6, seed: int = 0, dtype: str = "fp32",
+                    families: tuple[str, ...] = FAMILIES) -> dict:
     from .pool import WorkerPool
 
     pool = WorkerPool(devices)
     await pool.start()
     try:
         with tempfile.TemporaryDirectory(prefix="tetriserve-selfcheck-") as d:
-            return await run_checks(pool, d, steps=steps, seed=seed, dtype=dtype)
+            return await run_checks(pool, d, steps=steps, seed=seed, dtype=dtype, families=families)
     finally:
         await pool.close()
 
@@ -196,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json_path).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     for family, checks in report.items():
         line = "  ".join(f"{k}={v:.2e}" for k, v in checks.items())
-        print(f"{family:5s} ({sampler_for(family)}): {line}")
+        print(f"{family:10s} ({sampler_for(family)}): {line}")
     verdict = "PASS" if ok else "FAIL"
     print(f"{verdict}: every rel_err <= {tol:g} on {args.devices} ({args.dtype}), {elapsed:.1f} s", file=sys.stderr)
     return 0 if ok else 1

@@ -63,6 +63,10 @@ def model_class(config: dict):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     name = config.get("_class_name")
+    from .families import family_of_class
+    if family_of_class(name):
+        from .families import model_class as family_model_class
+        return family_model_class(name)
     if name == FLUX_CLASS:
         return FluxTransformer2DModel
     if name == SD3_CLASS:
@@ -72,6 +76,9 @@ def model_class(config: dict):
 
 def model_kwargs(config: dict) -> dict:
     """A diffusers config without the bookkeeping entries, ready for ``cls(**kwargs)``."""
+    from .families import family_of_class, model_kwargs as family_kwargs
+    if family_of_class(config.get("_class_name")):
+        return family_kwargs(config)
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -109,6 +116,9 @@ VARIANTS = {("flux", ""): TINY_FLUX_CONFIG, ("flux", "fill"): TINY_FLUX_FILL_CON
 
 def tiny_state_dict(family: str, seed: int = 0, variant: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, diffusers-named fp32 weights) of the tiny model of ``family`` (and ``variant``)."""
+    from . import families
+    if family in families.TINY_CONFIGS:
+        return families.tiny_state_dict(family, seed)
     if family not in TINY_CONFIGS:
         raise InvalidRequest(f"unknown family {family!r} (known: {', '.join(TINY_CONFIGS)})")
     if (family, variant) not in VARIANTS:
@@ -126,8 +136,10 @@ def write_tiny_checkpoint(family: str, layout: str, path: str | Path, seed: int 
     the single-file layouts write ``path`` itself (``.safetensors`` is appended if missing).
     The same seed gives the same weights in every layout. ``variant="fill"`` writes a FLUX Fill.
     """
-    if layout not in FAMILY_LAYOUTS.get(family, ()):
-        raise InvalidRequest(f"layout {layout!r} does not exist for {family!r} (known: {FAMILY_LAYOUTS.get(family)})")
+    from . import families
+    known = FAMILY_LAYOUTS.get(family) or families.LAYOUTS.get(family, ())
+    if layout not in known:
+        raise InvalidRequest(f"layout {layout!r} does not exist for {family!r} (known: {known})")
     config, sd = tiny_state_dict(family, seed, variant)
     sd = {k: v.to(dtype) for k, v in sd.items()}
     path = Path(path)
@@ -139,5 +151,6 @@ def write_tiny_checkpoint(family: str, layout: str, path: str | Path, seed: int 
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(from_diffusers(family, sd, layout), str(path))
+    single = families.to_layout(family, sd, layout) if family in families.LAYOUTS else from_diffusers(family, sd, layout)
+    save_file(single, str(path))
     return path
