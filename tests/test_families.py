@@ -306,7 +306,7 @@ def test_service_settings_name_both_experts_and_the_boundary():
     limits = ServiceConfig()
     with pytest.raises(InvalidRequest, match="go together"):
         parse_settings({"model": "high.safetensors", "expert_model": "low.safetensors"}, limits)
-    with pytest.raises(InvalidRequest, match="sigma in"):
+    with pytest.raises(InvalidRequest, match="expert_boundary"):
         parse_settings({"model": "h", "expert_model": "l", "expert_boundary": 1.5}, limits)
     s = parse_settings({"model": "h", "steps": 4, "expert_model": "l", "expert_boundary": 0.875}, limits)
     info = ModelInfo(name="h", family="wan", num_heads=4, in_channels=16, context_dim=4096, pooled_dim=0)

@@ -114,15 +114,15 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     except ValidationError as exc:
         raise InvalidRequest(validation_message(exc, "setting", SETTINGS_FIELDS)) from None
     check_model_name(settings.model)
+    if (settings.expert_model is None) != (settings.expert_boundary is None):
+        raise InvalidRequest("expert_model and expert_boundary go together")
+    if settings.expert_model is not None:
+        check_model_name(settings.expert_model)
     if settings.steps is not None and settings.steps > limits.max_steps:
         raise InvalidRequest(f"steps must be between 1 and {limits.max_steps}, got {settings.steps}")
     longest = MAX_SCHEDULE_FACTOR * limits.max_steps
     if settings.steps is not None and settings.denoise <= 0.9999 and settings.steps / settings.denoise > longest:
         # ComfyUI computes a schedule of steps / denoise steps and keeps the tail: bound its length
-    if (settings.expert_model is None) != (settings.expert_boundary is None):
-        raise InvalidRequest("expert_model and expert_boundary go together")
-    if settings.expert_model is not None:
-        check_model_name(settings.expert_model)
         raise InvalidRequest(f"denoise {settings.denoise:g} is too small for {settings.steps} steps: the full "
                              f"schedule would have {settings.steps / settings.denoise:.3g} steps, more than {longest}")
     if settings.deadline_s is not None and settings.deadline_s > limits.max_deadline_s:
