@@ -114,6 +114,8 @@ class ModelInfo:
     guidance_embeds: bool = False  # FLUX-dev: takes a guidance value
     dtype: str = "bf16"
     source: str = ""  # where the weights came from (file or folder name, never shown to other tenants)
+    storage: str = ""  # how the weights are held: "bf16", "fp8_e4m3fn", "gguf Q8_0", ... (worker/quant.py)
+    resident_bytes: int = 0  # bytes of the model's weights on one worker
 
 
 @runtime_checkable
