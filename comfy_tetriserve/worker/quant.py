@@ -110,9 +110,9 @@ def _num_rows(t) -> int:
     return int(shape[0]) if len(shape) else 1
 
 
-def row_provenance(shapes: dict[str, tuple[int, ...]], convert) -> dict[str, Rows]:
+def row_sources(shapes: dict[str, tuple[int, ...]], convert) -> dict[str, tuple[list[str], torch.Tensor]]:
     """Run ``convert`` (a state-dict -> state-dict row rearrangement) on row tags; per output key,
-    the source key and rows it takes."""
+    the source key of each of its rows and the row within that source."""
     tags, starts, names, offset = {}, [], [], 0
     for key, shape in shapes.items():
         n = int(shape[0]) if len(shape) else 1
@@ -124,15 +124,22 @@ def row_provenance(shapes: dict[str, tuple[int, ...]], convert) -> dict[str, Row
     out = {}
     for key, tag in convert(tags).items():
         ids = tag.reshape(-1)
-        which = int(torch.searchsorted(starts_t, ids[0], right=True)) - 1
-        src, rows = names[which], (ids - starts_t[which]).long()
-        if (ids < starts_t[which]).any() or (rows >= _num_rows(tags[src])).any():
+        which = torch.searchsorted(starts_t, ids, right=True) - 1
+        out[key] = ([names[int(w)] for w in which], (ids - starts_t[which]).long())
+    return out
+
+
+def row_provenance(shapes: dict[str, tuple[int, ...]], convert) -> dict[str, Rows]:
+    """Like ``row_sources`` where every output is made of rows of one source: (source, rows)."""
+    out = {}
+    for key, (srcs, rows) in row_sources(shapes, convert).items():
+        if len(set(srcs)) != 1:
             raise InvalidRequest(f"{key}: its rows come from several checkpoint tensors (not a row slice)")
         first = int(rows[0])
         if torch.equal(rows, torch.arange(first, first + rows.numel())):
-            out[key] = Rows(src, slice(first, first + rows.numel()))
+            out[key] = Rows(srcs[0], slice(first, first + rows.numel()))
         else:
-            out[key] = Rows(src, rows)
+            out[key] = Rows(srcs[0], rows)
     return out
 
 
