@@ -86,6 +86,7 @@ class SamplingJob:
     neg_context: "torch.Tensor | None" = None
     neg_pooled: "torch.Tensor | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA stack: (resolved file path, strength), in order
 
     @property
     def num_steps(self) -> int:
@@ -116,6 +117,7 @@ class ModelInfo:
     source: str = ""  # where the weights came from (file or folder name, never shown to other tenants)
     storage: str = ""  # how the weights are held: "bf16", "fp8_e4m3fn", "gguf Q8_0", ... (worker/quant.py)
     resident_bytes: int = 0  # bytes of the model's weights on one worker
+    resident_bytes_by_worker: tuple[tuple[int, int], ...] = ()  # (device id, bytes) per worker holding it
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from ..core.executor import Executor, ModelInfo
 
 log = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".safetensors", ".sft")
+MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf")
 MAX_NAME_CHARS = 255
 MAX_LISTED_FILES = 1000
 MAX_LIST_DEPTH = 4
@@ -53,6 +53,9 @@ class ModelEntry:
             out.update(family=self.info.family, num_heads=self.info.num_heads, in_channels=self.info.in_channels,
                        context_dim=self.info.context_dim, pooled_dim=self.info.pooled_dim,
                        guidance_embeds=self.info.guidance_embeds, dtype=self.info.dtype)
+            if self.info.storage:  # weight storage (bf16, fp8_e4m3fn, gguf Q8_0, ...) and bytes held per worker
+                out.update(storage=self.info.storage,
+                           resident_bytes={str(d): b for d, b in self.info.resident_bytes_by_worker})
         if self.error:
             out["error"] = self.error
         return out

@@ -9,6 +9,7 @@ import copy
 from functools import lru_cache
 
 from .. import __version__
+from ..sampling.names import WEIGHT_DTYPES
 
 _NUM_OR_NULL = {"type": ["number", "null"]}
 _STR_OR_NULL = {"type": ["string", "null"]}
@@ -41,6 +42,12 @@ SCHEMAS: dict = {
             "lease": _TOKEN,
             "latent_space": {"enum": ["vae", "model"], "default": "vae"},
             "result_space": {"enum": ["vae", "model", None]},
+            "loras": {"type": "array", "maxItems": 16, "description": "LoRA stack, applied in order: files named "
+                      "inside the service's --lora-dir folders", "items": {
+                          "type": "object", "required": ["name"], "additionalProperties": False,
+                          "properties": {"name": {"type": "string"},
+                                         "strength": {"type": "number", "minimum": -100, "maximum": 100,
+                                                      "default": 1.0}}}},
         },
     },
     "Job": {
@@ -91,14 +98,18 @@ SCHEMAS: dict = {
                              "expires_at": {"type": "number"}, "num_jobs": {"type": "integer"},
                              "cancelled": {"type": "array", "items": {"type": "string"}}}},
     "ModelLoadRequest": {"type": "object", "required": ["model"], "additionalProperties": False,
-                         "properties": {"model": {"type": "string"}, "dtype": {"enum": ["bf16", "fp16", "fp32"]}}},
+                         "properties": {"model": {"type": "string"}, "dtype": {"enum": list(WEIGHT_DTYPES)}}},
     "Model": {"type": "object", "required": ["name", "status", "origin"],
               "properties": {"name": {"type": "string"}, "origin": {"enum": ["configured", "directory"]},
                              "status": {"enum": ["available", "loading", "loaded", "failed"]},
                              "family": {"type": "string"}, "num_heads": {"type": "integer"},
                              "in_channels": {"type": "integer"}, "context_dim": {"type": "integer"},
                              "pooled_dim": {"type": "integer"}, "guidance_embeds": {"type": "boolean"},
-                             "dtype": {"type": "string"}, "error": {"type": "string"}}},
+                             "dtype": {"type": "string"}, "error": {"type": "string"},
+                             "storage": {"type": "string", "description": "how the weights are held (bf16, "
+                                         "fp8_e4m3fn, gguf Q8_0, ...)"},
+                             "resident_bytes": {"type": "object", "additionalProperties": {"type": "integer"},
+                                                "description": "bytes of weights held, per worker device id"}}},
     "Health": {"type": "object", "required": ["status", "boot_id", "version"],
                "properties": {"status": {"enum": ["ok", "stopping"]}, "version": {"type": "string"},
                               "api": {"type": "string"}, "boot_id": {"type": "string"},

@@ -19,12 +19,14 @@ from aiohttp import web
 
 from .. import __version__
 from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable, TooManyRequests
+from ..sampling.names import WEIGHT_DTYPES
 from ..types import GenRequest
 from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json
 from .catalog import ModelStatus, check_model_name
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
 from .openapi import openapi_document
+from .loras import with_loras
 from .schemas import check_tensors, check_token, parse_body, resolve_job
 from .state import SERVICE, Service
 
@@ -168,8 +170,8 @@ async def load_model(request: web.Request) -> web.Response:
     data = await read_json(request, svc, ("model", "dtype"))
     name = check_model_name(data.get("model"))
     dtype = data.get("dtype", svc.config.dtype)
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise InvalidRequest("dtype must be one of bf16, fp16, fp32")
+    if dtype not in WEIGHT_DTYPES:
+        raise InvalidRequest(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}")
     entry = svc.catalog.start_load(name, dtype)
     return web.json_response(entry.to_json(), status=200 if entry.status is ModelStatus.LOADED else 202)
 
@@ -242,12 +244,14 @@ async def submit(request: web.Request) -> web.Response:
     svc.store.check_capacity(tenant)
     job_id = svc.store.new_job_id()
     sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)
+    sampling_job, adapter = with_loras(sampling_job, settings, svc.config.lora_dir)
     height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
     gen = GenRequest(
         request_id=job_id, model=settings.model, height=height, width=width, num_steps=sampling_job.num_steps,
         arrival_at=received_at,
         deadline_at=None if settings.deadline_s is None else received_at + settings.deadline_s,
         batch=sampling_job.batch, sampler=settings.sampler, tenant=tenant, priority=settings.priority,
+        adapter=adapter,
     )
     job = Job(job_id=job_id, settings=settings, request=gen, tenant=tenant,
               lease_id=lease.lease_id if lease else None, body_digest=digest, submitted_at=received_at,

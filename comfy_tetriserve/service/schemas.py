@@ -75,6 +75,7 @@ class JobSettings:
     lease: str | None = None
     latent_space: str = "vae"  # the latent sent is in VAE space ("vae") or already in model space ("model")
     result_space: str | None = None  # space of the returned latent; default: latent_space
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA stack by file name (service/loras.py), in order
 
 
 def _number(value: Any, what: str, *, integer: bool = False) -> float | int:
@@ -143,6 +144,10 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     for name in ("denoise", "cfg"):
         if name in s:
             s[name] = float(s[name])
+    if "loras" in s:
+        from .loras import parse_stack
+
+        s["loras"] = parse_stack(s["loras"])
     return JobSettings(**s)
 
 

@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..config import field
+from ..sampling.names import WEIGHT_DTYPES
 from ..errors import InvalidRequest
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -23,7 +24,9 @@ class ServiceConfig:
     devices: str = field("sim:4", help="cuda:0-7 | cuda:0,1,3 | cpu:N (real workers) | sim:N (simulated, no images)")
     model: tuple[str, ...] = field((), help="models to load at start, NAME=PATH (PATH may be sim:flux or sim:sd3 with sim devices)")
     model_dir: tuple[str, ...] = field((), help="folders clients may load model files from by name (e.g. ComfyUI's diffusion_models)")
-    dtype: str = field("bf16", help="weight dtype of models loaded at start", choices=("bf16", "fp16", "fp32"))
+    lora_dir: tuple[str, ...] = field((), help="folders jobs may name LoRA files from (e.g. ComfyUI's loras); repeatable")
+    dtype: str = field("bf16", help="weight dtype of models loaded at start (fp8_*: stored as fp8, as ComfyUI's "
+                                    "UNETLoader does)", choices=WEIGHT_DTYPES)
     policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
     cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
     profile_as: tuple[str, ...] = field(

@@ -37,6 +37,8 @@ which is a death as above; out of memory in a one-device assignment ends that as
 """
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import itertools
 import logging
@@ -517,7 +519,8 @@ class WorkerPool:
         errors = {r: e for r, (_, e) in replies.items() if e}
         if errors:
             raise WorkerError(f"loading {name!r} failed: {errors}")
-        return replies[0][0]
+        by_worker = tuple((r, int(getattr(replies[r][0], "resident_bytes", 0))) for r in sorted(replies))
+        return dataclasses.replace(replies[0][0], resident_bytes_by_worker=by_worker)
 
     def models(self) -> dict[str, ModelInfo]:
         return {name: info for name, (_, _, info) in self._models.items()}
@@ -530,6 +533,10 @@ class WorkerPool:
             raise NotFound(f"model {job.model!r} is not loaded")
         info = self._models[job.model][2]
         self._check_job(job, info)
+        if job.loras:
+            from .lora_check import check_stack
+
+            check_stack(self._models[job.model][0], job.loras)
         # Sampler settings beyond the name travel in ``extra`` ("sampler_options", "noise_device").
         kwargs = {arg: job.extra[key] for key, arg in (("sampler_options", "options"), ("noise_device", "noise_device"))
                   if key in job.extra}
@@ -710,6 +717,6 @@ def _exit_description(proc) -> str:
 def _conditioning(job: SamplingJob) -> Conditioning:
     return Conditioning(request_id=job.request_id, model=job.model, context=job.context, pooled=job.pooled,
                         cfg=float(job.cfg), guidance=job.guidance, neg_context=job.neg_context,
-                        neg_pooled=job.neg_pooled)
+                        neg_pooled=job.neg_pooled, loras=tuple(job.loras))
 
 

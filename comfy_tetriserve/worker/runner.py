@@ -82,6 +82,7 @@ class Conditioning:
     guidance: float | None = None
     neg_context: torch.Tensor | None = None
     neg_pooled: torch.Tensor | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA stack: (file path, strength), applied per forward
 
     @property
     def uses_cfg(self) -> bool:
@@ -138,7 +139,7 @@ def broadcast_trajectory(comm: GroupComm, src_index: int, mine: Trajectory | Non
 
 
 # ----------------------------------------------------------------- batched sampler steps
-Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None)
+Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None, LoRA stack)
 
 
 class _Rendezvous:
@@ -203,27 +204,38 @@ def _expand(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
 class StepRunner:
     """One sampler step for a list of trajectories on one group (see the module docstring)."""
 
-    def __init__(self, model, comm: GroupComm | None) -> None:
+    def __init__(self, model, comm: GroupComm | None, loras=None) -> None:
         self.model = model
         self.comm = comm
+        self.loras = loras  # lora.LoraCache: files read once per worker
         self.votes: torch.Tensor | None = None
         self.vote = 0.0
 
     def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
-        """Model outputs for rows; rows with equal text length share one forward (row order kept)."""
+        """Model outputs for rows; rows with equal text length and LoRA stack share one forward (row order kept)."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
         by_len: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            by_len.setdefault((r[2].shape[1], r[4] is None), []).append(i)
-        for idxs in by_len.values():
+            by_len.setdefault((r[2].shape[1], r[4] is None, r[5]), []).append(i)
+        for (_, _, stack), idxs in by_len.items():
             cat = [torch.cat([rows[i][j] for i in idxs]) for j in range(4)]
             guidance = None if rows[idxs[0]][4] is None else torch.cat([rows[i][4] for i in idxs])
-            out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote)
+            with self._lora(stack):
+                out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote)
             pos = 0
             for i in idxs:
                 n = rows[i][0].shape[0]
                 outs[i], pos = out[pos:pos + n], pos + n
         return outs
+
+    def _lora(self, stack: tuple[tuple[str, float], ...]):
+        from contextlib import nullcontext
+
+        if not stack:
+            return nullcontext()
+        from .lora import applied
+
+        return applied(self.model.module, [(self.loras.get(self.model, path), s) for path, s in stack])
 
     def denoiser(self, cond: Conditioning, submit):
         """ComfyUI's flow-model denoiser with CFG: ``x - out * sigma``, cond and uncond as one batch."""
@@ -235,9 +247,9 @@ class StepRunner:
             g = None
             if self.model.config.get("guidance_embeds"):  # FLUX-dev; ComfyUI's default guidance is 3.5
                 g = torch.full((b,), 3.5 if cond.guidance is None else cond.guidance, device=x.device)
-            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g)]
+            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g, cond.loras)]
             if cond.uses_cfg:
-                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g))
+                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, cond.loras))
             outs = submit(rows)
             s = sigma.view(-1, 1, 1, 1)
             den = [x - o * s for o in outs]
@@ -311,6 +323,7 @@ class Worker:
         self.res = res_conn
         self.device = torch.device(cfg.device)
         self.models: dict[str, Any] = {}
+        self.loras = None  # lora.LoraCache, made on first use
         self.conds: dict[str, Conditioning] = {}
         self.trajs: dict[str, Trajectory] = {}
         self.comms: dict[Group, GroupComm | None] = {}
@@ -434,7 +447,11 @@ class Worker:
             trajs = [self.obtain(rid, task["sources"][rid], comm) for rid in rids]
             stats["handoff_s"] = time.perf_counter() - t0
             stats["handoff_kinds"] = sorted({task["sources"][rid][0] for rid in rids})
-            runner = StepRunner(model, comm)
+            if self.loras is None:
+                from .lora import LoraCache
+
+                self.loras = LoraCache()
+            runner = StepRunner(model, comm, self.loras)
             conds = [self.conds[rid] for rid in rids]
             every = task.get("checkpoint_every_s")
             last_ckpt = time.perf_counter()
