@@ -36,7 +36,7 @@ def test_selfcheck_command_on_four_cpu_workers(tmp_path):
     report = json.loads(out.read_text())
     assert set(report) == {"flux", "sd3"}
     for family in ("flux", "sd3"):
-        assert set(report[family]) == {"k2", "k4", "switching", "handoff"}
+        assert set(report[family]) == {"k2", "k4", "switching", "handoff", "lora", "fp8", "gguf_q8"}
         assert all(0 <= v <= 1e-5 for v in report[family].values()), report
     assert "PASS" in proc.stderr
     assert elapsed < 120, f"selfcheck took {elapsed:.0f} s"
