@@ -330,6 +330,7 @@ class LoraCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, LoraPatch] = OrderedDict()
         self._lock = threading.Lock()
+        self._combined: OrderedDict[tuple, dict] = OrderedDict()
         self.num_reads = 0
 
     def get(self, model, path: str) -> LoraPatch:
@@ -346,10 +347,25 @@ class LoraCache:
             self._entries[key] = patch
             while len(self._entries) > 1 and sum(p.nbytes() for p in self._entries.values()) > self.max_bytes:
                 self._entries.popitem(last=False)
+                self._combined.clear()
         return patch
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self._entries.values())
+
+    def combined(self, model, stack: tuple[tuple[str, float], ...]) -> dict[str, Combined]:
+        """``combine`` of a job's stack (file paths, strengths) on ``model``; the last few are kept."""
+        patches = [(self.get(model, path), s) for path, s in stack]
+        key = (id(model), tuple((id(p), s) for p, s in patches))
+        with self._lock:
+            hit = self._combined.get(key)
+        if hit is None:
+            hit = combine(patches)
+            with self._lock:
+                self._combined[key] = hit
+                while len(self._combined) > 8:
+                    self._combined.popitem(last=False)
+        return hit
 
 
 def _to(patch: LoraPatch, device, dtype) -> LoraPatch:
@@ -360,34 +376,57 @@ def _to(patch: LoraPatch, device, dtype) -> LoraPatch:
     return LoraPatch(patch.path, terms, patch.matched, patch.total, patch.skipped)
 
 
-def _hook(entries: list[tuple[Term, float]]):
-    def hook(module, args, output):
-        x = args[0]
-        extra = None
-        for term, strength in entries:
-            for down, up, scale in term.pairs:
-                y = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * (scale * strength)
-                extra = y if extra is None else extra + y
-            if term.diff is not None:
-                y = torch.nn.functional.linear(x, term.diff) * strength
-                extra = y if extra is None else extra + y
-            if term.diff_b is not None:
-                y = term.diff_b * strength
-                extra = y if extra is None else extra + y
-        return output if extra is None else output + extra.to(output.dtype)
-    return hook
+@dataclass(frozen=True)
+class Combined:
+    """A stack's terms on one layer, folded for one forward: every low-rank pair concatenated into one
+    (down [R, in], up [out, R] with each pair's alpha / rank x strength folded into its columns), the
+    full deltas summed with their strengths. Two small matmuls per layer, whatever the stack."""
+
+    down: torch.Tensor | None
+    up: torch.Tensor | None
+    diff: torch.Tensor | None
+    diff_b: torch.Tensor | None
 
 
-@contextmanager
-def applied(module: torch.nn.Module, stack: list[tuple[LoraPatch, float]]):
-    """Within the block, ``module``'s targeted layers add the stack's terms to their outputs."""
-    per_layer: dict[str, list] = {}
+def combine(stack: list[tuple[LoraPatch, float]]) -> dict[str, Combined]:
+    per_layer: dict[str, list[tuple[Term, float]]] = {}
     for patch, strength in stack:
         if strength == 0:
             continue
         for name, term in patch.terms.items():
             per_layer.setdefault(name, []).append((term, float(strength)))
-    handles = [module.get_submodule(name).register_forward_hook(_hook(entries)) for name, entries in per_layer.items()]
+    out = {}
+    for name, entries in per_layer.items():
+        downs = [d for term, _ in entries for d, _, _ in term.pairs]
+        ups = [u * (scale * strength) for term, strength in entries for _, u, scale in term.pairs]
+        diffs = [term.diff * strength for term, strength in entries if term.diff is not None]
+        biases = [term.diff_b * strength for term, strength in entries if term.diff_b is not None]
+        out[name] = Combined(torch.cat(downs) if downs else None, torch.cat(ups, dim=1) if ups else None,
+                             sum(diffs[1:], diffs[0]) if diffs else None, sum(biases[1:], biases[0]) if biases else None)
+    return out
+
+
+def _hook(c: Combined):
+    def hook(module, args, output):
+        x = args[0]
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat = output.view(-1, output.shape[-1])  # the layer's own fresh output, updated in place
+        if c.down is not None:
+            flat.addmm_(torch.nn.functional.linear(flat_x, c.down.to(x.dtype)), c.up.to(output.dtype).t())
+        if c.diff is not None:
+            flat.addmm_(flat_x, c.diff.to(output.dtype).t())
+        if c.diff_b is not None:
+            flat.add_(c.diff_b.to(output.dtype))
+        return output
+    return hook
+
+
+@contextmanager
+def applied(module: torch.nn.Module, stack: list[tuple[LoraPatch, float]] | dict[str, Combined]):
+    """Within the block, ``module``'s targeted layers add the stack's terms to their outputs
+    (``stack``: [(patch, strength)], or what ``combine`` made of one)."""
+    combined = stack if isinstance(stack, dict) else combine(stack)
+    handles = [module.get_submodule(name).register_forward_hook(_hook(c)) for name, c in combined.items()]
     try:
         yield
     finally:

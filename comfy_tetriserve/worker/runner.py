@@ -235,7 +235,7 @@ class StepRunner:
             return nullcontext()
         from .lora import applied
 
-        return applied(self.model.module, [(self.loras.get(self.model, path), s) for path, s in stack])
+        return applied(self.model.module, self.loras.combined(self.model, stack))
 
     def denoiser(self, cond: Conditioning, submit):
         """ComfyUI's flow-model denoiser with CFG: ``x - out * sigma``, cond and uncond as one batch."""
