@@ -39,4 +39,4 @@ def test_selfcheck_command_on_four_cpu_workers(tmp_path):
         assert set(report[family]) == {"k2", "k4", "switching", "handoff", "lora", "fp8", "gguf_q8"}
         assert all(0 <= v <= 1e-5 for v in report[family].values()), report
     assert "PASS" in proc.stderr
-    assert elapsed < 120, f"selfcheck took {elapsed:.0f} s"
+    assert elapsed < 180, f"selfcheck took {elapsed:.0f} s"  # base checks + the lora/fp8/gguf_q8 variants
