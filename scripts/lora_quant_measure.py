@@ -9,7 +9,10 @@
 2. Memory: bytes of the tiny FLUX model's Linear weights held as fp8, GGUF Q8_0 and Q4_0, relative
    to bf16.
 
-    python scripts/lora_quant_measure.py [--devices cpu:1] [--steps 5] [--rounds 3] [--threads 1] [--json FILE]
+    python scripts/lora_quant_measure.py [--devices cpu:1] [--steps 5] [--rounds 3] [--threads 1] [--cpu-only] [--json FILE]
+
+The in-process part measures the same stacks by thread CPU time (robust on a machine other
+processes share, where wall times move by tens of percent).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -115,6 +119,43 @@ async def measure_lora(workdir: Path) -> dict:
             "lora_targets": len(targets_of_model(local).shapes), "jobs": rows}
 
 
+def measure_cpu_time(workdir: Path) -> dict:
+    """The same stacks in this process, one thread: the CPU time of one model evaluation
+    (``time.thread_time``, which time spent waiting for a core does not count), rounds interleaved."""
+    from comfy_tetriserve.worker.models import LoadedModel
+
+    torch.set_num_threads(1)
+    module = random_model(SMALL_FLUX, seed=0)
+    sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    model = LoadedModel("small-flux", "flux", dict(SMALL_FLUX), module, torch.float32, torch.device("cpu"), "random")
+    files = {"a": write_random_lora("flux", sd, "kohya", workdir / "a.safetensors", rank=16, seed=1),
+             "b": write_random_lora("flux", sd, "peft", workdir / "b.safetensors", rank=32, seed=2),
+             "c": write_random_lora("flux", sd, "bfl", workdir / "c.safetensors", rank=16, seed=3)}
+    cache = LoraCache()
+    j = job("cpu", [], files)
+    x = j.noise * j.sigmas[0]
+    tokens = LATENT // 2 * LATENT // 2 + TEXT_TOKENS
+    base_macs = model_macs_per_step(model, tokens)
+    times: dict[str, list[float]] = {label: [] for label in STACKS}
+    from comfy_tetriserve.worker.lora import applied
+
+    for _ in range(ARGS.rounds + 1):
+        for label, stack in STACKS.items():
+            combined = cache.combined(model, tuple((str(files[k]), s) for k, s in stack)) if stack else {}
+            with torch.inference_mode(), applied(model.module, combined):
+                t0 = time.thread_time()
+                model.forward(x, j.sigmas[:1], j.context, j.pooled, torch.tensor([3.5]))
+                times[label].append(time.thread_time() - t0)
+    rows = []
+    for label, stack in STACKS.items():
+        lowrank = lowrank_flops_per_token([(cache.get(model, str(files[k])), s) for k, s in stack]) * tokens
+        rows.append({"job": label, "cpu_s": statistics.median(times[label][1:]), "lowrank_macs_ratio": lowrank / base_macs})
+    for r in rows:
+        r["modelled_s"] = rows[0]["cpu_s"] * (1 + r["lowrank_macs_ratio"])
+        r["measured_over_modelled"] = r["cpu_s"] / r["modelled_s"]
+    return {"rows": rows, "rounds": ARGS.rounds}
+
+
 def measure_memory(workdir: Path) -> dict:
     path = write_tiny_checkpoint("flux", "bfl", workdir / "tiny-flux")
     bf16 = linear_weight_bytes(load_transformer(str(path), dtype="bf16").module)
@@ -127,9 +168,15 @@ def measure_memory(workdir: Path) -> dict:
 
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lora-quant-") as d:
-        report = {"lora": asyncio.run(measure_lora(Path(d))), "memory": measure_memory(Path(d)),
+        report = {"lora": asyncio.run(measure_lora(Path(d))) if not ARGS.cpu_only else None,
+                  "cpu_time": measure_cpu_time(Path(d)), "memory": measure_memory(Path(d)),
                   "devices": ARGS.devices, "steps": ARGS.steps, "rounds": ARGS.rounds, "worker_threads": ARGS.threads, "torch_threads": torch.get_num_threads()}
-    lora = report["lora"]
+    print(f"one model evaluation, CPU time of this process's thread ({ARGS.rounds} rounds, median):")
+    for r in report["cpu_time"]["rows"]:
+        print(f"  {r['job']:16s} {r['cpu_s'] * 1e3:8.1f} ms  low-rank MACs {r['lowrank_macs_ratio'] * 100:5.2f}%  "
+              f"modelled {r['modelled_s'] * 1e3:8.1f} ms  measured/modelled {r['measured_over_modelled']:.3f}")
+    lora = report["lora"] or {"model": "(pool part skipped)", "tokens": 0, "model_gmacs_per_step": 0,
+                              "models_loaded": 0, "jobs": []}
     print(f"{lora['model']}, {lora['tokens']} tokens, {lora['model_gmacs_per_step']:.2f} GMAC per step; "
           f"models loaded: {lora['models_loaded']} (once, shared by all jobs)")
     print(f"{'job':16s} {'median ms':>9s} {'min ms':>7s} {'1st step ms':>11s} {'low-rank MACs':>13s} "
@@ -152,6 +199,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=5, help="steps per job (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the four jobs, order rotated")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--cpu-only", action="store_true", help="only the in-process CPU-time part and memory")
     parser.add_argument("--json", default=None)
     ARGS = parser.parse_args()
     sys.exit(main())

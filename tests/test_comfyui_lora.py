@@ -121,7 +121,7 @@ def e2e(tmp_path_factory):
     write_comfy_sd3(box.models / "tiny_sd3_fp8.safetensors")  # the same weights, loaded as fp8 by name
     with open(box.yaml(), "a", encoding="utf-8") as fh:
         fh.write("    loras: loras\n")
-    url, service = start_service(box.root, box.models, extra=("--lease-s", "3", "--lora-dir", str(loras)))
+    url, service = start_service(box.root, box.models, extra=("--lease-s", "60", "--lora-dir", str(loras)))
     comfy = None
     try:
         comfy = start_comfyui(box, url, "a")
