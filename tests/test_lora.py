@@ -151,3 +151,15 @@ def test_service_parses_and_resolves_stacks(tmp_path):
         resolve_lora("c.safetensors", ())
     stack = resolve_stack((("sub/b.safetensors", 0.5), ("sub/b.safetensors", 0.0)), (str(d2),))
     assert len(stack) == 1 and adapter_key(stack) != adapter_key(()) == ""
+
+
+def test_only_jobs_with_equal_stacks_share_a_batched_step():
+    from comfy_tetriserve.types import GenRequest
+
+    def req(rid, adapter=""):
+        return GenRequest(rid, "flux", 512, 512, 20, 0.0, adapter=adapter)
+
+    a = adapter_key((("/l/a.safetensors", 0.8),))
+    assert req("1").shape_key == req("2").shape_key != req("3", a).shape_key
+    assert req("3", a).shape_key == req("4", a).shape_key
+    assert req("5", adapter_key((("/l/a.safetensors", 0.5),))).shape_key != req("3", a).shape_key
