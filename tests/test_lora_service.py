@@ -82,12 +82,11 @@ def test_models_report_storage_and_resident_bytes_per_worker(svc):
     listed = svc.loop.run_until_complete(body())
     flux, sd3 = listed[FLUX], listed[SD3]
     assert flux["storage"] == "fp32" and sd3["storage"] == "fp8_e4m3fn"
-    assert set(flux["resident_bytes"]) == set(sd3["resident_bytes"]) == {"0", "1"}
+    assert flux["resident_on"] == sd3["resident_on"] == [0, 1]
     params = sum(p.numel() * 4 for p in svc.refs["flux"].module.parameters())
-    assert flux["resident_bytes"]["0"] == flux["resident_bytes"]["1"] == params
+    assert flux["bytes_per_worker"] == params
     # fp8 Linear weights: far fewer bytes than the fp32 model of the same architecture would hold
-    assert sd3["resident_bytes"]["0"] < 0.45 * sum(
-        v.numel() * 4 for v in tiny_state_dict("sd3")[1].values())
+    assert sd3["bytes_per_worker"] < 0.45 * sum(v.numel() * 4 for v in tiny_state_dict("sd3")[1].values())
 
 
 def test_three_stacks_back_to_back_on_shared_weights(svc):

@@ -52,7 +52,9 @@ def _group_main(rank: int, world: int, store: str, cases: dict, queue) -> None:
                     results[family, degree] = model.forward(inputs["x"], inputs["sigma"], inputs["context"],
                                                             inputs["pooled"], inputs.get("guidance"), comm=comm,
                                                             vote=float(rank == 1))
-        queue.put((rank, results))
+        # by value (numpy pickles its bytes): a tensor would be shared through a file descriptor that
+        # vanishes if this process exits before the parent has read the queue
+        queue.put((rank, {key: tuple(t.detach().cpu().numpy() for t in value) for key, value in results.items()}))
     finally:
         dist.destroy_process_group()
 
@@ -65,7 +67,8 @@ def run_sharded(cases: dict, world: int) -> dict:
         procs = [ctx.Process(target=_group_main, args=(r, world, store, cases, queue)) for r in range(world)]
         for p in procs:
             p.start()
-        results = dict(queue.get(timeout=300) for _ in procs)
+        results = {rank: {key: tuple(torch.from_numpy(a) for a in value) for key, value in found.items()}
+                   for rank, found in (queue.get(timeout=300) for _ in procs)}
         for p in procs:
             p.join(timeout=60)
     return results

@@ -394,3 +394,32 @@ def write_quantized_checkpoint(family: str, fmt: str, path: str | Path, *, sd: d
     target = path.with_suffix(".safetensors")
     save_file(out, str(target))
     return target
+
+
+def predicted_bytes(source: str, weight_dtype: str) -> int:
+    """Bytes a quantised model will hold on a worker, from headers only (for the memory budget):
+    quantised and fp8 matrices at their stored size, every other tensor at 4 bytes per value (an upper
+    bound: fp32 compute on a CPU, bf16 on a GPU)."""
+    from .models import PRESETS, read_checkpoint
+    from .tiny import model_class, model_kwargs
+
+    fp8 = fp8_of(weight_dtype)
+    if source.startswith("random:"):
+        preset = source[len("random:"):].partition(":")[0]
+        with torch.device("meta"):
+            module = model_class(PRESETS[preset])(**model_kwargs(PRESETS[preset]))
+        tensors = dict(module.state_dict())
+    elif is_quantized_source(source):
+        raw, _, _ = _read_raw(source, torch.device("meta"))
+        tensors = raw
+    else:
+        tensors = read_checkpoint(source, "meta")[1]
+    total = 0
+    for t in tensors.values():
+        if isinstance(t, GGUFTensor):
+            total += int(t.data.numel())
+        elif t.dtype in _FP8_NAMES or (fp8 is not None and t.ndim == 2):
+            total += t.numel()
+        else:
+            total += t.numel() * 4
+    return total

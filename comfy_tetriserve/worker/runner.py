@@ -82,6 +82,9 @@ class Conditioning:
     guidance: float | None = None
     neg_context: torch.Tensor | None = None
     neg_pooled: torch.Tensor | None = None
+    concat: torch.Tensor | None = None  # FLUX Fill's extra input channels (both CFG branches)
+    refs: tuple = ()  # FLUX Kontext reference latents (both CFG branches)
+    ref_method: str = "offset"
     loras: tuple[tuple[str, float], ...] = ()  # LoRA stack: (file path, strength), applied per forward
 
     @property
@@ -92,7 +95,8 @@ class Conditioning:
         def mv(t):
             return None if t is None else t.to(device=device, dtype=dtype)
         return dataclasses.replace(self, context=mv(self.context), pooled=mv(self.pooled),
-                                   neg_context=mv(self.neg_context), neg_pooled=mv(self.neg_pooled))
+                                   neg_context=mv(self.neg_context), neg_pooled=mv(self.neg_pooled),
+                                   concat=mv(self.concat), refs=tuple(mv(r) for r in self.refs))
 
 
 # ----------------------------------------------------------------- trajectories as tensors
@@ -139,7 +143,8 @@ def broadcast_trajectory(comm: GroupComm, src_index: int, mine: Trajectory | Non
 
 
 # ----------------------------------------------------------------- batched sampler steps
-Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None, LoRA stack)
+Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None,
+#               concat [b,C',H,W] | None, refs (tuple of [b,C,h,w]), ref_method, LoRA stack)
 
 
 class _Rendezvous:
@@ -212,16 +217,22 @@ class StepRunner:
         self.vote = 0.0
 
     def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
-        """Model outputs for rows; rows with equal text length and LoRA stack share one forward (row order kept)."""
+        """Model outputs for rows; rows with equal text length (and equal reference latent sizes)
+        and LoRA stack share one forward (row order kept)."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
         by_len: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            by_len.setdefault((r[2].shape[1], r[4] is None, r[5]), []).append(i)
-        for (_, _, stack), idxs in by_len.items():
+            refs_key = tuple(tuple(t.shape[1:]) for t in r[6])
+            by_len.setdefault((r[2].shape[1], r[4] is None, r[5] is None, refs_key, r[7], r[8]), []).append(i)
+        for idxs in by_len.values():
             cat = [torch.cat([rows[i][j] for i in idxs]) for j in range(4)]
-            guidance = None if rows[idxs[0]][4] is None else torch.cat([rows[i][4] for i in idxs])
-            with self._lora(stack):
-                out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote)
+            first = rows[idxs[0]]
+            guidance = None if first[4] is None else torch.cat([rows[i][4] for i in idxs])
+            concat = None if first[5] is None else torch.cat([rows[i][5] for i in idxs])
+            refs = tuple(torch.cat([rows[i][6][k] for i in idxs]) for k in range(len(first[6])))
+            with self._lora(first[8]):
+                out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote, concat=concat,
+                                                     refs=refs, ref_method=first[7])
             pos = 0
             for i in idxs:
                 n = rows[i][0].shape[0]
@@ -247,9 +258,10 @@ class StepRunner:
             g = None
             if self.model.config.get("guidance_embeds"):  # FLUX-dev; ComfyUI's default guidance is 3.5
                 g = torch.full((b,), 3.5 if cond.guidance is None else cond.guidance, device=x.device)
-            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g, cond.loras)]
+            image = (_expand(cond.concat, b), tuple(_expand(r, b) for r in cond.refs), cond.ref_method)
+            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g, *image, cond.loras)]
             if cond.uses_cfg:
-                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, cond.loras))
+                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, *image, cond.loras))
             outs = submit(rows)
             s = sigma.view(-1, 1, 1, 1)
             den = [x - o * s for o in outs]
@@ -393,6 +405,8 @@ class Worker:
             try:
                 if op == "load":
                     self.load(*msg[1:])
+                elif op == "unload":
+                    self.unload(*msg[1:])
                 elif op == "run":
                     self.run(msg[1])
                 elif op == "release":
@@ -405,14 +419,35 @@ class Worker:
                 self.send("fault", self.cfg.rank, op, traceback.format_exc())
 
     def load(self, request_key: int, name: str, source: str, dtype: str) -> None:
+        from .memory import module_bytes
         from .models import load_transformer
 
         try:
             if name not in self.models:
                 self.models[name] = load_transformer(source, dtype=dtype, device=self.device, name=name)
-            self.send("loaded", request_key, self.cfg.rank, self.models[name].info(), None)
+            info = dataclasses.replace(self.models[name].info(), num_bytes=module_bytes(self.models[name].module))
+            self.send("loaded", request_key, self.cfg.rank, info, None, self.resident_bytes())
         except Exception as exc:  # noqa: BLE001 - reported to the pool
-            self.send("loaded", request_key, self.cfg.rank, None, f"{type(exc).__name__}: {exc}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.send("loaded", request_key, self.cfg.rank, None, f"{type(exc).__name__}: {exc}",
+                      self.resident_bytes())
+
+    def unload(self, request_key: int, name: str) -> None:
+        """Drop a model's weights (the pool evicts it); replies with the bytes still resident."""
+        import gc
+
+        self.models.pop(name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.send("unloaded", request_key, self.cfg.rank, name, self.resident_bytes())
+
+    def resident_bytes(self) -> int:
+        """Measured bytes of every model this worker holds."""
+        from .memory import module_bytes
+
+        return sum(module_bytes(m.module) for m in self.models.values())
 
     def obtain(self, rid: str, source: tuple, comm: GroupComm | None) -> Trajectory:
         kind = source[0]
@@ -525,8 +560,11 @@ def worker_main(cfg: WorkerConfig, cmd_conn, res_conn) -> None:
     try:
         with torch.inference_mode():
             worker.join_world()
+            from .memory import device_memory_bytes
+
             worker.send("ready", cfg.rank, {"device": cfg.device, "backend": cfg.backend, "pid": os.getpid(),
-                                            "torch": torch.__version__})
+                                            "torch": torch.__version__,
+                                            "total_memory_bytes": device_memory_bytes(worker.device)})
             threading.Thread(target=worker.receive, args=(cmd_conn,), daemon=True).start()
             worker.serve()
     except Exception:
