@@ -52,6 +52,7 @@ class GenRequest:
     sampler: str = "euler"
     tenant: str = "default"
     priority: int = 0
+    adapter: str = ""  # the LoRA stack's identity; only requests with equal stacks share a batched step
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -78,7 +79,7 @@ class GenRequest:
     @property
     def shape_key(self) -> tuple[str, int, int, int]:
         """Requests with equal keys can share one batched step."""
-        return (self.model, self.height, self.width, self.batch)
+        return (self.model, self.height, self.width, self.batch) + ((self.adapter,) if self.adapter else ())
 
 
 @dataclass(frozen=True)

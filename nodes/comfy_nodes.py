@@ -3,6 +3,8 @@
 - **TetriServe Load DiT** asks the scheduler service to load a file from ComfyUI's
   diffusion_models folders (the service reads the same folders) and outputs a TETRISERVE_MODEL.
   ComfyUI never loads the DiT.
+- **TetriServe LoRA** adds a LoRA file (ComfyUI's loras folders) and strength to the model's
+  stack; the sampler sends the stack with the job and the service applies it per job.
 - **TetriServe Sampler** is the KSampler of that model: ComfyUI's own noise
   (comfy.sample.prepare_noise), sigmas (comfy.samplers.KSampler on a model-sampling object of the
   model's family and shift), empty-latent and latent-format rules, with the denoising done by the
@@ -86,7 +88,21 @@ async def _on_io_loop(url: str, fn: Callable[[TetriServeClient], Awaitable[T]]) 
 def _autostart_args() -> list[str] | None:
     num_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     has_config = (config_module.home_dir() / "serve.json").exists()
-    return autostart_args(folder_paths.get_folder_paths("diffusion_models"), num_cuda, has_config)
+    return autostart_args(folder_paths.get_folder_paths("diffusion_models"), num_cuda, has_config,
+                          lora_dirs=folder_paths.get_folder_paths("loras"))
+
+
+def _dit_files() -> list[str]:
+    """diffusion_models files ComfyUI lists, plus the GGUF files in those folders (ComfyUI lists no .gguf)."""
+    names = list(folder_paths.get_filename_list("diffusion_models"))
+    for root in folder_paths.get_folder_paths("diffusion_models"):
+        for dirpath, _, filenames in os.walk(root, followlinks=True):
+            for fn in filenames:
+                if fn.endswith(".gguf"):
+                    rel = os.path.relpath(os.path.join(dirpath, fn), root)
+                    if rel not in names:
+                        names.append(rel)
+    return sorted(names)
 
 
 class _ModelView:
@@ -146,10 +162,12 @@ class TetriServeLoadDiT(io.ComfyNode):
                         "diffusion_models folders (the service reads the same folders). ComfyUI itself never "
                         "loads it.",
             inputs=[
-                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                io.Combo.Input("unet_name", options=_dit_files(),
                                tooltip="a FLUX, SD3, Qwen-Image or Wan file from the diffusion_models folders"),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="weight dtype on the service's devices; default: the service's setting"),
+                               tooltip="weight dtype on the service's devices; default: the service's setting; "
+                                       "fp8_*: weights stored as fp8 like UNETLoader (GGUF and fp8 files stay "
+                                       "quantised whatever is chosen)"),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01,
                                tooltip="model-sampling shift; 0 = the family's default (SD3 3.0, FLUX-dev 1.15, "
                                        "FLUX-schnell 1.0, Qwen-Image 1.15, Wan 8.0), as ModelSamplingSD3 / "
@@ -240,6 +258,8 @@ class TetriServeSampler(io.ComfyNode):
         if cond.guidance is not None:
             settings["guidance"] = cond.guidance
         settings.update(cond.settings)
+        if model.loras:
+            settings["loras"] = model.lora_setting()
         tensors = {"latent": latent.contiguous(), "noise": noise.float().contiguous(),
                    "sigmas": sigmas.float().cpu().contiguous()}
         for key, t in cond.tensors.items():  # a body holds each tensor once (a reference may be the latent)
@@ -312,9 +332,34 @@ class TetriServeWanExperts(io.ComfyNode):
                                                  expert_boundary=float(boundary)))
 
 
+class TetriServeLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TetriServeLoRA",
+            display_name="TetriServe LoRA",
+            category=CATEGORY,
+            description="Adds a LoRA from ComfyUI's loras folders to a TetriServe model's stack (chainable). The "
+                        "service applies the stack per job on its shared weights: no reload, other jobs unaffected.",
+            inputs=[
+                TetriServeModel.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="a LoRA file from the loras folders (the service reads the same folders)"),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+            ],
+            outputs=[TetriServeModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model: ModelHandle, lora_name: str, strength_model: float) -> io.NodeOutput:
+        if not isinstance(model, ModelHandle):
+            raise ValueError("TetriServe LoRA needs a model from TetriServe Load DiT")
+        return io.NodeOutput(model.with_lora(model_name(lora_name), strength_model))
+
+
 class TetriServeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TetriServeLoadDiT, TetriServeSampler, TetriServeWanExperts]
+        return [TetriServeLoadDiT, TetriServeLoRA, TetriServeSampler, TetriServeWanExperts]
 
 
 def _register_routes() -> None:

@@ -10,6 +10,7 @@ Imports neither ComfyUI nor torch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 from comfy_tetriserve import config as config_module
 from comfy_tetriserve.client import DEFAULT_URL, TetriServeClient, ensure_service
 from comfy_tetriserve.errors import Conflict, NotFound, ServiceUnavailable
+from comfy_tetriserve.sampling.names import WEIGHT_DTYPES as SERVICE_WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32")
+WEIGHT_DTYPES = ("default", *SERVICE_WEIGHT_DTYPES)
 FAMILY_DEFAULT_SHIFT = {"sd3": 3.0, "flux": 1.15, "qwen_image": 1.15, "wan": 8.0}  # ComfyUI's sampling settings
 
 
@@ -40,6 +42,16 @@ class ModelHandle:
     shift: float | None = None  # model-sampling shift; None = the family's default
     expert_model: str | None = None  # Wan 2.2 two-expert jobs: the low-noise model (this one is the high-noise)
     expert_boundary: float | None = None  # sigma below which steps run on expert_model
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA stack (file name in the loras folders, strength), in order
+
+    def with_lora(self, name: str, strength: float) -> "ModelHandle":
+        """This model with one more LoRA on its stack (the TetriServe LoRA node; strength 0 adds nothing)."""
+        if strength == 0:
+            return self
+        return dataclasses.replace(self, loras=(*self.loras, (name, float(strength))))
+
+    def lora_setting(self) -> list[dict]:
+        return [{"name": n, "strength": s} for n, s in self.loras]
 
     @classmethod
     def from_entry(cls, url: str, entry: dict, dtype: str | None, shift: float | None) -> "ModelHandle":
@@ -67,7 +79,8 @@ def model_name(comfy_name: str) -> str:
     return comfy_name.replace(os.sep, "/").replace("\\", "/")
 
 
-def autostart_args(model_dirs: list[str], num_cuda: int, home_has_config: bool) -> list[str] | None:
+def autostart_args(model_dirs: list[str], num_cuda: int, home_has_config: bool,
+                   lora_dirs: list[str] | None = None) -> list[str] | None:
     """``serve`` arguments for a service started by ComfyUI (TETRISERVE_AUTOSTART=1).
 
     With ``<cache>/serve.json`` present that file decides (None: the client's default). Otherwise
@@ -80,6 +93,8 @@ def autostart_args(model_dirs: list[str], num_cuda: int, home_has_config: bool) 
     args = ["--devices", devices]
     if model_dirs:
         args += ["--model-dir", *model_dirs]
+    if lora_dirs:
+        args += ["--lora-dir", *lora_dirs]
     return args
 
 

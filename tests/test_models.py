@@ -1,6 +1,7 @@
 """Loading FLUX and SD3 from every layout, and the forward's semantics against reference implementations."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -102,7 +103,11 @@ def test_dtype_and_info(files):
     assert (info.name, info.family, info.num_heads, info.in_channels, info.context_dim, info.pooled_dim,
             info.guidance_embeds, info.dtype, info.source) == \
         ("flux-tiny", "flux", 4, 16, 32, 16, True, "bf16", "flux-comfy.safetensors")
-    assert model_info(str(files["flux", "comfy"]), name="flux-tiny", dtype="bf16") == info
+    # a loaded model also reports how it holds its weights and how many bytes they take
+    assert info.storage == "bf16"
+    assert info.resident_bytes == sum(p.numel() * 2 for p in model.module.parameters()) > 0
+    assert model_info(str(files["flux", "comfy"]), name="flux-tiny", dtype="bf16") == \
+        dataclasses.replace(info, storage="", resident_bytes=0)
     sd3 = model_info(str(files["sd3", "sd3_single"]), dtype="fp16")
     assert (sd3.family, sd3.guidance_embeds, sd3.dtype, sd3.num_heads) == ("sd3", False, "fp16", 4)
     assert model.num_attention_layers() == 3

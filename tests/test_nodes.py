@@ -91,6 +91,15 @@ def test_model_names_handles_and_autostart_arguments():
     assert autostart_args(["/m"], 8, False) == ["--devices", "cuda:0-7", "--model-dir", "/m"]
     assert autostart_args([], 0, False) == ["--devices", "cpu:1"]
     assert autostart_args(["/m"], 1, True) is None  # serve.json decides
+    # an auto-started service also gets ComfyUI's loras folders
+    assert autostart_args(["/m"], 0, False, lora_dirs=["/l1", "/l2"]) == [
+        "--devices", "cpu:1", "--model-dir", "/m", "--lora-dir", "/l1", "/l2"]
+    # the TetriServe LoRA node's stack: appended in order, strength 0 adds nothing, sent as the loras setting
+    handle = ModelHandle.from_entry("u", entry, None, None)
+    stacked = handle.with_lora("a.safetensors", 0.8).with_lora("sub/b.safetensors", -0.4).with_lora("c", 0.0)
+    assert handle.loras == () and stacked.loras == (("a.safetensors", 0.8), ("sub/b.safetensors", -0.4))
+    assert stacked.lora_setting() == [{"name": "a.safetensors", "strength": 0.8},
+                                      {"name": "sub/b.safetensors", "strength": -0.4}]
 
 
 def test_client_pool_gives_one_client_per_loop():

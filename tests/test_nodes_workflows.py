@@ -19,7 +19,7 @@ def test_committed_workflows_are_up_to_date():
     proc = subprocess.run([sys.executable, str(BUILD), "--check"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert NAMES == sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
-    assert len(NAMES) == 7
+    assert len(NAMES) == 8
     # ComfyUI lists */workflows/*.json as templates too: API files stay in a subfolder
     assert not list((ROOT / "workflows").glob("*.json"))
 
@@ -59,6 +59,15 @@ def test_workflows_cover_flux_sd3_cfg_and_concurrent_deadlines():
     assert any(n["class_type"] == "FluxGuidance" for n in api["tetriserve_flux_text_to_image"].values())
     (sd3,) = samplers("tetriserve_sd3_cfg")
     assert sd3["cfg"] > 1.0 and sd3["negative"] != sd3["positive"]
+    fp8 = api["tetriserve_flux_fp8_two_loras"]
+    (sampler,) = samplers("tetriserve_flux_fp8_two_loras")
+    loras = [n for n in fp8.values() if n["class_type"] == "TetriServeLoRA"]
+    load = next(n for n in fp8.values() if n["class_type"] == "TetriServeLoadDiT")
+    assert load["inputs"]["weight_dtype"] == "fp8_e4m3fn" and sampler["deadline_s"] > 0
+    assert len(loras) == 2 and {n["inputs"]["strength_model"] for n in loras} == {0.8, -0.4}
+    # chained: the sampler's model is the second LoRA, whose model is the first, whose model is the loader
+    second = fp8[sampler["model"][0]]
+    assert second["class_type"] == "TetriServeLoRA" and fp8[second["inputs"]["model"][0]]["class_type"] == "TetriServeLoRA"
     multi = samplers("tetriserve_flux_multi_resolution_deadlines")
     assert len(multi) == 3 and len({m["deadline_s"] for m in multi}) == 3 and len({m["latent_image"][0] for m in multi}) == 3
 

@@ -105,7 +105,7 @@ def test_pool_is_an_executor_with_warm_groups(h):
 def test_selfcheck_on_the_shared_pool(h):
     from comfy_tetriserve.worker.selfcheck import run_checks
 
-    report = h(run_checks(h.pool, h.tmp / "selfcheck"))
+    report = h(run_checks(h.pool, h.tmp / "selfcheck", variants=False))  # the variants: test_selfcheck.py
     assert set(report) == {"flux", "sd3"}
     for family, checks in report.items():
         image = {"fill", "kontext"} if family == "flux" else set()  # FLUX Fill / Kontext at degrees 2 and 4

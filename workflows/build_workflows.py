@@ -7,9 +7,9 @@
   Templates, ComfyUI serves a pack's ``example_workflows`` folder).
 - ``workflows/api/NAME.json``: the API format, for ``POST /prompt`` (``{"prompt": ...}``).
 
-The model and text-encoder file names are the usual ones (flux1-dev.safetensors, clip_l,
-t5xxl_fp16, ae.safetensors, sd3.5_medium.safetensors, clip_g, qwen_image_bf16, qwen_2.5_vl_7b,
-wan2.1_t2v_1.3B_bf16, umt5_xxl, wan_2.1_vae); change them in the loaders.
+The model and text-encoder file names are the usual ones (flux1-dev.safetensors, flux1-dev-fp8.safetensors,
+clip_l, t5xxl_fp16, ae.safetensors, sd3.5_medium.safetensors, clip_g, qwen_image_bf16, qwen_2.5_vl_7b,
+wan2.1_t2v_1.3B_bf16, umt5_xxl, wan_2.1_vae; the LoRA names are placeholders); change them in the loaders.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ CLASSES: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]
     "TetriServeSampler": (["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "deadline_s", "priority"],
                           [("model", "TETRISERVE_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                            ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "TetriServeLoRA": (["lora_name", "strength_model"], [("model", "TETRISERVE_MODEL")],
+                       [("model", "TETRISERVE_MODEL")]),
     "VAELoader": (["vae_name"], [], [("VAE", "VAE")]),
     "VAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
@@ -222,6 +224,26 @@ def wan_t2v() -> list[Node]:
     ]
 
 
+def flux_fp8_loras() -> list[Node]:
+    """FLUX-dev as an fp8 file with two stacked LoRAs and a deadline (the LoRAs apply to this job only)."""
+    nodes = [n for n in _flux_text() if n.id != 5]
+    nodes += [
+        Node(5, "TetriServeLoadDiT", {"unet_name": "flux1-dev-fp8.safetensors", "weight_dtype": "fp8_e4m3fn",
+                                      "shift": 0.0}, pos=(0, 200)),
+        Node(11, "TetriServeLoRA", {"lora_name": "style_lora.safetensors", "strength_model": 0.8},
+             {"model": (5, 0)}, pos=(360, 420), title="LoRA 1"),
+        Node(12, "TetriServeLoRA", {"lora_name": "detail_lora.safetensors", "strength_model": -0.4},
+             {"model": (11, 0)}, pos=(720, 420), title="LoRA 2"),
+        Node(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(360, 200)),
+        Node(8, "TetriServeSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler",
+                                      "scheduler": "simple", "denoise": 1.0, "deadline_s": 25.0, "priority": 0},
+             {"model": (12, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (7, 0)}, pos=(1080, 0)),
+        Node(9, "VAEDecode", {}, {"samples": (8, 0), "vae": (6, 0)}, pos=(1440, 0)),
+        Node(10, "SaveImage", {"filename_prefix": "tetriserve_flux_fp8_loras"}, {"images": (9, 0)}, pos=(1440, 120)),
+    ]
+    return sorted(nodes, key=lambda n: n.id)
+
+
 def flux_fill_inpaint() -> list[Node]:
     """FLUX Fill: the image and its mask (paint it in the mask editor) through InpaintModelConditioning."""
     return [
@@ -278,6 +300,7 @@ WORKFLOWS = {
     "tetriserve_flux_multi_resolution_deadlines": flux_multi_deadline,
     "tetriserve_qwen_image_text_to_image": qwen_t2i,
     "tetriserve_wan_text_to_video": wan_t2v,
+    "tetriserve_flux_fp8_two_loras": flux_fp8_loras,
     "tetriserve_flux_fill_inpaint": flux_fill_inpaint,
     "tetriserve_flux_kontext_edit": flux_kontext_edit,
 }

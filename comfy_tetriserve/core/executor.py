@@ -99,6 +99,7 @@ class SamplingJob:
     def num_reference_tokens(self) -> int:
         """Image tokens the reference latents add to every forward (2x2 patches)."""
         return sum(((int(r.shape[-2]) + 1) // 2) * ((int(r.shape[-1]) + 1) // 2) for r in self.ref_latents)
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA stack: (resolved file path, strength), in order
 
     @property
     def num_steps(self) -> int:
@@ -134,6 +135,8 @@ class ModelInfo:
     num_text_tokens: int = 0
     #: bytes of weights one worker holds for it (0: unknown)
     num_bytes: int = 0
+    storage: str = ""  # how the weights are held: "bf16", "fp8_e4m3fn", "gguf Q8_0", ... (worker/quant.py)
+    resident_bytes: int = 0  # bytes of the model's weights on one worker
 
 
 @runtime_checkable

@@ -10,6 +10,9 @@ from .video_latents import WAN21_MEAN, WAN21_STD, WAN22_MEAN, WAN22_STD
 #: samplers the workers run (ComfyUI's names); worker/samplers.py implements exactly these
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2s_ancestral", "lcm", "ipndm",
                  "gradient_estimation")
+#: weight dtypes a model may be loaded with: float, or fp8 storage as ComfyUI's UNETLoader offers
+#: (GGUF and fp8 files stay quantised whatever is asked; worker/quant.py)
+WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 #: schedulers (ComfyUI's names), in ComfyUI's order; sampling/schedules.py computes exactly these
 SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                    "linear_quadratic", "kl_optimal")

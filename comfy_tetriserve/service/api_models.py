@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr, Valid
 from typing_extensions import NotRequired, TypedDict
 
 from ..errors import InvalidRequest
+from ..sampling.names import WEIGHT_DTYPES
 
 TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 Token = Annotated[StrictStr, Field(pattern=TOKEN_PATTERN)]
@@ -38,7 +39,7 @@ class LeaseRequest(_Request):
 
 class ModelLoadRequest(_Request):
     model: StrictStr
-    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    dtype: Literal[WEIGHT_DTYPES] | None = None  # type: ignore[valid-type]
 
 
 class ModelUnloadRequest(_Request):
@@ -179,6 +180,8 @@ class Model(TypedDict):
     loading_on: NotRequired[list[int]]
     unloaded_from: NotRequired[list[int]]
     bytes_per_worker: NotRequired[int]
+    storage: NotRequired[Annotated[str, Field(description="how the weights are held: fp32, bf16, fp8_e4m3fn, "
+                                                         "fp8_e4m3fn (scaled), gguf Q8_0, ...")]]
     last_used_at: NotRequired[float | None]
     pinned: NotRequired[bool]
     load_s_predicted: NotRequired[float]

@@ -27,7 +27,7 @@ from ..core.executor import Executor, ModelInfo
 
 log = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".safetensors", ".sft")
+MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf")
 MAX_NAME_CHARS = 255
 MAX_LISTED_FILES = 1000
 MAX_LIST_DEPTH = 4
@@ -55,6 +55,8 @@ class ModelEntry:
                        context_dim=self.info.context_dim, pooled_dim=self.info.pooled_dim,
                        guidance_embeds=self.info.guidance_embeds, dtype=self.info.dtype,
                        concat_channels=self.info.concat_channels)
+            if self.info.storage:  # how the weights are held: bf16, fp8_e4m3fn, gguf Q8_0, ...
+                out["storage"] = self.info.storage
         if self.error:
             out["error"] = self.error
         return out

@@ -29,6 +29,7 @@ from .encoding import decode_body
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
 from .openapi import openapi_document
+from .loras import with_loras
 from .image_inputs import priced_size
 from .schemas import check_tensors, check_token, parse_body, resolve_job
 from .state import SERVICE, Service
@@ -257,6 +258,7 @@ async def submit(request: web.Request) -> web.Response:
     svc.store.check_capacity(tenant)
     job_id = svc.store.new_job_id()
     sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)
+    sampling_job, adapter = with_loras(sampling_job, settings, svc.config.lora_dir)
     height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
     if tensors["latent"].ndim == 5:  # video: frames fold into the height, so the cost model sees the token count
         height *= int(tensors["latent"].shape[2])
@@ -266,6 +268,7 @@ async def submit(request: web.Request) -> web.Response:
         arrival_at=received_at,
         deadline_at=None if settings.deadline_s is None else received_at + settings.deadline_s,
         batch=sampling_job.batch, sampler=settings.sampler, tenant=tenant, priority=settings.priority,
+        adapter=adapter,
     )
     job = Job(job_id=job_id, settings=settings, request=gen, tenant=tenant,
               lease_id=lease.lease_id if lease else None, body_digest=digest, submitted_at=received_at,

@@ -66,6 +66,15 @@ Space = Literal[SPACES]  # type: ignore[valid-type]
 
 @with_config(ConfigDict(extra="forbid", allow_inf_nan=False))
 @dataclass(frozen=True)
+class LoraEntry:
+    """One LoRA of a job's stack."""
+
+    name: Annotated[StrictStr, Field(description="a LoRA file in the service's --lora-dir folders")]
+    strength: Annotated[StrictFloat | StrictInt, Field(ge=-100, le=100)] = 1.0
+
+
+@with_config(ConfigDict(extra="forbid", allow_inf_nan=False))
+@dataclass(frozen=True)
 class JobSettings:
     """The JSON settings of a job (metadata key ``tetriserve``); see docs/api.md.
 
@@ -99,6 +108,9 @@ class JobSettings:
     expert_model: Annotated[StrictStr, Field(description="Wan 2.2: the low-noise expert model")] | None = None
     expert_boundary: Annotated[StrictFloat, Field(gt=0.0, lt=1.0, description="Wan 2.2: sigma where the low-noise "
                                                   "expert takes over")] | None = None
+    # LoRA stack by file name in the service's --lora-dir folders, applied in order (service/loras.py)
+    loras: Annotated[tuple[LoraEntry, ...], Field(max_length=16, description=(
+        "LoRA stack, applied in order to this job only: files named inside the service's --lora-dir folders"))] = ()
 
 
 SETTINGS_ADAPTER: TypeAdapter[JobSettings] = TypeAdapter(JobSettings)
@@ -128,6 +140,11 @@ def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     if settings.deadline_s is not None and settings.deadline_s > limits.max_deadline_s:
         raise InvalidRequest(f"deadline_s must be > 0 and <= {limits.max_deadline_s:g} seconds "
                              f"(or null for best effort), got {settings.deadline_s}")
+    if settings.loras:
+        from .loras import parse_stack
+
+        stack = parse_stack([{"name": e.name, "strength": e.strength} for e in settings.loras])
+        settings = dataclasses.replace(settings, loras=stack)
     return dataclasses.replace(settings, denoise=float(settings.denoise), cfg=float(settings.cfg))
 
 

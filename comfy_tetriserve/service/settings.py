@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..config import field
+from ..sampling.names import WEIGHT_DTYPES
 from ..core.residency import parse_budget
 from ..errors import InvalidRequest
 
@@ -29,7 +30,9 @@ class ServiceConfig:
                  "default 80%% of a GPU, half the RAM split among CPU workers; beyond it the least recently used "
                  "unpinned model is evicted")
     evictable: bool = field(False, help="models given with --model may be evicted too (default: they are pinned)")
-    dtype: str = field("bf16", help="weight dtype of models loaded at start", choices=("bf16", "fp16", "fp32"))
+    lora_dir: tuple[str, ...] = field((), help="folders jobs may name LoRA files from (e.g. ComfyUI's loras); repeatable")
+    dtype: str = field("bf16", help="weight dtype of models loaded at start (fp8_*: stored as fp8, as ComfyUI's "
+                                    "UNETLoader does)", choices=WEIGHT_DTYPES)
     policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
     cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
     profile_as: tuple[str, ...] = field(

@@ -59,8 +59,14 @@ def predicted_bytes(source: str, dtype: str | torch.dtype) -> int:
     not a FLUX/SD3 transformer).
     """
     from .models import PRESETS, parse_dtype, read_checkpoint
+    from .quant import FP8_FORMATS, is_quantized_source
     from .tiny import model_class, model_kwargs
 
+    if isinstance(dtype, str) and (dtype in FP8_FORMATS or (not source.startswith("random:")
+                                                            and is_quantized_source(source))):
+        from .quant import predicted_bytes as quantized_bytes  # GGUF / fp8: stored sizes (worker/quant.py)
+
+        return quantized_bytes(source, dtype)
     dt = parse_dtype(dtype)
     width = torch.finfo(dt).bits // 8
     if source.startswith("random:"):

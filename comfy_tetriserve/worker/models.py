@@ -26,6 +26,7 @@ modules because the tokens are sharded after embedding and gathered before unpat
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -131,6 +132,12 @@ def _read_safetensors(files: list[Path], device: torch.device) -> dict[str, torc
     return sd
 
 
+def _is_fp8_file(path: Path) -> bool:
+    from .quant import is_quantized_source
+
+    return is_quantized_source(str(path))
+
+
 def _diffusers_folder(path: Path) -> tuple[dict, list[Path]]:
     if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
         path = path / "transformer"
@@ -155,8 +162,13 @@ def read_checkpoint(source: str, device: str | torch.device = "cpu") -> tuple[di
     if path.is_dir():
         config, files = _diffusers_folder(path)
         return config, _read_safetensors(files, device)
-    if path.suffix != ".safetensors":
-        raise InvalidRequest(f"{source}: only .safetensors files are read (no pickled checkpoints)")
+    if path.suffix == ".gguf" or (device.type == "meta" and _is_fp8_file(path)):
+        from .quant import read_quantized
+
+        ckpt = read_quantized(str(path), torch.device("cpu"))
+        return ckpt.config, {k: torch.empty(getattr(v, "shape"), device="meta") for k, v in ckpt.tensors.items()}
+    if path.suffix not in (".safetensors", ".sft"):
+        raise InvalidRequest(f"{source}: only .safetensors and .gguf files are read (no pickled checkpoints)")
     raw = _read_safetensors([path], device)
     other = families.read_single_file(raw)
     if other is not None:
@@ -177,6 +189,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     source: str
+    storage: str = ""  # how the weights are held (quant.py): "bf16", "fp8_e4m3fn", "gguf Q8_0", ...
 
     def __post_init__(self) -> None:
         if self.family in families.DEFAULT_TEXT_TOKENS:
@@ -195,7 +208,10 @@ class LoadedModel:
         return 2 if self.family in ("flux", "qwen_image") else int(self.config["patch_size"])
 
     def info(self) -> ModelInfo:
-        return info_of_config(self.name, self.config, self.dtype, self.source)
+        from .quant import resident_bytes
+
+        info = info_of_config(self.name, self.config, self.dtype, self.source)
+        return dataclasses.replace(info, storage=self.storage or info.dtype, resident_bytes=resident_bytes(self.module))
 
     def num_attention_layers(self) -> int:
         return num_attention_layers(self.config)
@@ -304,7 +320,12 @@ class LoadedModel:
 
 def load_transformer(source: str, *, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu",
                      name: str | None = None) -> LoadedModel:
-    """Load a FLUX or SD3 transformer from ``source`` (see the module docstring) onto ``device``."""
+    """Load a FLUX or SD3 transformer from ``source`` (see the module docstring) onto ``device``.
+
+    GGUF and fp8 files, and an fp8 ``dtype`` (``quant.FP8_FORMATS``), keep the weights quantised (quant.py)."""
+    quantized = _load_quantized_hook(source, dtype, device, name)
+    if quantized is not None:
+        return quantized
     dt, device = parse_dtype(dtype), torch.device(device)
     if source.startswith("random:"):
         preset, _, seed = source[len("random:"):].partition(":")
@@ -330,6 +351,27 @@ def load_transformer(source: str, *, dtype: str | torch.dtype = "bf16", device: 
     model = LoadedModel(name=name or Path(source).stem, family=family_of(config), config=config,
                         module=module, dtype=dt, device=device, source=source)
     log.info("loaded %s (%s, %d heads, %s) from %s on %s", model.name, model.family, model.num_heads,
+             dtype_name(dt), source, device)
+    return model
+
+
+def _load_quantized_hook(source: str, dtype, device, name: str | None) -> "LoadedModel | None":
+    from .quant import FP8_FORMATS, is_quantized_source, load_quantized
+
+    if isinstance(dtype, torch.dtype) or not (dtype in FP8_FORMATS or is_quantized_source(source)):
+        return None
+    device = torch.device(device)
+    if source.startswith("random:"):
+        preset, _, seed = source[len("random:"):].partition(":")
+        if preset not in PRESETS:
+            raise InvalidRequest(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        source_or_sd = (dict(PRESETS[preset]), random_model(dict(PRESETS[preset]), seed=int(seed or 0)).state_dict())
+    else:
+        source_or_sd = source
+    config, module, dt, storage = load_quantized(source_or_sd, str(dtype), device)
+    model = LoadedModel(name=name or Path(source).stem, family=family_of(config), config=config, module=module,
+                        dtype=dt, device=device, source=source, storage=storage)
+    log.info("loaded %s (%s, %s weights, compute %s) from %s on %s", model.name, model.family, storage,
              dtype_name(dt), source, device)
     return model
 
@@ -379,4 +421,7 @@ def source_config(source: str) -> dict:
 
 def model_info(source: str, *, name: str | None = None, dtype: str = "bf16") -> ModelInfo:
     """ModelInfo of a checkpoint without loading it (what the planner needs before the workers load it)."""
-    return info_of_config(name or Path(source).stem, source_config(source), parse_dtype(dtype), source)
+    from .quant import FP8_FORMATS
+
+    dt = parse_dtype("bf16" if dtype in FP8_FORMATS else dtype)
+    return info_of_config(name or Path(source).stem, source_config(source), dt, source)

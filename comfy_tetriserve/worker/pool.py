@@ -37,6 +37,8 @@ which is a death as above; out of memory in a one-device assignment ends that as
 """
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import itertools
 import logging
@@ -544,6 +546,10 @@ class WorkerPool(PoolMemory):
             if expert[0] not in self._models:
                 raise NotFound(f"expert model {expert[0]!r} is not loaded")
             check_experts(info, self._models[expert[0]][2])
+        if job.loras:
+            from .lora_check import check_stack
+
+            check_stack(self._models[job.model][0], job.loras)
         # Sampler settings beyond the name travel in ``extra`` ("sampler_options", "noise_device").
         kwargs = {arg: job.extra[key] for key, arg in (("sampler_options", "options"), ("noise_device", "noise_device"))
                   if key in job.extra}
@@ -754,6 +760,6 @@ def _conditioning(job: SamplingJob) -> Conditioning:
                         cfg=float(job.cfg), guidance=job.guidance, expert=parse_expert(job.extra),
                         neg_context=job.neg_context,
                         neg_pooled=job.neg_pooled, concat=job.concat, refs=tuple(job.ref_latents),
-                        ref_method=job.ref_method)
+                        ref_method=job.ref_method, loras=tuple(job.loras))
 
 

@@ -87,6 +87,7 @@ class Conditioning:
     refs: tuple = ()  # FLUX Kontext reference latents (both CFG branches)
     ref_method: str = "offset"
     expert: tuple[str, float] | None = None  # (low-noise model, boundary sigma): experts.py
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA stack: (file path, strength), applied per forward
 
     @property
     def uses_cfg(self) -> bool:
@@ -145,7 +146,7 @@ def broadcast_trajectory(comm: GroupComm, src_index: int, mine: Trajectory | Non
 
 # ----------------------------------------------------------------- batched sampler steps
 Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None,
-#               concat [b,C',H,W] | None, refs (tuple of [b,C,h,w]), ref_method)
+#               concat [b,C',H,W] | None, refs (tuple of [b,C,h,w]), ref_method, LoRA stack)
 
 
 class _Rendezvous:
@@ -210,33 +211,44 @@ def _expand(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
 class StepRunner:
     """One sampler step for a list of trajectories on one group (see the module docstring)."""
 
-    def __init__(self, model, comm: GroupComm | None) -> None:
+    def __init__(self, model, comm: GroupComm | None, loras=None) -> None:
         self.model = model
         self.comm = comm
+        self.loras = loras  # lora.LoraCache: files read once per worker
         self.votes: torch.Tensor | None = None
         self.vote = 0.0
 
     def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
         """Model outputs for rows; rows with equal text length (and equal reference latent sizes)
-        share one forward (row order kept)."""
+        and LoRA stack share one forward (row order kept)."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
         by_len: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             refs_key = tuple(tuple(t.shape[1:]) for t in r[6])
-            by_len.setdefault((r[2].shape[1], r[4] is None, r[5] is None, refs_key, r[7]), []).append(i)
+            by_len.setdefault((r[2].shape[1], r[4] is None, r[5] is None, refs_key, r[7], r[8]), []).append(i)
         for idxs in by_len.values():
             cat = [torch.cat([rows[i][j] for i in idxs]) for j in range(4)]
             first = rows[idxs[0]]
             guidance = None if first[4] is None else torch.cat([rows[i][4] for i in idxs])
             concat = None if first[5] is None else torch.cat([rows[i][5] for i in idxs])
             refs = tuple(torch.cat([rows[i][6][k] for i in idxs]) for k in range(len(first[6])))
-            out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote, concat=concat,
-                                                 refs=refs, ref_method=first[7])
+            with self._lora(first[8]):
+                out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote, concat=concat,
+                                                     refs=refs, ref_method=first[7])
             pos = 0
             for i in idxs:
                 n = rows[i][0].shape[0]
                 outs[i], pos = out[pos:pos + n], pos + n
         return outs
+
+    def _lora(self, stack: tuple[tuple[str, float], ...]):
+        from contextlib import nullcontext
+
+        if not stack:
+            return nullcontext()
+        from .lora import applied
+
+        return applied(self.model.module, self.loras.combined(self.model, stack))
 
     def denoiser(self, cond: Conditioning, submit):
         """ComfyUI's flow-model denoiser with CFG: ``x - out * sigma``, cond and uncond as one batch."""
@@ -249,9 +261,9 @@ class StepRunner:
             if self.model.config.get("guidance_embeds"):  # FLUX-dev; ComfyUI's default guidance is 3.5
                 g = torch.full((b,), 3.5 if cond.guidance is None else cond.guidance, device=x.device)
             image = (_expand(cond.concat, b), tuple(_expand(r, b) for r in cond.refs), cond.ref_method)
-            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g, *image)]
+            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g, *image, cond.loras)]
             if cond.uses_cfg:
-                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, *image))
+                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, *image, cond.loras))
             outs = submit(rows)
             s = sigma.view(-1, *([1] * (x.dim() - 1)))
             den = [x - o * s for o in outs]
@@ -325,6 +337,7 @@ class Worker:
         self.res = res_conn
         self.device = torch.device(cfg.device)
         self.models: dict[str, Any] = {}
+        self.loras = None  # lora.LoraCache, made on first use
         self.conds: dict[str, Conditioning] = {}
         self.trajs: dict[str, Trajectory] = {}
         self.comms: dict[Group, GroupComm | None] = {}
@@ -471,11 +484,15 @@ class Worker:
             trajs = [self.obtain(rid, task["sources"][rid], comm) for rid in rids]
             stats["handoff_s"] = time.perf_counter() - t0
             stats["handoff_kinds"] = sorted({task["sources"][rid][0] for rid in rids})
-            runners = {task["model"]: StepRunner(model, comm)}
+            if self.loras is None:
+                from .lora import LoraCache
+
+                self.loras = LoraCache()
+            runners = {task["model"]: StepRunner(model, comm, self.loras)}
 
             def runner_for(name: str) -> StepRunner:  # two-expert jobs step on either model (experts.py)
                 if name not in runners:
-                    runners[name] = StepRunner(self.models[name], comm)
+                    runners[name] = StepRunner(self.models[name], comm, self.loras)
                 return runners[name]
 
             conds = [self.conds[rid] for rid in rids]

@@ -9,6 +9,9 @@ latent against the whole trajectory on one device:
 - ``switching``: every step on a random allowed group (random degree and placement);
 - ``handoff``: the latent moves mid-trajectory: a third on {0,1}, a third on {2,3} (no member
   holds it: the pool's checkpoint is sent), the rest on {0..3} (a member broadcasts it).
+- ``lora``, ``fp8``, ``gguf_q8``: the same model with a two-LoRA stack (kohya 0.8, PEFT -0.4), with
+  fp8 weights (``fp8_e4m3fn``), and as a Q8_0 GGUF file: the largest error of degree 2 and 4
+  against degree 1 of the same weights.
 
 For FLUX two more checks run image-conditioned requests at degrees 2 and 4 (each value the
 worst of the two): ``fill``, a tiny FLUX Fill checkpoint with the masked-image latent and a soft
@@ -149,7 +152,7 @@ def schedules(groups, degrees: tuple[int, ...], steps: int, rng: random.Random) 
 
 
 async def run_checks(pool, workdir: str | Path, *, steps: int = 6, seed: int = 0, dtype: str = "fp32",
-                     families: tuple[str, ...] = ("flux", "sd3")) -> dict[str, dict[str, float]]:
+                     families: tuple[str, ...] = ("flux", "sd3"), variants: bool = True) -> dict[str, dict[str, float]]:
     """The selfcheck on a started pool; returns {family: {check: rel_err}}."""
     from .models import allowed_degrees
 
@@ -169,7 +172,51 @@ async def run_checks(pool, workdir: str | Path, *, steps: int = 6, seed: int = 0
         report[family] = {check: float((out - ref).norm() / ref.norm()) for check, out in latents.items()}
         if family == "flux":
             report[family].update(await _image_checks(pool, Path(workdir), degrees, steps, seed, dtype))
+        if variants and family in VARIANT_FAMILIES:
+            # two steps suffice: a variant changes the weights, not the sampling the checks above cover
+            report[family].update(await check_variants(pool, Path(workdir), family, path, min(steps, 2), seed, dtype))
     return report
+
+
+#: the weight variants checked under sequence parallelism: a LoRA stack, fp8 storage, a Q8_0 GGUF file
+VARIANTS = ("lora", "fp8", "gguf_q8")
+#: the families whose LoRA key maps and quantised layouts the variants cover
+VARIANT_FAMILIES = ("flux", "sd3")
+
+
+async def check_variants(pool, workdir: Path, family: str, path: Path, steps: int, seed: int,
+                         dtype: str) -> dict[str, float]:
+    """Per variant: the largest rel_err of degree 2 and 4 against degree 1 of the same weights
+    (the same sampling as ``k2``/``k4``)."""
+    import dataclasses
+
+    from .lora_files import write_random_lora
+    from .models import allowed_degrees
+    from .quant import write_quantized_checkpoint
+    from .tiny import tiny_state_dict
+
+    _, sd = tiny_state_dict(family, seed)
+    lora_a = write_random_lora(family, sd, "kohya", workdir / f"{family}-lora-a.safetensors", seed=seed + 1)
+    lora_b = write_random_lora(family, sd, "peft", workdir / f"{family}-lora-b.safetensors", seed=seed + 2, rank=8)
+    gguf = write_quantized_checkpoint(family, "gguf:Q8_0", workdir / f"{family}-q8", seed=seed)
+    models = {"lora": (f"selfcheck-{family}", None, ((str(lora_a), 0.8), (str(lora_b), -0.4))),
+              "fp8": (f"selfcheck-{family}-fp8", (str(path), "fp8_e4m3fn"), ()),
+              "gguf_q8": (f"selfcheck-{family}-q8", (str(gguf), dtype), ())}
+    out = {}
+    for variant, (name, load, loras) in models.items():
+        if load is not None:
+            info = await pool.load_model(name, *load)
+        else:
+            info = pool.models()[name]
+        degrees = [k for k in allowed_degrees(info.num_heads, len(pool.gpu_ids)) if k in (2, 4)]
+        by_size = {len(g): g for g in reversed(pool.groups)}
+        results = {}
+        for k in [1, *degrees]:
+            job = dataclasses.replace(make_job(f"{name}-{variant}-k{k}", name, family, steps, seed), loras=loras)
+            results[k] = await sample(pool, job, [(by_size[k], steps)])
+        ref = results.pop(1)
+        out[variant] = max((float((r - ref).norm() / ref.norm()) for r in results.values()), default=0.0)
+    return out
 
 
 async def selfcheck(devices: str, *, steps: int = 6, seed: int = 0, dtype: str = "fp32",
