@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ..errors import InvalidRequest
 from .convert import FLUX_CLASS, SD3_CLASS, infer_config, to_diffusers
 from ..core.executor import ModelInfo
 from .parallel import GroupComm, SeqShard, StepBinding, attention_backend, bind, gather_tokens, install_processors
+from .stepcache import ROPE_CACHE_SIZE, LruCache, padded_lengths
 from .samplers import timestep_of_sigma
 from .tiny import TINY_FLUX_CONFIG, TINY_SD3_CONFIG, model_class, model_kwargs, random_model
 
@@ -167,6 +169,8 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.processor = install_processors(self.module, self.family)
+        #: FLUX rotary embeddings per (latent size, text length, degree, rank)
+        self.rope_cache = LruCache(ROPE_CACHE_SIZE)
 
     @property
     def num_heads(self) -> int:
@@ -193,11 +197,15 @@ class LoadedModel:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                 guidance: torch.Tensor | None = None, comm: GroupComm | None = None,
-                vote: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                vote: float | torch.Tensor = 0.0, *, text_lengths: Sequence[int] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model output [B, C, H, W] (float32) for latents ``x`` at noise levels ``sigma`` [B].
 
         With ``comm`` of degree k this rank computes its token shard and the output is gathered;
         every rank returns the full output and the k ``vote`` values of the group (None alone).
+        ``text_lengths`` (one per row): rows whose text is shorter than ``context`` are padded;
+        their padding is masked out of every attention (keys), so each row's output equals its
+        own unpadded forward.
         """
         b, _, h, w = x.shape
         p = self.patch_size
@@ -207,7 +215,8 @@ class LoadedModel:
         if self.num_heads % degree:
             raise InvalidRequest(f"degree {degree} does not divide the {self.num_heads} heads of {self.name}")
         shard = SeqShard(comm.index if comm else 0, degree, context.shape[1], (h // p) * (w // p))
-        binding = StepBinding(comm if degree > 1 else None, shard)
+        lengths = padded_lengths(text_lengths, b, context.shape[1])
+        binding = StepBinding(comm if degree > 1 else None, shard, lengths, text_first=self.family == "flux")
         with attention_backend(self.device), bind(self.processor, binding):
             if self.family == "flux":
                 local = self._flux_tokens(x, sigma, context, pooled, guidance, shard)
@@ -219,16 +228,29 @@ class LoadedModel:
             tokens, votes = local, None
         return self._untokenize(tokens.float(), b, h, w), votes
 
+    def flux_rope(self, h: int, w: int, shard: SeqShard) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX's rotary embedding of this rank's [text, image] tokens for a ``h`` x ``w`` latent,
+        computed once per (latent size, text length, degree, rank) and kept (``rope_cache``)."""
+        key = (h, w, shard.num_text, shard.degree, shard.rank)
+        rope = self.rope_cache.get(key)
+        if rope is None:
+            i0, i1 = shard.image_range
+            t0, t1 = shard.text_range
+            dev = self.device
+            rows = torch.arange(h // 2, device=dev).repeat_interleave(w // 2)
+            cols = torch.arange(w // 2, device=dev).repeat(h // 2)
+            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)[i0:i1].float()
+            txt_ids = torch.zeros(t1 - t0, 3, device=dev)
+            rope = self.module.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+            self.rope_cache.put(key, rope)
+        return rope
+
     def _flux_tokens(self, x, sigma, context, pooled, guidance, shard: SeqShard) -> torch.Tensor:
         m, dt = self.module, self.dtype
         b, c, h, w = x.shape
         packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
         i0, i1 = shard.image_range
         t0, t1 = shard.text_range
-        rows = torch.arange(h // 2, device=x.device).repeat_interleave(w // 2)
-        cols = torch.arange(w // 2, device=x.device).repeat(h // 2)
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)[i0:i1].float()
-        txt_ids = torch.zeros(t1 - t0, 3, device=x.device)
         timestep = timestep_of_sigma("flux", sigma.float()) * FLUX_TIME_FACTOR
         pooled = pooled.to(dt)
         if self.config.get("guidance_embeds"):
@@ -239,7 +261,7 @@ class LoadedModel:
             temb = m.time_text_embed(timestep, pooled)
         hs = m.x_embedder(packed[:, i0:i1].to(dt))
         ehs = m.context_embedder(context[:, t0:t1].to(dt))
-        rope = m.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+        rope = self.flux_rope(h, w, shard)
         for block in m.transformer_blocks:
             ehs, hs = block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb, image_rotary_emb=rope)
         for block in m.single_transformer_blocks:

@@ -16,8 +16,8 @@ Running an assignment (``run``):
 3. Each step is one sampler step (``samplers.step``) whose model evaluations are Ulysses-parallel
    forwards over the group; every rank holds the full latent and runs the same sampler
    arithmetic on the same gathered output, so all ranks stay bit-identical. Several requests of
-   one assignment run as one batched forward per model evaluation (requests with different text
-   lengths, or CFG halves with different lengths, run as separate forwards).
+   one assignment, and CFG's cond and uncond, run as one batched forward per model evaluation
+   (text of different lengths padded, the padding masked out of attention).
 4. Stop requests are honoured after the current step, by agreement: each rank's stop flag rides
    along in the gather that ends the step's last forward, so all ranks see the same flags and
    stop at the same step without an extra collective.
@@ -200,6 +200,12 @@ def _expand(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return t.repeat(b // t.shape[0], *([1] * (t.ndim - 1)))
 
 
+def _pad_text(context: torch.Tensor, num_text: int) -> torch.Tensor:
+    """[b, T, D] -> [b, num_text, D], zeros after the T real tokens (masked out in attention)."""
+    short = num_text - context.shape[1]
+    return context if short == 0 else torch.nn.functional.pad(context, (0, 0, 0, short))
+
+
 class StepRunner:
     """One sampler step for a list of trajectories on one group (see the module docstring)."""
 
@@ -210,15 +216,27 @@ class StepRunner:
         self.vote = 0.0
 
     def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
-        """Model outputs for rows; rows with equal text length share one forward (row order kept)."""
+        """Model outputs for rows, as one batched forward (row order kept).
+
+        Rows whose text lengths differ (CFG's cond and uncond, requests with different prompts)
+        are padded to the longest and the padding is masked out of attention: each row's output
+        equals its own forward. Only rows with and without guidance run apart (never in practice:
+        guidance comes with the model)."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
-        by_len: dict[tuple, list[int]] = {}
+        by_kind: dict[bool, list[int]] = {}
         for i, r in enumerate(rows):
-            by_len.setdefault((r[2].shape[1], r[4] is None), []).append(i)
-        for idxs in by_len.values():
-            cat = [torch.cat([rows[i][j] for i in idxs]) for j in range(4)]
-            guidance = None if rows[idxs[0]][4] is None else torch.cat([rows[i][4] for i in idxs])
-            out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote)
+            by_kind.setdefault(r[4] is None, []).append(i)
+        for idxs in by_kind.values():
+            lengths = [int(rows[i][2].shape[1]) for i in idxs for _ in range(rows[i][0].shape[0])]
+            longest = max(lengths)
+            if len(idxs) == 1:
+                x, sigma, context, pooled, guidance = rows[idxs[0]]
+            else:
+                x, sigma, pooled = (torch.cat([rows[i][j] for i in idxs]) for j in (0, 1, 3))
+                context = torch.cat([_pad_text(rows[i][2], longest) for i in idxs])
+                guidance = None if rows[idxs[0]][4] is None else torch.cat([rows[i][4] for i in idxs])
+            out, self.votes = self.model.forward(x, sigma, context, pooled, guidance, comm=self.comm, vote=self.vote,
+                                                 text_lengths=lengths if min(lengths) < longest else None)
             pos = 0
             for i in idxs:
                 n = rows[i][0].shape[0]

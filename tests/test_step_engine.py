@@ -1,0 +1,159 @@
+"""The worker's step path: masked batching of different text lengths, the RoPE cache, one batching path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_tetriserve.errors import InvalidRequest
+from comfy_tetriserve.worker.models import LoadedModel
+from comfy_tetriserve.worker.parallel import SeqShard
+from comfy_tetriserve.worker.runner import Conditioning, StepRunner
+from comfy_tetriserve.worker.samplers import compute_sigmas, start_trajectory, step
+from comfy_tetriserve.worker.stepcache import LruCache, joint_key_mask, padded_lengths
+from comfy_tetriserve.worker.tiny import TINY_CONFIGS, random_model
+
+torch.set_grad_enabled(False)
+
+
+def tiny(family: str) -> LoadedModel:
+    config = dict(TINY_CONFIGS[family])
+    return LoadedModel(name=f"tiny-{family}", family=family, config=config, module=random_model(config, seed=3),
+                       dtype=torch.float32, device=torch.device("cpu"), source=f"random:tiny-{family}")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_padded_rows_equal_their_own_forwards(family):
+    model = tiny(family)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 14, 18, generator=g)
+    sigma = torch.tensor([0.9, 0.7, 0.4])
+    lengths = [9, 4, 6]
+    ctxs = [torch.randn(1, n, 32, generator=g) for n in lengths]
+    pooled = torch.randn(3, 16, generator=g)
+    guidance = torch.tensor([3.5, 2.0, 4.0])
+    alone = [model.forward(x[i:i + 1], sigma[i:i + 1], ctxs[i], pooled[i:i + 1], guidance[i:i + 1])[0]
+             for i in range(3)]
+    padded = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, 9 - c.shape[1])) for c in ctxs])
+    together = model.forward(x, sigma, padded, pooled, guidance, text_lengths=lengths)[0]
+    unmasked = model.forward(x, sigma, padded, pooled, guidance)[0]
+    for i in range(3):
+        assert rel(together[i], alone[i][0]) < 1e-5
+    # the mask is what makes it exact: without it the padded rows differ by far more
+    assert rel(unmasked[1], alone[1][0]) > 1e-2 and rel(unmasked[2], alone[2][0]) > 1e-2
+    assert rel(unmasked[0], alone[0][0]) < 1e-5  # the longest row has no padding
+
+
+@pytest.mark.parametrize("family,sampler", [("flux", "euler"), ("sd3", "dpmpp_2m"), ("flux", "heun")])
+def test_cfg_with_different_text_lengths_is_one_exact_forward(family, sampler):
+    model = tiny(family)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, 16, 14, 18, generator=g)
+    cond = Conditioning("r", model.name, torch.randn(1, 11, 32, generator=g), torch.randn(1, 16, generator=g),
+                        cfg=4.0, guidance=3.5, neg_context=torch.randn(1, 5, 32, generator=g),
+                        neg_pooled=torch.randn(1, 16, generator=g))
+    traj = start_trajectory(torch.zeros_like(noise), noise, compute_sigmas(family, "simple", 4), sampler)
+    calls: list[int] = []
+    runner = StepRunner(model, None)
+    inner = model.forward
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return inner(x, *args, **kwargs)
+
+    model.forward = counted
+    batched = runner.step([traj], [cond], 0.0)[0][0]
+    model.forward = inner
+    assert calls and all(b == 2 for b in calls)  # cond and uncond in one forward per model call
+
+    def separate(x, sigma):  # ComfyUI's CFG from two unbatched forwards
+        s = sigma.reshape(-1)
+        c = x - model.forward(x, s, cond.context, cond.pooled, torch.tensor([3.5]))[0] * s.view(-1, 1, 1, 1)
+        u = x - model.forward(x, s, cond.neg_context, cond.neg_pooled, torch.tensor([3.5]))[0] * s.view(-1, 1, 1, 1)
+        return u + (c - u) * cond.cfg
+
+    reference = step(traj, separate)
+    no_cfg = step(traj, lambda x, s: x - model.forward(x, s.reshape(-1), cond.context, cond.pooled,
+                                                       torch.tensor([3.5]))[0] * s.reshape(-1, 1, 1, 1))
+    err = rel(batched.x, reference.x)
+    assert err < 1e-5
+    assert rel(no_cfg.x, reference.x) > 1e3 * max(err, 1e-7)  # CFG's uncond changes the step by far more
+
+
+def test_requests_at_different_steps_and_samplers_batch_exactly():
+    model = tiny("sd3")
+    g = torch.Generator().manual_seed(2)
+    trajs, conds = [], []
+    for i, (sampler, n_text, at) in enumerate((("euler", 7, 0), ("dpmpp_2m", 3, 2), ("euler_ancestral", 12, 1))):
+        noise = torch.randn(1, 16, 12, 12, generator=g)
+        t = start_trajectory(torch.zeros_like(noise), noise, compute_sigmas("sd3", "simple", 5), sampler, seed=i)
+        conds.append(Conditioning(f"r{i}", model.name, torch.randn(1, n_text, 32, generator=g),
+                                  torch.randn(1, 16, generator=g)))
+        for _ in range(at):
+            t = StepRunner(model, None).step([t], [conds[-1]], 0.0)[0][0]
+        trajs.append(t)
+    calls: list[int] = []
+    inner = model.forward
+    model.forward = lambda x, *a, **k: (calls.append(x.shape[0]), inner(x, *a, **k))[1]
+    together, _ = StepRunner(model, None).step(trajs, conds, 0.0)
+    model.forward = inner
+    assert calls == [3]  # one forward for three requests of three text lengths
+    for t, c, got in zip(trajs, conds, together):
+        alone = StepRunner(model, None).step([t], [c], 0.0)[0][0]
+        assert got.step_index == t.step_index + 1
+        assert rel(got.x, alone.x) < 1e-5
+
+
+def test_flux_rope_cached_per_shape_and_shard():
+    model = tiny("flux")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 16, 14, 18, generator=g)
+    args = (torch.tensor([0.5]), torch.randn(1, 7, 32, generator=g), torch.randn(1, 16, generator=g))
+    first = model.forward(x, *args)[0]
+    assert model.rope_cache.keys() == [(14, 18, 7, 1, 0)] and model.rope_cache.misses == 1
+    again = model.forward(x, *args)[0]
+    assert torch.equal(first, again) and model.rope_cache.hits == 1
+    model.forward(torch.randn(1, 16, 18, 14, generator=g), *args)  # transposed latent: a new key
+    model.forward(x, args[0], torch.randn(1, 5, 32, generator=g), args[2])  # other text length: a new key
+    assert model.rope_cache.keys() == [(14, 18, 7, 1, 0), (18, 14, 7, 1, 0), (14, 18, 5, 1, 0)]
+    # a rank of a degree-2 group gets its own shard's rotary table, equal to the full table's rows
+    shard = SeqShard(1, 2, 7, 63)
+    full = model.flux_rope(14, 18, SeqShard(0, 1, 7, 63))
+    part = model.flux_rope(14, 18, shard)
+    t0, t1 = shard.text_range
+    i0, i1 = shard.image_range
+    rows = list(range(t0, t1)) + [7 + i for i in range(i0, i1)]
+    for a, b in zip(part, full):
+        assert torch.equal(a, b[rows])
+    assert (14, 18, 7, 2, 1) in model.rope_cache.keys()
+    # a wrong key would hand back the wrong table: the shapes of a different text length differ
+    assert model.flux_rope(14, 18, SeqShard(0, 1, 5, 63))[0].shape[0] == 5 + 63
+
+
+def test_lru_cache_bounds_and_order():
+    cache = LruCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1
+    cache.put("c", 3)
+    assert cache.keys() == ["a", "c"] and cache.get("b") is None
+    with pytest.raises(ValueError):
+        LruCache(0)
+
+
+def test_key_mask_layout_and_checks():
+    assert padded_lengths(None, 2, 5) is None
+    assert padded_lengths([5, 5], 2, 5) is None
+    assert padded_lengths([5, 3], 2, 5) == (5, 3)
+    with pytest.raises(InvalidRequest):
+        padded_lengths([5], 2, 5)
+    with pytest.raises(InvalidRequest):
+        padded_lengths([6, 1], 2, 5)
+    # degree 2, 5 padded text tokens (3 + 2), 4 image tokens (2 + 2), rows of 5 and 3 valid tokens
+    m = joint_key_mask((3, 2), (2, 2), (5, 3), True, torch.device("cpu"))[:, 0, 0]
+    assert m.tolist() == [[True] * 9, [True, True, True, True, True, False, False, True, True]]
+    m = joint_key_mask((3, 2), (2, 2), (5, 3), False, torch.device("cpu"))[:, 0, 0]  # SD3: image first
+    assert m[1].tolist() == [True, True, True, True, True, True, True, False, False]
