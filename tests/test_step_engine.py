@@ -157,3 +157,32 @@ def test_key_mask_layout_and_checks():
     assert m.tolist() == [[True] * 9, [True, True, True, True, True, False, False, True, True]]
     m = joint_key_mask((3, 2), (2, 2), (5, 3), False, torch.device("cpu"))[:, 0, 0]  # SD3: image first
     assert m[1].tolist() == [True, True, True, True, True, True, True, False, False]
+
+
+def test_step_timer_reads_each_step_once_in_order():
+    from comfy_tetriserve.worker.steptime import StepTimer
+
+    timer = StepTimer(torch.device("cpu"))
+    for _ in range(2):
+        timer.start()
+        torch.ones(100).sum()
+        timer.stop()
+    got = timer.ready()
+    assert [j for j, _ in got] == [0, 1] and all(t > 0 for _, t in got)
+    assert timer.ready() == [] and timer.finish() == []
+    timer.start()
+    timer.stop()
+    assert [j for j, _ in timer.finish()] == [2] and len(timer.times) == 3
+
+
+def test_deferred_vote_agrees_one_step_late_on_cuda_only():
+    from comfy_tetriserve.worker.steptime import DeferredVote
+
+    now = DeferredVote(torch.device("cpu"))
+    assert now.agreed(torch.tensor([0.0, 1.0])) is True and now.agreed(torch.tensor([0.0, 0.0])) is False
+    assert now.agreed(True) is True and now.agreed(False) is False
+    late = DeferredVote(torch.device("cpu"))
+    late.defer = True  # what a CUDA worker does: read the previous step's votes (already computed)
+    assert late.agreed(torch.tensor([0.0, 0.0])) is False
+    assert late.agreed(torch.tensor([0.0, 1.0])) is False  # this step's stop vote ...
+    assert late.agreed(torch.tensor([0.0, 0.0])) is True  # ... is honoured after the next step

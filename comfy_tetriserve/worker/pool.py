@@ -59,6 +59,7 @@ from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import Assignment, AssignmentResult
 from ..core.executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
+from .condshare import SharedConditioning, free_block, share_conditioning
 from .runner import Conditioning, WorkerConfig, worker_main
 from .samplers import Trajectory, finish_latent, start_trajectory
 
@@ -101,6 +102,8 @@ class _Request:
     cond_on: set[int] = field(default_factory=set)  # workers holding the conditioning
     holders: dict[int, int] = field(default_factory=dict)  # worker -> step index it holds
     task_id: int | None = None  # assignment in flight
+    shared: SharedConditioning | None = None  # the conditioning in shared memory (sent to workers)
+    block: object | None = None  # its SharedMemory block, unlinked at release
 
 
 @dataclass
@@ -291,6 +294,9 @@ class WorkerPool:
             self._finish(task, error="worker pool closed", lost=True)
         self._procs, self._cmd, self._res, self._reader = [], [], [], None
         self._outstanding = {}
+        if not self._restarting:  # closed for good: shared conditioning goes (tensors are sent if started again)
+            for req in self._requests.values():
+                self._free_shared(req)
         if self._store_dir:
             shutil.rmtree(self._store_dir, ignore_errors=True)
             self._store_dir = None
@@ -535,7 +541,13 @@ class WorkerPool:
                   if key in job.extra}
         traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed,
                                 **kwargs)
-        self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj)
+        # The conditioning is copied once, off the event loop, into shared memory; workers get a handle.
+        shared, block = await asyncio.to_thread(share_conditioning, job)
+        if job.request_id in self._requests:  # admitted meanwhile by a concurrent call
+            free_block(block)
+            raise Conflict(f"request {job.request_id} is admitted already")
+        self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj, shared=shared,
+                                                  block=block)
 
     @staticmethod
     def _check_job(job: SamplingJob, info: ModelInfo) -> None:
@@ -578,12 +590,19 @@ class WorkerPool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
+        self._free_shared(req)
         if self._procs and not self._restarting:
             for rank in sorted((req.cond_on | set(req.holders)) - set(self.dead)):
                 try:
                     self._send(rank, "release", request_id)
                 except OSError:  # a dead worker forgets everything anyway
                     pass
+
+    @staticmethod
+    def _free_shared(req: _Request) -> None:
+        if req.block is not None:
+            free_block(req.block)
+        req.shared = req.block = None
 
     # ------------------------------------------------------------ execution
     def _require_up(self) -> None:
@@ -615,8 +634,8 @@ class WorkerPool:
         for rank in a.gpu_ids:
             conds = {}
             for req in reqs:
-                if rank not in req.cond_on:
-                    conds[req.job.request_id] = _conditioning(req.job)
+                if rank not in req.cond_on:  # the shared-memory handle (tensors only without one)
+                    conds[req.job.request_id] = req.shared or _conditioning(req.job)
                     req.cond_on.add(rank)
             msg = {"task_id": task_id, "gpu_ids": a.gpu_ids, "leader": rank == task.leader,
                    "request_ids": a.request_ids, "num_steps": a.num_steps, "model": reqs[0].job.model,

@@ -8,8 +8,8 @@ request), so two ranks that share groups always meet in their collectives in the
 
 Running an assignment (``run``):
 
-1. Conditioning that this worker has not seen yet arrives with the message and is kept on the
-   device until the request is released.
+1. Conditioning that this worker has not seen yet arrives with the message (a handle to the
+   pool's shared-memory copy, condshare.py) and is kept on the device until the request is released.
 2. The request's latest trajectory comes from where the pool says: this worker already holds it
    (it ran the previous assignment), a member of the new group broadcasts it within the group,
    or the pool sends its checkpoint.
@@ -51,6 +51,7 @@ import torch
 
 from .parallel import GroupComm
 from .samplers import Trajectory, cfg_combine, step
+from .steptime import DeferredVote, StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +263,10 @@ class StepRunner:
             return cfg_combine(den[0], den[1], cond.cfg) if cond.uses_cfg else den[0]
         return denoise
 
-    def step(self, trajs: list[Trajectory], conds: list[Conditioning], vote: float) -> tuple[list[Trajectory], bool]:
-        """One sampler step of every trajectory; returns them and whether the group agreed to stop."""
+    def step(self, trajs: list[Trajectory], conds: list[Conditioning],
+             vote: float) -> tuple[list[Trajectory], bool | torch.Tensor]:
+        """One sampler step of every trajectory; returns them and the stop signal: this rank's vote
+        alone, or the group's gathered votes (stop if any is > 0; ``steptime.DeferredVote``)."""
         self.vote, self.votes = vote, None
         if len(trajs) == 1:
             new = [step(trajs[0], self.denoiser(conds[0], self.forward_rows))]
@@ -291,7 +294,7 @@ class StepRunner:
                 raise errors[0]
         if self.comm is None or self.votes is None:
             return new, vote > 0
-        return new, bool((self.votes > 0).any().item())
+        return new, self.votes  # the group's gathered votes (read by DeferredVote: a sync on CUDA)
 
 
 # ----------------------------------------------------------------- failures
@@ -440,12 +443,14 @@ class Worker:
     def run(self, task: dict) -> None:
         task_id, group, leader = task["task_id"], tuple(task["gpu_ids"]), task["leader"]
         rids = task["request_ids"]
-        steps_done, times, error, stats = 0, [], None, {}
+        steps_done, error, stats = 0, None, {}
+        timer = StepTimer(self.device)
         trajs: list[Trajectory] = []
         try:
-            for rid, cond in task["conds"].items():
+            for rid, cond in task["conds"].items():  # a shared-memory handle, or the tensors themselves
                 model = self.models[cond.model]
-                self.conds[rid] = cond.to(self.device, model.dtype)
+                load = getattr(cond, "load", None) or cond.to
+                self.conds[rid] = load(self.device, model.dtype)
             comm = self.comms[group]
             model = self.models[task["model"]]
             t0 = time.perf_counter()
@@ -456,25 +461,34 @@ class Worker:
             conds = [self.conds[rid] for rid in rids]
             every = task.get("checkpoint_every_s")
             last_ckpt = time.perf_counter()
+            votes = DeferredVote(self.device)
+            indices: list[list[int]] = []  # per step: each request's step index after it
+
+            def report() -> None:
+                for j, seconds in timer.ready():
+                    for rid, index in zip(rids, indices[j]):
+                        self.send("step", task_id, rid, index, seconds)
+
             for i in range(task["num_steps"]):
-                t0 = time.perf_counter()
+                timer.start()
                 self._raise_injected()
                 vote = 1.0 if task_id in self.stop_task_ids else 0.0
-                trajs, stop = runner.step(trajs, conds, vote)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                times.append(time.perf_counter() - t0)
+                trajs, signal = runner.step(trajs, conds, vote)
+                timer.stop()  # no host sync: CUDA events, read when done
+                indices.append([traj.step_index for traj in trajs])
                 steps_done += 1
                 if leader:
-                    for rid, traj in zip(rids, trajs):
-                        self.send("step", task_id, rid, traj.step_index, times[-1])
-                if stop:
+                    report()
+                if votes.agreed(signal):
                     break
                 if (leader and every is not None and i + 1 < task["num_steps"]
                         and time.perf_counter() - last_ckpt >= every):
                     # a checkpoint inside a long assignment: a death now loses at most `every` seconds
                     self.send("ckpt", task_id, {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)})
                     last_ckpt = time.perf_counter()
+            timer.finish()  # the assignment's one sync
+            if leader:
+                report()
         except Exception as exc:  # noqa: BLE001 - the assignment fails; the worker lives on unless it is fatal
             kind = classify_failure(exc, self.cfg.backend, len(group))
             log.log(logging.WARNING if kind == "lost" else logging.ERROR, "worker %d: task %d failed (%s)",
@@ -493,7 +507,9 @@ class Worker:
         for rid, traj in zip(rids, trajs):
             self.trajs[rid] = traj
         checkpoints = {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)} if leader and trajs else None
-        self.send("done", task_id, self.cfg.rank, steps_done, tuple(times), checkpoints, error, stats)
+        if error is not None and self.device.type != "cuda":
+            timer.ready()  # the steps before the failure (on CUDA only those already read: no sync now)
+        self.send("done", task_id, self.cfg.rank, steps_done, tuple(timer.times), checkpoints, error, stats)
 
     def _raise_injected(self) -> None:
         kind, self.injected = self.injected, None
