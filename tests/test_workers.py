@@ -95,6 +95,7 @@ def test_pool_is_an_executor_with_warm_groups(h):
     assert pool.gpu_ids == (0, 1, 2, 3) and pool.groups == aligned_groups((0, 1, 2, 3)) and pool.backend == "gloo"
     assert [w["device"] for w in pool.worker_info] == ["cpu"] * 4
     assert len({w["pid"] for w in pool.worker_info}) == 4
+    assert not any(w["cuda_graphs"] for w in pool.worker_info)  # eager (the flag is off; a no-op on CPU anyway)
     assert set(pool.models()) == {"flux", "sd3"}
     # Loading again is a no-op; the same name from another file is a conflict.
     assert h(pool.load_model("flux", pool._models["flux"][0], "fp32")) == pool.models()["flux"]

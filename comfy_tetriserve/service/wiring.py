@@ -92,7 +92,8 @@ def build_executor(config: ServiceConfig, cost: CostModel):
     except ImportError:
         raise InvalidRequest(f"devices {config.devices!r} need the worker pool (comfy_tetriserve.worker.pool), "
                              "which this build lacks; use sim:N to try the scheduler") from None
-    return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s)
+    return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s,
+                      cuda_graphs=config.cuda_graphs)
 
 
 def forecast_function() -> ForecastFn | None:

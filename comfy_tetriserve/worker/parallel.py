@@ -172,11 +172,12 @@ def heads_to_seq(x: torch.Tensor, sizes: Sequence[int], comm: GroupComm) -> torc
 
 
 def gather_tokens(local: torch.Tensor, sizes: Sequence[int], comm: GroupComm,
-                  vote: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  vote: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather token shards [B, n_r, C] into [B, N, C] on every rank.
 
     Each rank also contributes one number (``vote``); every rank receives all of them, in the
-    same collective, so a per-step decision (stop or go on) costs no extra round trip.
+    same collective, so a per-step decision (stop or go on) costs no extra round trip. A tensor
+    ``vote`` (one element on the device) is copied on the device: a captured graph reads it.
     """
     b, n, c = local.shape
     width = b * max(sizes) * c

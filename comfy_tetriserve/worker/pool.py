@@ -129,7 +129,7 @@ class WorkerPool:
     def __init__(self, devices: str | Sequence[str] = "cpu:2", *, groups: Sequence[Sequence[int]] | None = None,
                  backend: str | None = None, collective_timeout_s: float = 300.0, start_timeout_s: float = 600.0,
                  num_threads: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 checkpoint_every_s: float | None = 1.0) -> None:
+                 checkpoint_every_s: float | None = 1.0, cuda_graphs: bool = False) -> None:
         self.devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
         if not self.devices:
             raise InvalidRequest("a worker pool needs at least one device")
@@ -154,6 +154,9 @@ class WorkerPool:
         #: inside an assignment, the leader sends a checkpoint after a step once this many seconds passed
         #: since the assignment began or the last one (0: every step; None: only when it ends)
         self.checkpoint_every_s = checkpoint_every_s
+        #: capture each step shape's model evaluation as a CUDA graph on GPU workers (off: eager;
+        #: no effect on CPU workers; graphs.py)
+        self.cuda_graphs = bool(cuda_graphs)
         self.clock = clock
         self._procs: list = []
         self._cmd: list = []
@@ -252,6 +255,7 @@ class WorkerPool:
             cfg = WorkerConfig(rank=rank, world_size=n, device=device, backend=self.backend,
                                store_path=os.path.join(self._store_dir, "store"), groups=self._groups,
                                collective_timeout_s=self.collective_timeout_s, num_threads=self.num_threads,
+                               cuda_graphs=self.cuda_graphs,
                                log_level=logging.getLogger().level or logging.WARNING)
             proc = ctx.Process(target=worker_main, args=(cfg, cmd_r, res_w), name=f"tetriserve-worker{rank}",
                                daemon=True)

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .graphs import ModelForwards
 from .parallel import GroupComm
 from .samplers import Trajectory, cfg_combine, step
 from .steptime import DeferredVote, StepTimer
@@ -68,6 +69,7 @@ class WorkerConfig:
     groups: tuple[Group, ...]
     collective_timeout_s: float = 300.0
     num_threads: int = 0  # CPU intra-op threads (0: torch's default)
+    cuda_graphs: bool = False  # capture each step shape's model evaluation as a CUDA graph (graphs.py)
     log_level: int = logging.WARNING
 
 
@@ -201,6 +203,10 @@ def _expand(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return t.repeat(b // t.shape[0], *([1] * (t.ndim - 1)))
 
 
+def _eager(model, *args, **kwargs):
+    return model.forward(*args, **kwargs)
+
+
 def _pad_text(context: torch.Tensor, num_text: int) -> torch.Tensor:
     """[b, T, D] -> [b, num_text, D], zeros after the T real tokens (masked out in attention)."""
     short = num_text - context.shape[1]
@@ -210,9 +216,11 @@ def _pad_text(context: torch.Tensor, num_text: int) -> torch.Tensor:
 class StepRunner:
     """One sampler step for a list of trajectories on one group (see the module docstring)."""
 
-    def __init__(self, model, comm: GroupComm | None) -> None:
+    def __init__(self, model, comm: GroupComm | None, forwards=None) -> None:
         self.model = model
         self.comm = comm
+        #: the model evaluation (graphs.ModelForwards: eager, or captured on CUDA); None: eager
+        self.forwards = forwards
         self.votes: torch.Tensor | None = None
         self.vote = 0.0
 
@@ -236,8 +244,9 @@ class StepRunner:
                 x, sigma, pooled = (torch.cat([rows[i][j] for i in idxs]) for j in (0, 1, 3))
                 context = torch.cat([_pad_text(rows[i][2], longest) for i in idxs])
                 guidance = None if rows[idxs[0]][4] is None else torch.cat([rows[i][4] for i in idxs])
-            out, self.votes = self.model.forward(x, sigma, context, pooled, guidance, comm=self.comm, vote=self.vote,
-                                                 text_lengths=lengths if min(lengths) < longest else None)
+            fwd = self.forwards or _eager
+            out, self.votes = fwd(self.model, x, sigma, context, pooled, guidance, comm=self.comm, vote=self.vote,
+                                  text_lengths=lengths if min(lengths) < longest else None)
             pos = 0
             for i in idxs:
                 n = rows[i][0].shape[0]
@@ -338,6 +347,7 @@ class Worker:
         self.stop_task_ids: set[int] = set()
         self.inbox: queue.Queue = queue.Queue()
         self.injected: str | None = None  # a drill's fault for the next step
+        self.forwards = ModelForwards(cfg.cuda_graphs, self.device)
 
     def send(self, *msg) -> None:
         self.res.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
@@ -457,7 +467,7 @@ class Worker:
             trajs = [self.obtain(rid, task["sources"][rid], comm) for rid in rids]
             stats["handoff_s"] = time.perf_counter() - t0
             stats["handoff_kinds"] = sorted({task["sources"][rid][0] for rid in rids})
-            runner = StepRunner(model, comm)
+            runner = StepRunner(model, comm, self.forwards)
             conds = [self.conds[rid] for rid in rids]
             every = task.get("checkpoint_every_s")
             last_ckpt = time.perf_counter()
@@ -543,7 +553,7 @@ def worker_main(cfg: WorkerConfig, cmd_conn, res_conn) -> None:
         with torch.inference_mode():
             worker.join_world()
             worker.send("ready", cfg.rank, {"device": cfg.device, "backend": cfg.backend, "pid": os.getpid(),
-                                            "torch": torch.__version__})
+                                            "torch": torch.__version__, "cuda_graphs": worker.forwards.active})
             threading.Thread(target=worker.receive, args=(cmd_conn,), daemon=True).start()
             worker.serve()
     except Exception:
