@@ -11,11 +11,18 @@ For the tiny FLUX and SD3 (worker/tiny.py; SD3's positional table widened to 32 
 - ``engine``: one whole sampler step as a worker runs it (``runner.StepRunner.step``: the
   denoiser, ``LoadedModel.forward`` with our processors, the euler update, the new trajectory);
 - ``engine_cfg`` / ``bare_cfg``: the same with CFG where cond and uncond have different text
-  lengths (the engine: one padded, masked forward; bare: two forwards, as the model's own
-  forward cannot batch them).
+  lengths (bare: two forwards, as the model's own forward cannot batch them; the engine: its
+  default for the device, on CPU one padded masked forward only while the padding adds <= 10 %
+  of the tokens, else two); ``engine_cfg_one_forward``: the engine forced to one padded, masked
+  forward (what it does on GPUs).
 
 The two run alternately, rep by rep, so load from other processes hits both alike; the numbers
 are medians. Ratios above 1 are the engine's overhead.
+
+``--submit N``: event-loop time per submit of 4 MiB of conditioning (64 x 512 x 32 fp32) through a
+two-worker CPU pool: CPU time of the loop's thread over ``admit`` and the first one-step assignment
+on both workers (the conditioning reaching them), median of N; beside it what pickling the
+tensors for each of the two workers on the loop (the previous way) costs.
 """
 from __future__ import annotations
 
@@ -80,6 +87,7 @@ def measure(family: str, px: int, reps: int, warmup: int) -> dict:
              "cfg": Conditioning("r", model.name, ctx, pooled, cfg=4.0, guidance=3.5, neg_context=neg,
                                  neg_pooled=pooled)}
     runner = StepRunner(model, None)
+    one_forward = StepRunner(model, None, max_pad_fraction=float("inf"))
     bare = bare_call(family, module, x, sigma, ctx, pooled, guidance)
     bare_neg = bare_call(family, module, x, sigma, neg, pooled, guidance)
     fns = {
@@ -87,6 +95,7 @@ def measure(family: str, px: int, reps: int, warmup: int) -> dict:
         "engine": lambda: runner.step([traj], [conds["plain"]], 0.0),
         "bare_cfg": lambda: (bare(), bare_neg()),
         "engine_cfg": lambda: runner.step([traj], [conds["cfg"]], 0.0),
+        "engine_cfg_one_forward": lambda: one_forward.step([traj], [conds["cfg"]], 0.0),
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
@@ -104,7 +113,48 @@ def measure(family: str, px: int, reps: int, warmup: int) -> dict:
         **{f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()},
         "engine_over_bare": round(med["engine"] / med["bare"], 4),
         "engine_cfg_over_bare_cfg": round(med["engine_cfg"] / med["bare_cfg"], 4),
+        "engine_cfg_one_forward_over_bare_cfg": round(med["engine_cfg_one_forward"] / med["bare_cfg"], 4),
     }
+
+
+async def submit_loop_time(num: int) -> dict:
+    import pickle
+
+    from comfy_tetriserve.core.executor import SamplingJob
+    from comfy_tetriserve.types import Assignment
+    from comfy_tetriserve.worker.pool import WorkerPool, _conditioning
+    from comfy_tetriserve.worker.samplers import prepare_noise
+
+    pool = WorkerPool("cpu:2")
+    await pool.start()
+    try:
+        await pool.load_model("flux", "random:tiny-flux", "fp32")
+        g = torch.Generator().manual_seed(0)
+        loop_s, pickled_s = [], []
+        for i in range(num):
+            lat = torch.zeros(64, 16, 4, 4)
+            job = SamplingJob(request_id=f"s{i}", model="flux", latent=lat, noise=prepare_noise(lat, i),
+                              sigmas=compute_sigmas("flux", "simple", 2),
+                              context=torch.randn(64, 512, 32, generator=g), pooled=torch.randn(64, 16, generator=g),
+                              guidance=3.5)
+            t0 = time.thread_time()
+            await pool.admit(job)
+            t1 = time.thread_time()
+            result = await pool.execute(Assignment((job.request_id,), (0, 1), 1))
+            loop_s.append(t1 - t0 + time.thread_time() - t1)
+            if result.error:
+                raise RuntimeError(result.error)
+            t0 = time.thread_time()
+            for _ in range(2):
+                pickle.dumps(("run", {"conds": {job.request_id: _conditioning(job)}}), protocol=pickle.HIGHEST_PROTOCOL)
+            pickled_s.append(time.thread_time() - t0)
+            await pool.release(job.request_id)
+    finally:
+        await pool.close()
+    return {"conditioning_mib": 4.0 + 64 * 16 * 4 / 2**20, "submits": num,
+            "loop_ms_per_submit": round(statistics.median(loop_s) * 1e3, 3),
+            "loop_ms_max": round(max(loop_s) * 1e3, 3),
+            "pickle_per_rank_on_loop_ms": round(statistics.median(pickled_s) * 1e3, 3)}
 
 
 def main() -> int:
@@ -115,15 +165,22 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--submit", type=int, default=0, metavar="N",
+                        help="also measure the event-loop time of N submits of 4 MiB conditioning (two CPU workers)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
-    for px in args.px:
+    for px in args.px if args.reps else ():
         for family in args.families:
             row = {"family": family, **measure(family, px, args.reps, args.warmup)}
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
+    if args.submit:
+        import asyncio
+
+        out["submit"] = asyncio.run(submit_loop_time(args.submit))
+        print(json.dumps(out["submit"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return 0

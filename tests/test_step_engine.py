@@ -57,7 +57,7 @@ def test_cfg_with_different_text_lengths_is_one_exact_forward(family, sampler):
                         neg_pooled=torch.randn(1, 16, generator=g))
     traj = start_trajectory(torch.zeros_like(noise), noise, compute_sigmas(family, "simple", 4), sampler)
     calls: list[int] = []
-    runner = StepRunner(model, None)
+    runner = StepRunner(model, None, max_pad_fraction=float("inf"))  # as on a GPU: always one forward
     inner = model.forward
 
     def counted(x, *args, **kwargs):
@@ -98,9 +98,15 @@ def test_requests_at_different_steps_and_samplers_batch_exactly():
     calls: list[int] = []
     inner = model.forward
     model.forward = lambda x, *a, **k: (calls.append(x.shape[0]), inner(x, *a, **k))[1]
-    together, _ = StepRunner(model, None).step(trajs, conds, 0.0)
-    model.forward = inner
+    together, _ = StepRunner(model, None, max_pad_fraction=float("inf")).step(trajs, conds, 0.0)
     assert calls == [3]  # one forward for three requests of three text lengths
+    calls.clear()
+    apart, _ = StepRunner(model, None, max_pad_fraction=0.0).step(trajs, conds, 0.0)
+    model.forward = inner
+    assert sorted(calls) == [1, 1, 1]  # no padding allowed: one forward per text length
+    assert StepRunner(model, None).max_pad_fraction == 0.1  # the CPU default
+    for got, other in zip(together, apart):
+        assert rel(got.x, other.x) < 1e-5
     for t, c, got in zip(trajs, conds, together):
         alone = StepRunner(model, None).step([t], [c], 0.0)[0][0]
         assert got.step_index == t.step_index + 1

@@ -203,6 +203,13 @@ def _expand(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return t.repeat(b // t.shape[0], *([1] * (t.ndim - 1)))
 
 
+#: per device type, the padding (fraction of the rows' tokens) a shared forward may add. GPUs: any (a
+#: batch of two costs far less than two forwards while launches dominate, and halves the captured
+#: graphs); CPUs compute every padded token at full price (measured: a padded CFG step of tiny
+#: FLUX at 512 px, uncond 77 of 512 tokens, took 1.1-1.3x two separate forwards; docs/engine.md).
+PAD_FRACTION = {"cuda": float("inf"), "cpu": 0.1}
+
+
 def _eager(model, *args, **kwargs):
     return model.forward(*args, **kwargs)
 
@@ -216,26 +223,28 @@ def _pad_text(context: torch.Tensor, num_text: int) -> torch.Tensor:
 class StepRunner:
     """One sampler step for a list of trajectories on one group (see the module docstring)."""
 
-    def __init__(self, model, comm: GroupComm | None, forwards=None) -> None:
+    def __init__(self, model, comm: GroupComm | None, forwards=None, max_pad_fraction: float | None = None) -> None:
         self.model = model
         self.comm = comm
+        #: rows of different text lengths share a padded, masked forward while the padding adds at most
+        #: this fraction of their tokens (default: always on GPUs, 10 % on CPUs: ``PAD_FRACTION``)
+        self.max_pad_fraction = (max_pad_fraction if max_pad_fraction is not None
+                                 else PAD_FRACTION.get(model.device.type, PAD_FRACTION["cpu"]))
         #: the model evaluation (graphs.ModelForwards: eager, or captured on CUDA); None: eager
         self.forwards = forwards
         self.votes: torch.Tensor | None = None
         self.vote = 0.0
 
     def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
-        """Model outputs for rows, as one batched forward (row order kept).
+        """Model outputs for rows, batched (row order kept).
 
         Rows whose text lengths differ (CFG's cond and uncond, requests with different prompts)
-        are padded to the longest and the padding is masked out of attention: each row's output
-        equals its own forward. Only rows with and without guidance run apart (never in practice:
-        guidance comes with the model)."""
+        share one forward, padded to the longest with the padding masked out of attention (each
+        row's output equals its own forward), when the padding adds at most ``max_pad_fraction``
+        of the rows' tokens; otherwise rows of equal length share a forward. Rows with and
+        without guidance run apart (never in practice: guidance comes with the model)."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
-        by_kind: dict[bool, list[int]] = {}
-        for i, r in enumerate(rows):
-            by_kind.setdefault(r[4] is None, []).append(i)
-        for idxs in by_kind.values():
+        for idxs in self._forward_groups(rows):
             lengths = [int(rows[i][2].shape[1]) for i in idxs for _ in range(rows[i][0].shape[0])]
             longest = max(lengths)
             if len(idxs) == 1:
@@ -252,6 +261,27 @@ class StepRunner:
                 n = rows[i][0].shape[0]
                 outs[i], pos = out[pos:pos + n], pos + n
         return outs
+
+    def _forward_groups(self, rows: list[Row]) -> list[list[int]]:
+        by_kind: dict[bool, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_kind.setdefault(r[4] is None, []).append(i)
+        groups = []
+        for idxs in by_kind.values():
+            lens = {i: int(rows[i][2].shape[1]) for i in idxs}
+            longest = max(lens.values())
+            x = rows[idxs[0]][0]
+            image = self.model.num_image_tokens(x.shape[2], x.shape[3])
+            real = sum((lens[i] + image) * rows[i][0].shape[0] for i in idxs)
+            pad = sum((longest - lens[i]) * rows[i][0].shape[0] for i in idxs)
+            if pad <= self.max_pad_fraction * real:
+                groups.append(idxs)
+                continue
+            by_len: dict[int, list[int]] = {}
+            for i in idxs:
+                by_len.setdefault(lens[i], []).append(i)
+            groups.extend(by_len.values())
+        return groups
 
     def denoiser(self, cond: Conditioning, submit):
         """ComfyUI's flow-model denoiser with CFG: ``x - out * sigma``, cond and uncond as one batch."""
