@@ -546,7 +546,11 @@ class WorkerPool:
         traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed,
                                 **kwargs)
         # The conditioning is copied once, off the event loop, into shared memory; workers get a handle.
-        shared, block = await asyncio.to_thread(share_conditioning, job)
+        try:
+            shared, block = await asyncio.to_thread(share_conditioning, job)
+        except OSError as exc:  # no shared memory to be had (/dev/shm full): the tensors travel in the messages
+            log.warning("request %s: conditioning not in shared memory (%s); sending the tensors", job.request_id, exc)
+            shared = block = None
         if job.request_id in self._requests:  # admitted meanwhile by a concurrent call
             free_block(block)
             raise Conflict(f"request {job.request_id} is admitted already")
