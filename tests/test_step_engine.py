@@ -192,3 +192,10 @@ def test_deferred_vote_agrees_one_step_late_on_cuda_only():
     assert late.agreed(torch.tensor([0.0, 0.0])) is False
     assert late.agreed(torch.tensor([0.0, 1.0])) is False  # this step's stop vote ...
     assert late.agreed(torch.tensor([0.0, 0.0])) is True  # ... is honoured after the next step
+
+
+def test_key_masks_are_built_once_per_layout():
+    a = joint_key_mask((3, 2), (2, 2), (5, 3), True, torch.device("cpu"))
+    assert joint_key_mask((3, 2), (2, 2), (5, 3), True, torch.device("cpu")) is a
+    assert joint_key_mask((3, 2), (2, 2), (5, 4), True, torch.device("cpu")) is not a
+    assert not torch.equal(joint_key_mask((3, 2), (2, 2), (5, 3), False, torch.device("cpu")), a)

@@ -68,7 +68,22 @@ def padded_lengths(text_lengths: Sequence[int] | None, batch: int, num_text: int
     return None if all(n == num_text for n in lengths) else lengths
 
 
+_MASKS = LruCache(64)
+
+
 def joint_key_mask(text_sizes: Sequence[int], image_sizes: Sequence[int], lengths: Sequence[int],
+                   text_first: bool, device: torch.device) -> torch.Tensor:
+    """``build_key_mask``, kept per argument tuple: built once (a host-to-device copy, which a CUDA
+    graph capture must not contain: the capture's warm-up runs build it), reused after."""
+    key = (tuple(text_sizes), tuple(image_sizes), tuple(lengths), text_first, str(device))
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = build_key_mask(text_sizes, image_sizes, lengths, text_first, device)
+        _MASKS.put(key, mask)
+    return mask
+
+
+def build_key_mask(text_sizes: Sequence[int], image_sizes: Sequence[int], lengths: Sequence[int],
                    text_first: bool, device: torch.device) -> torch.Tensor:
     """[B, 1, 1, N] bool (True: attend) over the keys of a joint attention as its kernel sees them.
 
