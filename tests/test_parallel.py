@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 
 import pytest
@@ -53,7 +54,8 @@ def _group_main(rank: int, world: int, store: str, cases: dict, queue) -> None:
                                                             inputs["pooled"], inputs.get("guidance"), comm=comm,
                                                             vote=float(rank == 1),
                                                             text_lengths=inputs.get("text_lengths"))
-        queue.put((rank, results))
+        # plain pickle bytes: the tensors travel by value, not as shared-memory handles that die with this process
+        queue.put((rank, pickle.dumps(results)))
     finally:
         dist.destroy_process_group()
 
@@ -66,7 +68,7 @@ def run_sharded(cases: dict, world: int) -> dict:
         procs = [ctx.Process(target=_group_main, args=(r, world, store, cases, queue)) for r in range(world)]
         for p in procs:
             p.start()
-        results = dict(queue.get(timeout=300) for _ in procs)
+        results = {rank: pickle.loads(data) for rank, data in (queue.get(timeout=300) for _ in procs)}
         for p in procs:
             p.join(timeout=60)
     return results
