@@ -12,9 +12,8 @@ For the tiny FLUX and SD3 (worker/tiny.py; SD3's positional table widened to 32 
   denoiser, ``LoadedModel.forward`` with our processors, the euler update, the new trajectory);
 - ``engine_cfg`` / ``bare_cfg``: the same with CFG where cond and uncond have different text
   lengths (bare: two forwards, as the model's own forward cannot batch them; the engine: its
-  default for the device, on CPU one padded masked forward only while the padding adds <= 10 %
-  of the tokens, else two); ``engine_cfg_one_forward``: the engine forced to one padded, masked
-  forward (what it does on GPUs).
+  default for the device, on CPU one forward per text length); ``engine_cfg_one_forward``: the
+  engine forced to one padded, masked forward (what it does on GPUs).
 
 The two run alternately, rep by rep, so load from other processes hits both alike; the numbers
 are medians. Ratios above 1 are the engine's overhead.

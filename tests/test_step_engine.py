@@ -104,7 +104,7 @@ def test_requests_at_different_steps_and_samplers_batch_exactly():
     apart, _ = StepRunner(model, None, max_pad_fraction=0.0).step(trajs, conds, 0.0)
     model.forward = inner
     assert sorted(calls) == [1, 1, 1]  # no padding allowed: one forward per text length
-    assert StepRunner(model, None).max_pad_fraction == 0.1  # the CPU default
+    assert StepRunner(model, None).max_pad_fraction == 0.0  # the CPU default: equal lengths only
     for got, other in zip(together, apart):
         assert rel(got.x, other.x) < 1e-5
     for t, c, got in zip(trajs, conds, together):

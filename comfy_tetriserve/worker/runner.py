@@ -205,9 +205,10 @@ def _expand(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
 
 #: per device type, the padding (fraction of the rows' tokens) a shared forward may add. GPUs: any (a
 #: batch of two costs far less than two forwards while launches dominate, and halves the captured
-#: graphs); CPUs compute every padded token at full price (measured: a padded CFG step of tiny
-#: FLUX at 512 px, uncond 77 of 512 tokens, took 1.1-1.3x two separate forwards; docs/engine.md).
-PAD_FRACTION = {"cuda": float("inf"), "cpu": 0.1}
+#: graphs). CPUs: none, rows of one text length share a forward: there every padded token costs full
+#: price and the masked attention is slower (measured, tiny models at 512 px, cond and uncond of
+#: different lengths: one padded, masked forward took 1.09-1.45x two separate ones; docs/engine.md).
+PAD_FRACTION = {"cuda": float("inf"), "cpu": 0.0}
 
 
 def _eager(model, *args, **kwargs):
@@ -227,7 +228,7 @@ class StepRunner:
         self.model = model
         self.comm = comm
         #: rows of different text lengths share a padded, masked forward while the padding adds at most
-        #: this fraction of their tokens (default: always on GPUs, 10 % on CPUs: ``PAD_FRACTION``)
+        #: this fraction of their tokens (default: always on GPUs, never on CPUs: ``PAD_FRACTION``)
         self.max_pad_fraction = (max_pad_fraction if max_pad_fraction is not None
                                  else PAD_FRACTION.get(model.device.type, PAD_FRACTION["cpu"]))
         #: the model evaluation (graphs.ModelForwards: eager, or captured on CUDA); None: eager
