@@ -129,7 +129,7 @@ def test_step_runner_uses_the_forwards(model):
                         cfg=2.0, guidance=3.5, neg_context=torch.randn(1, 3, 32, generator=g),
                         neg_pooled=torch.randn(1, 16, generator=g))
     captured = StepRunner(model, None, fwd, max_pad_fraction=float("inf")).step([traj], [cond], 0.0)[0][0]
-    eager = StepRunner(model, None).step([traj], [cond], 0.0)[0][0]
+    eager = StepRunner(model, None, max_pad_fraction=float("inf")).step([traj], [cond], 0.0)[0][0]
     assert fwd.attempts == 1 and torch.equal(captured.x, eager.x)
     (key,) = fwd.graphs.keys()
     assert key.batch == 2 and key.text_lengths == (5, 3)  # cond and uncond, one masked graph
