@@ -229,6 +229,10 @@ class TetriServeClient:
             raise Conflict(f"model {model!r} failed to load: {entry.get('error')}")
         return entry
 
+    async def unload_model(self, model: str) -> dict:
+        """Free ``model``'s weights on every worker; it stays servable (a later job loads it again)."""
+        return await self._request("POST", "/v1/models/unload", json_body={"model": model})
+
     # --------------------------------------------------------------- leases
     async def create_lease(self, tenant: str | None = None, ttl_s: float | None = None) -> dict:
         body = {k: v for k, v in (("tenant", tenant), ("ttl_s", ttl_s)) if v is not None}
@@ -395,7 +399,7 @@ class TetriServeClient:
         the service restarted under it is submitted again, up to ``resubmits`` times, under the
         same job key (a fresh run at the new service).
         """
-        body = encode_job(tensors, settings)
+        body = await asyncio.to_thread(encode_job, tensors, settings)  # conditioning: MBs to serialise, off the loop
         job_key = settings.get("job_key") or uuid.uuid4().hex
         for attempt in range(resubmits + 1):
             receipt = await self.submit(body, job_key=job_key)
@@ -411,7 +415,7 @@ class TetriServeClient:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.cancel(job_id))
                 raise
-            return decode_result(await self.result(job_id))
+            return await asyncio.to_thread(decode_result, await self.result(job_id))
         raise AssertionError("unreachable")
 
 

@@ -23,7 +23,7 @@ T = TypeVar("T")
 ENV_VARS = {
     "TETRISERVE_URL": "address of the scheduler service clients talk to (default http://127.0.0.1:8189)",
     "TETRISERVE_TOKEN": "bearer token for a service that listens beyond loopback",
-    "TETRISERVE_HOME": "folder for caches: tiny demo models, profiles, the service lock file, the job journal "
+    "TETRISERVE_HOME": "folder for caches: tiny demo models, profiles, the service lock file, the job history "
                        "(default ~/.cache/comfy_tetriserve)",
     "TETRISERVE_AUTOSTART": "1 to let clients start a local service when none answers",
     "TETRISERVE_COMFYUI": "path of a ComfyUI checkout for the end-to-end tests",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -286,6 +287,88 @@ class ProfileCostModel:
         raise AssertionError("unreachable")
 
 
+# ------------------------------------------------------------------------ size-aware pricing
+def step_flops(mp: ModelProfile, height: int, width: int, batch: int = 1, *, mlp_ratio: float = 4.0) -> float:
+    """Floating-point operations of one DiT forward (one denoising step) at ``height`` x ``width``.
+
+    The one place the project turns an architecture into work; families with other block shapes
+    extend it here. Per attention layer over T = image + text tokens of width h (batch B):
+    linear layers 2 x T x (4 h^2 + 2 x mlp_ratio x h^2) (q, k, v, out projections and the MLP),
+    attention 4 x T^2 x h (scores and the weighted sum). FLUX's double-stream blocks have a weight
+    set per stream but each token passes one of them, so they count like one joint block; its
+    single-stream blocks run attention and MLP side by side, the same work.
+    """
+    tokens = float(_image_tokens(height, width) + mp.num_text_tokens)
+    h = float(mp.hidden_size)
+    linear = 2.0 * tokens * (4.0 + 2.0 * mlp_ratio) * h * h
+    attention = 4.0 * tokens * tokens * h
+    return batch * mp.num_attention_layers * (linear + attention)
+
+
+class FlopScaledCostModel:
+    """Prices models a base ``CostModel`` has never measured by a profiled model of similar kind.
+
+    ``scaled[name] = (reference, architecture)``: the step time of ``name`` is the reference's
+    measured time times ``step_flops(architecture) / step_flops(reference's architecture)`` at the
+    same shape (so attention-heavy sizes scale by their own share). Communication scales the same
+    way, which over-prices it slightly for a wider model (it grows with width, not width^2); the
+    result is *modelled*, not measured, and ``is_modelled(name)`` says so until a profile replaces it.
+    Allowed degrees: the reference's, filtered to divisors of the model's heads.
+    """
+
+    def __init__(self, base: CostModel, reference_profile: Callable[[str], ModelProfile]) -> None:
+        self.base = base
+        self._reference_profile = reference_profile
+        self._scaled: dict[str, tuple[str, ModelProfile]] = {}
+        self._memo: dict[tuple[str, int, int, int], float] = {}
+        self._steps: dict[tuple[str, int, int, int, int], float] = {}
+
+    def add(self, name: str, reference: str, arch: ModelProfile) -> float:
+        """Price ``name`` (architecture ``arch``) from ``reference``; returns the 1024 px FLOP ratio."""
+        self._scaled[name] = (reference, arch)
+        self._memo = {k: v for k, v in self._memo.items() if k[0] != name}
+        self._steps = {k: v for k, v in self._steps.items() if k[0] != name}
+        return self.flop_ratio(name, 1024, 1024, 1)
+
+    def is_modelled(self, name: str) -> bool:
+        return name in self._scaled
+
+    def reference_of(self, name: str) -> str:
+        return self._scaled[name][0] if name in self._scaled else name
+
+    def flop_ratio(self, name: str, height: int, width: int, batch: int) -> float:
+        if name not in self._scaled:
+            return 1.0
+        key = (name, height, width, batch)
+        ratio = self._memo.get(key)
+        if ratio is None:
+            reference, arch = self._scaled[name]
+            ref = self._reference_profile(reference)
+            ratio = step_flops(arch, height, width, batch) / step_flops(ref, height, width, batch)
+            self._memo[key] = ratio
+        return ratio
+
+    def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
+        key = (model, height, width, batch, sp_degree)
+        t = self._steps.get(key)
+        if t is None:
+            t = self.base.step_time_s(self.reference_of(model), height, width, batch, sp_degree)
+            t *= self.flop_ratio(model, height, width, batch)
+            self._steps[key] = t
+        return t
+
+    def allowed_degrees(self, model: str) -> tuple[int, ...]:
+        degrees = tuple(self.base.allowed_degrees(self.reference_of(model)))
+        if model in self._scaled:
+            heads = self._scaled[model][1].num_heads
+            degrees = tuple(d for d in degrees if heads % d == 0)
+        return degrees
+
+    @property
+    def parallel_capacity(self) -> int | None:
+        return parallel_capacity(self.base)
+
+
 # ------------------------------------------------------------------------ online correction
 class OnlineCostModel:
     """A ``CostModel`` that corrects a base model from measured step times.
@@ -359,6 +442,20 @@ class OnlineCostModel:
         return sum(self._count.values())
 
 
+def model_profile_of(cost: CostModel, model: str) -> ModelProfile | None:
+    """The architecture numbers ``cost`` (or a model it wraps, via ``.base``) has for ``model``."""
+    seen = 0
+    while cost is not None and seen < 8:
+        getter = getattr(cost, "model_profile", None)
+        if getter is not None:
+            try:
+                return getter(model)
+            except (InvalidRequest, KeyError):
+                return None
+        cost, seen = getattr(cost, "base", None), seen + 1
+    return None
+
+
 def parallel_capacity(cost: CostModel) -> int | None:
     """The cost model's ``parallel_capacity`` (see CostModel), None when it has none."""
     value = getattr(cost, "parallel_capacity", None)
@@ -389,3 +486,16 @@ def load_cost_model(spec: str) -> ProfileCostModel:
         names = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
         raise InvalidRequest(f"no profile {spec!r}: neither a shipped profile ({', '.join(names)}) nor a file")
     return ProfileCostModel(load_profile(path))
+
+
+def priced_size(height: int, width: int, extra_tokens: int) -> tuple[int, int]:
+    """(height, width) in pixels of an image with at least ``extra_tokens`` more tokens than
+    ``height`` x ``width``: the same height, the width grown by whole columns of tokens.
+
+    Cost models price a step by its token count, so a FLUX Kontext job (whose reference latents
+    add image tokens to every forward) is planned as this larger image.
+    """
+    if extra_tokens <= 0:
+        return height, width
+    rows = height // 16
+    return height, width + (-(-extra_tokens // rows)) * 16

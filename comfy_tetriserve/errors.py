@@ -55,6 +55,13 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """A request body in a content coding or type the service does not take."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
 class Unauthorized(TetriServeError):
     http_status = 401
     code = "unauthorized"
@@ -83,3 +90,16 @@ class ServiceUnavailable(TetriServeError):
 
     http_status = 503
     code = "unavailable"
+
+
+class InsufficientMemory(Conflict):
+    """A model (or adapter) does not fit a worker's memory budget even after evicting what may go.
+
+    ``permanent``: it never will (larger than the whole budget); otherwise pinned or busy models hold
+    the room now."""
+
+    code = "insufficient_memory"
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

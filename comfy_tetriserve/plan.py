@@ -104,6 +104,82 @@ def validate_plan(
                 first = snap.request.shape_key
             elif snap.request.shape_key != first:
                 raise PlanError(f"batched requests differ in shape: {first} vs {snap.request.shape_key}")
-    running = any(r.is_running for r in view.requests)
-    if not running and view.plannable and free and not plan.assignments:
+    if view.placement is not None:
+        validate_placement(view, plan, used_gpus)
+    elif plan.loads or plan.evictions:
+        raise PlanError("the plan places models but the executor does not place them (no placement in the view)")
+    running = any(r.is_running for r in view.requests) or bool(view.placement and view.placement.loading)
+    if not running and view.plannable and free and plan.is_empty:
         raise PlanError("empty plan while GPUs are free, nothing runs and requests wait")
+
+
+def node_groups(node_gpu_ids: Sequence[Sequence[int]]) -> tuple[Group, ...]:
+    """The placements of a cluster: each node's aligned blocks, never one that spans two nodes.
+
+    ``node_gpu_ids`` lists each node's GPU ids (disjoint). Sequence-parallel collectives need the
+    node's fast links (NVLink), so a group lives inside one node; largest first, then by node order.
+    """
+    seen: set[int] = set()
+    per_node: list[tuple[Group, ...]] = []
+    for ids in node_gpu_ids:
+        if not ids:
+            raise PlanError("a node without devices")
+        if seen.intersection(ids):
+            raise PlanError(f"GPU ids {sorted(seen.intersection(ids))} belong to two nodes")
+        seen.update(ids)
+        per_node.append(aligned_groups(ids))
+    out = [g for blocks in per_node for g in blocks]
+    return tuple(sorted(out, key=lambda g: -len(g)))
+def validate_placement(view: SchedulerView, plan: RoundPlan, assigned_gpus: set[int]) -> None:
+    """The model dimension of a plan: evictions, then loads, then every assignment's devices hold its model.
+
+    Evictions: the model is held on those devices, not pinned, not in use by an assignment in
+    flight there. Loads: on free, healthy devices that no assignment of this plan uses, each device
+    in one load, the model not already there, and the copy fits the device's free bytes after
+    this plan's evictions. Assignments: every device holds the model (a load in this plan does
+    not count: it has not finished).
+    """
+    p = view.placement
+    assert p is not None
+    holding = {m: set(g) for m, g in p.holding.items()}
+    free_bytes = dict(p.free_bytes)
+    running_models: dict[int, set[str]] = {}
+    for snap in view.requests:
+        if snap.is_running:
+            for g in snap.gpu_ids:
+                running_models.setdefault(g, set()).add(snap.request.model)
+    for ev in plan.evictions:
+        if ev.model in p.pinned:
+            raise PlanError(f"model {ev.model} is pinned and cannot be evicted")
+        for g in ev.gpu_ids:
+            if g not in holding.get(ev.model, ()):
+                raise PlanError(f"eviction of {ev.model} from GPU {g}, which does not hold it")
+            if ev.model in running_models.get(g, ()):
+                raise PlanError(f"eviction of {ev.model} from GPU {g} while an assignment uses it there")
+            holding[ev.model].discard(g)
+            free_bytes[g] = free_bytes.get(g, 0) + p.model_bytes.get(ev.model, 0)
+    free = set(view.free_gpu_ids)
+    loading: set[int] = set()
+    for load in plan.loads:
+        if load.model not in p.model_bytes:
+            raise PlanError(f"load of unknown model {load.model}")
+        if load.duration_s < 0:
+            raise PlanError(f"load of {load.model} with a negative duration")
+        for g in load.gpu_ids:
+            if g not in free or g in p.loading:
+                raise PlanError(f"load on GPU {g}, which is busy or unavailable")
+            if g in assigned_gpus or g in loading:
+                raise PlanError(f"GPU {g} booked twice (load)")
+            if g in holding.get(load.model, ()):
+                raise PlanError(f"load of {load.model} on GPU {g}, which holds it already")
+            if free_bytes.get(g, 0) < p.model_bytes[load.model]:
+                raise PlanError(f"load of {load.model} on GPU {g}: {p.model_bytes[load.model]} bytes do not fit "
+                                f"its {free_bytes.get(g, 0)} free bytes")
+            free_bytes[g] -= p.model_bytes[load.model]
+            loading.add(g)
+    models = {r.request_id: r.request.model for r in view.requests}
+    for a in plan.assignments:
+        model = models[a.request_ids[0]]
+        missing = [g for g in a.gpu_ids if g not in holding.get(model, ())]
+        if missing:
+            raise PlanError(f"assignment of {model} on GPUs {list(missing)}, which do not hold it")

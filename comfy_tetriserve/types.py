@@ -137,6 +137,30 @@ class RequestSnapshot:
 
 
 @dataclass(frozen=True)
+class PlacementView:
+    """Where models live, for a model-affine policy (None on a view: every model is everywhere).
+
+    ``holding``: model -> GPUs whose memory holds it now; ``loading``: GPU -> (model, expected end
+    of its load) for loads in flight (those GPUs are in ``busy_gpu_ids`` too); ``free_bytes``: per
+    GPU, budget minus what it holds or is loading; ``model_bytes``: weights of one copy;
+    ``load_s``: predicted seconds to load a model onto a device (bytes / load bandwidth);
+    ``pinned``: never evicted. ``last_used_at``: model -> GPU -> last use (eviction tie-breaks).
+    """
+
+    holding: dict[str, frozenset[int]]
+    loading: dict[int, tuple[str, float]]
+    free_bytes: dict[int, int]
+    model_bytes: dict[str, int]
+    load_s: dict[str, float]
+    pinned: frozenset[str] = frozenset()
+    #: model -> its share of the work that arrived lately (decaying), a memory the pure policy lacks
+    recent_share: dict[str, float] = field(default_factory=dict)
+
+    def models_on(self, gpu: int) -> tuple[str, ...]:
+        return tuple(m for m, gpus in self.holding.items() if gpu in gpus)
+
+
+@dataclass(frozen=True)
 class SchedulerView:
     """Everything a policy may look at when it plans: a value, no clock, no I/O.
 
@@ -151,6 +175,7 @@ class SchedulerView:
     groups: tuple[tuple[int, ...], ...]
     requests: tuple[RequestSnapshot, ...]
     busy_gpu_ids: frozenset[int] = frozenset()
+    placement: PlacementView | None = None
 
     @property
     def free_gpu_ids(self) -> tuple[int, ...]:
@@ -184,17 +209,41 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class ModelLoad:
+    """Load ``model``'s weights onto each of ``gpu_ids`` (a copy per device); the devices are busy
+    for about ``duration_s`` (the planner's prediction)."""
+
+    model: str
+    gpu_ids: tuple[int, ...]
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ModelEviction:
+    """Free ``model``'s weights on ``gpu_ids`` (at once, before the plan's loads)."""
+
+    model: str
+    gpu_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class RoundPlan:
-    """A policy's decision for one planning round. ``duration_s`` is the round length it aimed at."""
+    """A policy's decision for one planning round. ``duration_s`` is the round length it aimed at.
+
+    Besides assignments a plan may place models (when the view has a ``placement``): evictions
+    happen first, then loads start on their (free) devices, which stay busy until the load ends.
+    """
 
     round_index: int
     duration_s: float
     assignments: tuple[Assignment, ...] = ()
     note: str = ""
+    loads: tuple[ModelLoad, ...] = ()
+    evictions: tuple[ModelEviction, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.assignments
+        return not self.assignments and not self.loads and not self.evictions
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from comfy_tetriserve import config as config_module
 from comfy_tetriserve.client import TetriServeClient
 from comfy_tetriserve.sampling.names import SAMPLER_NAMES as SERVICE_SAMPLERS
 
-from .conditioning import ConditioningError, job_conditioning
+from .conditioning import ConditioningError, job_conditioning, own_tensor
 from .jobs import JobProgress, deadline_setting, sample_remote
 from .panel import add_panel_routes
 from .service import (WEIGHT_DTYPES, ClientPool, ModelHandle, autostart_args, load_on_service, model_name,
@@ -204,8 +204,9 @@ class TetriServeSampler(io.ComfyNode):
         if not isinstance(model, ModelHandle):
             raise ValueError("TetriServe Sampler needs a model from TetriServe Load DiT")
         if latent_image.get("noise_mask") is not None:
-            raise ValueError("TetriServe Sampler does not apply latent noise masks (inpainting); "
-                             "use the stock KSampler for this workflow")
+            raise ValueError("TetriServe Sampler does not apply latent noise masks (SetLatentNoiseMask, or "
+                             "InpaintModelConditioning with noise_mask on); for FLUX Fill set noise_mask to false "
+                             "(the mask still reaches the model), or use the stock KSampler")
         node_id = cls.hidden.unique_id
         view = _ModelView(model)
         samples = comfy.sample.fix_empty_latent_channels(view, latent_image["samples"])
@@ -228,20 +229,24 @@ class TetriServeSampler(io.ComfyNode):
                     "latent_space": "model", "result_space": "model"}
         if cond.guidance is not None:
             settings["guidance"] = cond.guidance
+        settings.update(cond.settings)
         tensors = {"latent": latent.contiguous(), "noise": noise.float().contiguous(),
-                   "sigmas": sigmas.float().cpu().contiguous(), **cond.tensors}
+                   "sigmas": sigmas.float().cpu().contiguous()}
+        for key, t in cond.tensors.items():  # a body holds each tensor once (a reference may be the latent)
+            tensors[key] = own_tensor(t, tensors.values())
 
         pbar = comfy.utils.ProgressBar(num_steps, node_id=node_id)
         server = PromptServer.instance
         prompt_id = _prompt_id()
+        client_id = server.client_id  # the prompt's own client session: its events go there, to no one else
 
         def on_progress(p: JobProgress) -> None:
             text = p.text()
-            server.send_progress_text(text, node_id, server.client_id)
+            server.send_progress_text(text, node_id, client_id)
             server.send_sync(EVENT, {"prompt_id": prompt_id, "node": node_id, "job_id": p.job_id, "phase": p.phase,
                                      "text": text, "steps_done": p.steps_done, "num_steps": p.num_steps or num_steps,
                                      "gpu_ids": list(p.gpu_ids), "predicted_finish_at": p.predicted_finish_at,
-                                     "deadline_at": p.deadline_at, "feasible": p.feasible})
+                                     "deadline_at": p.deadline_at, "feasible": p.feasible}, client_id)
             pbar.update_absolute(min(p.steps_done, num_steps), num_steps)  # an interrupt point as well
 
         io_loop = _io_loop()

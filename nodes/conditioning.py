@@ -8,10 +8,15 @@ guidance value), so this module accepts exactly what it can sample faithfully:
   (FluxGuidance sets it; ComfyUI's default is 3.5). The negative branch is used only when
   cfg != 1 (FLUX-dev usually runs cfg 1).
 - SD3: the CLIP-L/G + T5 context, the pooled vector, and the negative branch for CFG.
+- FLUX Fill: ``concat_latent_image`` and ``concat_mask`` as InpaintModelConditioning sets them
+  (sent as job tensors of those names); FLUX Kontext: ``reference_latents`` as ReferenceLatent
+  appends them (sent as ``ref_latent_0``, ``ref_latent_1``, ...) and ``reference_latents_method``
+  (FluxKontextMultiReferenceLatentMethod). Under CFG the negative branch must carry the same ones
+  (the service runs one image conditioning per job).
 
 Anything that would change how ComfyUI samples and that the service cannot reproduce (areas,
-masks, ControlNets, GLIGEN, hooks, timestep ranges, several entries to be mixed, reference
-latents, attention masks) is refused with an error that names it, never silently dropped.
+masks, ControlNets, GLIGEN, hooks, timestep ranges, several entries to be mixed, attention
+masks) is refused with an error that names it, never silently dropped.
 
 Imports torch but not ComfyUI (tested without it).
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,16 +41,15 @@ UNSUPPORTED_KEYS = {
     "control": "a ControlNet",
     "gligen": "GLIGEN boxes",
     "hooks": "LoRA/model hooks",
-    "concat_latent_image": "an image-conditioning latent (inpaint/edit models)",
-    "concat_mask": "an inpaint mask",
-    "reference_latents": "reference latents (FLUX Kontext)",
     "attention_mask": "a text attention mask",
     "unclip_conditioning": "unCLIP image conditioning",
     "noise_augmentation": "noise augmentation",
 }
+#: FLUX Fill / Kontext keys, sent with the job (image_tensors)
+IMAGE_KEYS = ("concat_latent_image", "concat_mask", "reference_latents", "reference_latents_method")
 #: keys that are harmless for the families served (bookkeeping ComfyUI nodes add)
 IGNORED_KEYS = frozenset({"pooled_output", "guidance", "strength", "start_percent", "end_percent",
-                          "model_conds", "uuid", "prompt_type"})
+                          "model_conds", "uuid", "prompt_type"} | set(IMAGE_KEYS))
 
 
 class ConditioningError(ValueError):
@@ -58,6 +62,7 @@ class JobConditioning:
 
     tensors: dict[str, torch.Tensor]
     guidance: float | None
+    settings: dict = field(default_factory=dict)  # job settings the conditioning implies (reference method)
 
 
 def _entry(conditioning: Any, branch: str) -> tuple[torch.Tensor, dict]:
@@ -113,6 +118,9 @@ def _own(t: torch.Tensor, others) -> torch.Tensor:
     return t.clone() if any(o.untyped_storage().data_ptr() == ptr for o in others) else t
 
 
+own_tensor = _own  # for the sampler node: a job body holds each tensor once
+
+
 def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, guidance_embeds: bool = True,
                      context_dim: int | None = None, pooled_dim: int | None = None) -> JobConditioning:
     """The job tensors (``context``, ``pooled`` and, when CFG runs, ``neg_context``/``neg_pooled``)
@@ -143,4 +151,38 @@ def job_conditioning(family: str, positive: Any, negative: Any, cfg: float, *, g
         # the same CONDITIONING on both inputs is common; a job body holds each tensor once
         tensors["neg_context"] = _own(neg_context.float().contiguous(), tensors.values())
         tensors["neg_pooled"] = _own(neg_extras["pooled_output"].float().contiguous(), tensors.values())
-    return JobConditioning(tensors=tensors, guidance=guidance)
+    image, settings = image_tensors(extras)
+    if not math.isclose(cfg, 1.0):
+        neg_image, neg_settings = image_tensors(neg_extras)
+        if neg_settings != settings or set(neg_image) != set(image) or any(
+                not torch.equal(neg_image[k], image[k]) for k in image):
+            raise ConditioningError(
+                "the negative conditioning carries other image conditioning (inpaint image/mask or reference "
+                "latents) than the positive one; the service runs one per job: apply the same "
+                "InpaintModelConditioning / ReferenceLatent to both, or set cfg to 1")
+    for k, t in image.items():
+        tensors[k] = _own(t, tensors.values())
+    return JobConditioning(tensors=tensors, guidance=guidance, settings=settings)
+
+
+def image_tensors(extras: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """FLUX Fill / Kontext inputs of one branch as job tensors (VAE space, float32) and settings."""
+    out: dict[str, torch.Tensor] = {}
+    image, mask = extras.get("concat_latent_image"), extras.get("concat_mask")
+    if (image is None) != (mask is None):
+        missing = "concat_mask" if mask is None else "concat_latent_image"
+        raise ConditioningError(f"the conditioning has one of concat_latent_image / concat_mask but no {missing}; "
+                                "InpaintModelConditioning sets both")
+    if image is not None:
+        for key, t in (("concat_latent_image", image), ("concat_mask", mask)):
+            if not isinstance(t, torch.Tensor):
+                raise ConditioningError(f"{key} is not a tensor")
+            out[key] = t.float().contiguous()
+    refs = extras.get("reference_latents") or []
+    if not isinstance(refs, (list, tuple)) or not all(isinstance(r, torch.Tensor) for r in refs):
+        raise ConditioningError("reference_latents must be a list of latent tensors (ReferenceLatent)")
+    for i, r in enumerate(refs):
+        out[f"ref_latent_{i}"] = r.float().contiguous()
+    method = extras.get("reference_latents_method")
+    settings = {"reference_latents_method": str(method)} if refs and method is not None else {}
+    return out, settings

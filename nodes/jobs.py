@@ -202,7 +202,7 @@ async def _run_job_once(client: TetriServeClient, body: bytes, report: Callable[
             progress = progress.with_status(status)
             progress = replace(progress, phase="finished", ended_at=status.get("ended_at"),
                                met_deadline=status.get("met_deadline"), steps_done=status.get("steps_done") or 0)
-            tensors_out, metadata = decode_result(await client.result(job_id))
+            tensors_out, metadata = await asyncio.to_thread(decode_result, await client.result(job_id))
             report(progress)
             return RemoteResult(tensors_out["latent"], metadata, status, progress)
     finally:

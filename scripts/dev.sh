@@ -38,10 +38,10 @@ fi
 stamp="$venv/.tetriserve-installed"
 want=$( { cat pyproject.toml; echo "$torch_req"; } | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "== installing $torch_req and comfy-tetriserve[test,bench] into $venv" >&2
+  echo "== installing $torch_req and comfy-tetriserve[test,bench,cluster] into $venv" >&2
   "$vpy" -m pip install --quiet --upgrade pip
   "$vpy" -m pip install --quiet "$torch_req"
-  "$vpy" -m pip install --quiet -e ".[test,bench]"
+  "$vpy" -m pip install --quiet -e ".[test,bench,cluster]"
   echo "$want" > "$stamp"
 fi
 

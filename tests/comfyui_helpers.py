@@ -58,6 +58,7 @@ def make_sandbox(root: Path) -> Sandbox:
     os.symlink(TESTS / "comfyui_nodes_for_tests", root / "custom_nodes" / "tetriserve_test_nodes")
     write_comfy_sd3(box.models / "tiny_sd3.safetensors")
     write_tiny_flux(box.models / "tiny_flux.safetensors")
+    write_tiny_flux(box.models / "tiny_flux_fill.safetensors", variant="fill")
     proc = subprocess.run([str(comfy_python), str(TESTS / "comfyui_tools.py"), str(comfy_dir), "taesd",
                            str(root / "vae_approx")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -21,6 +21,13 @@ def taesd(out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
     model = TAESD(latent_channels=16)
+    # ComfyUI builds it without initialising the weights: give them seeded values of a sane scale, so that
+    # encoding (VAEEncode, InpaintModelConditioning) gives finite latents too
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) * (fan_in ** -0.5 if p.ndim > 1 else 0.01))
     for name in ("taesd3", "taef1"):
         for part in ("encoder", "decoder"):
             module = getattr(model, f"taesd_{part}")

@@ -91,12 +91,12 @@ def write_comfy_sd3(path: Path, seed: int = 3) -> Path:
     return path
 
 
-def write_tiny_flux(path: Path, seed: int = 5) -> Path:
+def write_tiny_flux(path: Path, seed: int = 5, variant: str = "") -> Path:
     """The engine's tiny FLUX-dev (ComfyUI's single-file layout; ComfyUI itself cannot load it:
     its FLUX detection fixes the width at 3072)."""
     from comfy_tetriserve.worker.tiny import write_tiny_checkpoint
 
-    return write_tiny_checkpoint("flux", "comfy", path, seed=seed)
+    return write_tiny_checkpoint("flux", "comfy", path, seed=seed, variant=variant)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -155,7 +155,7 @@ def start_service(tmp: Path, model_dir: Path, *, devices: str = "cpu:2", policy:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "comfy_tetriserve", "serve", "--port", str(port), "--devices", devices,
            "--model-dir", str(model_dir), "--dtype", "fp32", "--policy", policy, "--cost", cost, "--lease-s", "10",
-           "--journal", str(tmp / f"journal-{port}.jsonl"), *extra]
+           "--journal", str(tmp / f"history-{port}.sqlite3"), *extra]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -232,6 +232,62 @@ def _first_job_event(comfy, client_id: str, prompt: dict, then) -> tuple[str, ob
     return state["job"], events, state["acted_at"]
 
 
+def _write_input_image(folder: Path, name: str = "example.png") -> None:
+    """A 128 x 96 RGBA image; LoadImage's MASK is 1 - alpha: a transparent rectangle is the area to repaint."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgba = np.concatenate([rng.integers(0, 256, (96, 128, 3)), np.full((96, 128, 1), 255)], axis=2).astype(np.uint8)
+    rgba[24:72, 32:96, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(folder / name)
+
+
+def test_fill_and_kontext_workflows_through_the_stock_nodes(stack):
+    """The shipped Fill and Kontext workflows (stock LoadImage, InpaintModelConditioning, VAEEncode,
+    ReferenceLatent; tiny models, small sizes): the same latent at degree 1 and 2, and the mask /
+    reference really reaches the model (without it the latent moves far more than the tolerance)."""
+    comfy, url = stack["a"], stack["service_url"]
+    _write_input_image(stack["box"].root / "a" / "input")
+    results = {}
+    for name, unet in (("tetriserve_flux_fill_inpaint", "tiny_flux_fill.safetensors"),
+                       ("tetriserve_flux_kontext_edit", "tiny_flux.safetensors")):
+        p = runnable_here(load_api_workflow(name), "flux", steps=4)
+        ids = {v["class_type"]: k for k, v in p.items()}
+        p[ids["TetriServeLoadDiT"]]["inputs"]["unet_name"] = unet
+        for cls in ("VAEDecode", "SaveImage"):
+            del p[ids[cls]]
+        sampler = p.pop(ids["TetriServeSampler"])
+        if "FluxKontextImageScale" in ids:  # small sizes here: a plain resize instead of Kontext's ~1 MP sizes
+            p[ids["FluxKontextImageScale"]] = node("ImageScale", image=[ids["LoadImage"], 0], upscale_method="bilinear",
+                                                   width=96, height=64, crop="center")
+            # without the reference: the guidance straight on the text
+            p["plain_guidance"] = node("FluxGuidance", guidance=2.5, conditioning=[ids["TetriServeTestConditioning"], 0])
+            variants = {"without": {"positive": ["plain_guidance", 0]}}
+        else:  # without the mask: an all-zero mask (nothing masked out of the image, nothing to repaint)
+            p["zero_mask"] = node("SolidMask", value=0.0, width=128, height=96)
+            inpaint = p[ids["InpaintModelConditioning"]]
+            p["inpaint_zero"] = node("InpaintModelConditioning", **{**inpaint["inputs"], "mask": ["zero_mask", 0]})
+            variants = {"without": {"positive": ["inpaint_zero", 0], "negative": ["inpaint_zero", 1],
+                                    "latent_image": ["inpaint_zero", 2]}}
+        for key, changes in {"k1": {"priority": 1}, "k2": {"priority": 2},
+                             "without": {"priority": 1, **variants["without"]}}.items():
+            p[f"ts_{key}"] = node("TetriServeSampler", **{**sampler["inputs"], **changes})
+            p[f"save_{key}"] = node("SaveLatent", samples=[f"ts_{key}", 0], filename_prefix=f"{name}_{key}")
+        prompt_id = comfy.post(p)
+        history = comfy.history(prompt_id)
+        assert history["status"]["status_str"] == "success", json.dumps(history["status"])[-3000:]
+        out = {key: latent_of(comfy, history, f"save_{key}") for key in ("k1", "k2", "without")}
+        results[name] = {"degree2_vs_1": rel_err(out["k2"], out["k1"]), "without_vs_with": rel_err(out["without"],
+                                                                                                      out["k1"])}
+    REPORT["fill_kontext"] = results
+    print("fill / kontext through the stock nodes:", json.dumps(results, indent=1))
+    for name, r in results.items():
+        assert r["degree2_vs_1"] < 1e-5 and r["without_vs_with"] > 1e-2, (name, r)
+    jobs = {j["model"]: j for j in service_jobs(url) if j["model"] in ("tiny_flux_fill.safetensors",)}
+    assert jobs, "the Fill jobs ran on the service"
+
+
 def test_interrupt_cancels_the_job_at_the_service(stack):
     comfy, url = stack["a"], stack["service_url"]
     job_id, events, interrupted_at = _first_job_event(

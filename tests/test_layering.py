@@ -13,7 +13,7 @@ PKG_DIR = Path(comfy_tetriserve.__file__).parent
 
 # Modules that must import with torch, diffusers and ComfyUI all missing.
 TORCH_FREE_PACKAGES = ("core", "policy", "sim")
-TORCH_FREE_MODULES = ("types", "plan", "cost", "errors", "config", "cli", "client", "sampling.names")
+TORCH_FREE_MODULES = ("types", "plan", "cost", "errors", "config", "cli", "client", "sampling.names", "cluster.topology")
 
 
 def torch_free_modules() -> list[str]:

@@ -19,7 +19,7 @@ def test_committed_workflows_are_up_to_date():
     proc = subprocess.run([sys.executable, str(BUILD), "--check"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert NAMES == sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
-    assert len(NAMES) == 3
+    assert len(NAMES) == 5
     # ComfyUI lists */workflows/*.json as templates too: API files stay in a subfolder
     assert not list((ROOT / "workflows").glob("*.json"))
 
@@ -43,6 +43,8 @@ def test_ui_and_api_formats_describe_the_same_graph(name):
         values = list(n["widgets_values"])
         if n["type"] == "TetriServeSampler":
             assert values.pop(1) == "fixed"  # control after generate, UI only
+        if n["type"] == "LoadImage":
+            assert values.pop(1) == "image"  # the upload button, UI only
         assert values == widgets
 
 
@@ -59,3 +61,20 @@ def test_workflows_cover_flux_sd3_cfg_and_concurrent_deadlines():
     assert sd3["cfg"] > 1.0 and sd3["negative"] != sd3["positive"]
     multi = samplers("tetriserve_flux_multi_resolution_deadlines")
     assert len(multi) == 3 and len({m["deadline_s"] for m in multi}) == 3 and len({m["latent_image"][0] for m in multi}) == 3
+
+
+def test_fill_and_kontext_workflows_wire_the_stock_image_conditioning():
+    api = {name: json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text()) for name in NAMES}
+    fill = api["tetriserve_flux_fill_inpaint"]
+    (inpaint_id,) = [k for k, v in fill.items() if v["class_type"] == "InpaintModelConditioning"]
+    assert fill[inpaint_id]["inputs"]["noise_mask"] is False  # the sampler refuses latent noise masks
+    (sampler,) = [v["inputs"] for v in fill.values() if v["class_type"] == "TetriServeSampler"]
+    assert sampler["positive"] == [inpaint_id, 0] and sampler["latent_image"] == [inpaint_id, 2]
+    assert sampler["deadline_s"] > 0
+    kontext = api["tetriserve_flux_kontext_edit"]
+    (ref_id,) = [k for k, v in kontext.items() if v["class_type"] == "ReferenceLatent"]
+    encode = kontext[kontext[ref_id]["inputs"]["latent"][0]]
+    assert encode["class_type"] == "VAEEncode"
+    assert kontext[encode["inputs"]["pixels"][0]]["class_type"] == "FluxKontextImageScale"
+    (sampler,) = [v["inputs"] for v in kontext.values() if v["class_type"] == "TetriServeSampler"]
+    assert kontext[sampler["positive"][0]]["inputs"]["conditioning"] == [ref_id, 0] and sampler["deadline_s"] > 0

@@ -3,8 +3,10 @@
 The service runs the TetriServe planner on four simulated H200s (the shipped h200 cost model,
 step times x3), so the board fills with real plans: a ComfyUI prompt with two TetriServe
 Samplers and a handful of API jobs of another tenant, one with a deadline it cannot meet. The
-test opens the panel through its bottom-panel command, checks what it shows, saves a screenshot
-(out/panel_board.png) and converts each UI-format example workflow with ComfyUI's own frontend
+test opens the panel through its bottom-panel command, checks what it shows (device labels, the job
+table scrolling inside the panel, this instance's samplers with their phase from the board), saves a
+screenshot (docs/panel_board.png), checks that the samplers' pushed events reach only the prompt's
+own client session (a second websocket client hears none), and converts each UI-format example workflow with ComfyUI's own frontend
 (graphToPrompt) to check it equals the API-format file.
 
 Skipped without ComfyUI (TETRISERVE_COMFYUI, TETRISERVE_COMFYUI_PYTHON) or without chromium.
@@ -20,12 +22,12 @@ import torch
 
 from browser_helpers import Browser, chromium_path
 from comfy_tetriserve.client import TetriServeClient, encode_job
-from comfyui_helpers import comfyui_paths, make_sandbox, start_comfyui
+from comfyui_helpers import collect_events, comfyui_paths, make_sandbox, start_comfyui
 from nodes_helpers import ROOT, start_service, stop
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-SCREENSHOT = ROOT / "out" / "panel_board.png"
+SCREENSHOT = ROOT / "docs" / "panel_board.png"
 PANEL = "document.querySelector('[data-testid=tetriserve-panel]')"
 
 
@@ -77,7 +79,12 @@ def test_board_panel_shows_the_live_board(tmp_path):
         if comfy is not None:
             stop(comfy.proc)
         stop(service)
-    shown, converted = result
+    shown, converted, bystander = result
+    assert bystander.of("status") and not bystander.of("tetriserve.job"), bystander.json[-3:]
+    assert shown["labels"] == ["sim 0", "sim 1", "sim 2", "sim 3"], shown
+    assert shown["table_scrolls"] and not shown["panel_overflows"], shown
+    assert all(" · " in t or t.startswith("done in") or t in ("queued", "failed", "cancelled")
+               for t in shown["mine_texts"]), shown  # the phase as the board has it now
     assert shown["status"] == "live" and shown["policy"] == "tetriserve" and shown["busy"].endswith("/4")
     assert shown["rows"] >= 7 and shown["late_rows"] >= 1, shown
     assert shown["mine"] >= 2, shown  # this instance's two samplers, from pushed events
@@ -107,7 +114,13 @@ async def drive(comfy, url: str, tmp_path):
         await browser.evaluate("app.extensionManager.command.execute('Workspace.ToggleBottomPanelTab.tetriserve-board')")
         await browser.wait_for(f"{PANEL} && {PANEL}.querySelector('[data-stat=status]').textContent === 'live'", 30)
 
-        prompt_id = await asyncio.to_thread(comfy.post, panel_prompt(), "panel")
+        # the prompt comes from this page's session, as a user's would; another client listens meanwhile
+        client_id = await browser.evaluate("(async () => (await import('/scripts/api.js')).api.clientId)()")
+        assert client_id, "the page has no client id"
+        done = asyncio.Event()
+        bystander = asyncio.ensure_future(collect_events(comfy.url, "bystander", lambda ev: done.is_set(), 300))
+        await asyncio.sleep(1.0)
+        prompt_id = await asyncio.to_thread(comfy.post, panel_prompt(), client_id)
         await submit_api_jobs(url)
         await browser.wait_for(f"{PANEL}.querySelectorAll('tbody tr').length >= 7", 30)
         await asyncio.sleep(4.0)  # some jobs done, some running, some still queued
@@ -119,15 +132,24 @@ async def drive(comfy, url: str, tmp_path):
             let painted = 0;
             for (let i = 0; i < img.length; i += 4) if (img[i + 3] > 0 && (img[i] + img[i + 1] + img[i + 2]) > 120) painted++;
             const stat = (k) => root.querySelector(`[data-stat=${{k}}]`).textContent;
+            const scroll = root.querySelector('[data-role=jobs-scroll]');
             return {{ status: stat('status'), policy: stat('policy'), busy: stat('busy'), sar: stat('sar'),
+                      table_scrolls: getComputedStyle(scroll).overflowY === 'auto',
+                      panel_overflows: root.scrollHeight > root.clientHeight + 1,
+                      mine_texts: [...root.querySelectorAll('[data-role=mine] > div[data-job]')].map(
+                          (d) => d.textContent.replace(/^node #\\S+: /, '')),
                       rows: root.querySelectorAll('tbody tr').length,
                       late_rows: root.querySelectorAll('tbody tr.late').length,
                       mine: root.querySelectorAll('[data-role=mine] > div').length - 1,
                       painted: painted / (img.length / 4) }};
         }})()""")
+        shown["labels"] = await browser.evaluate(  # what the panel draws beside each lane, from the proxied board
+            "(async () => { const b = await (await fetch('/tetriserve/board')).json(); "
+            "return b.gpu_ids.map((g) => globalThis.TetriServeBoard.deviceLabel(b, g)); })()")
         SCREENSHOT.parent.mkdir(exist_ok=True)
         await browser.screenshot(SCREENSHOT)
         shutil.copy(SCREENSHOT, tmp_path / SCREENSHOT.name)
         history = await asyncio.to_thread(comfy.history, prompt_id, 120)
         assert history["status"]["status_str"] == "success", json.dumps(history["status"])[-2000:]
-        return shown, converted
+        done.set()
+        return shown, converted, await bystander

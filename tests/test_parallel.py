@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 
 import pytest
@@ -54,8 +53,9 @@ def _group_main(rank: int, world: int, store: str, cases: dict, queue) -> None:
                                                             inputs["pooled"], inputs.get("guidance"), comm=comm,
                                                             vote=float(rank == 1),
                                                             text_lengths=inputs.get("text_lengths"))
-        # plain pickle bytes: the tensors travel by value, not as shared-memory handles that die with this process
-        queue.put((rank, pickle.dumps(results)))
+        # by value (numpy pickles its bytes): a tensor would be shared through a file descriptor that
+        # vanishes if this process exits before the parent has read the queue
+        queue.put((rank, {key: tuple(t.detach().cpu().numpy() for t in value) for key, value in results.items()}))
     finally:
         dist.destroy_process_group()
 
@@ -68,7 +68,8 @@ def run_sharded(cases: dict, world: int) -> dict:
         procs = [ctx.Process(target=_group_main, args=(r, world, store, cases, queue)) for r in range(world)]
         for p in procs:
             p.start()
-        results = {rank: pickle.loads(data) for rank, data in (queue.get(timeout=300) for _ in procs)}
+        results = {rank: {key: tuple(torch.from_numpy(a) for a in value) for key, value in found.items()}
+                   for rank, found in (queue.get(timeout=300) for _ in procs)}
         for p in procs:
             p.join(timeout=60)
     return results

@@ -35,8 +35,9 @@ def test_selfcheck_command_on_four_cpu_workers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report) == {"flux", "sd3"}
+    assert set(report["flux"]) == {"k2", "k4", "switching", "handoff", "fill", "kontext"}
+    assert set(report["sd3"]) == {"k2", "k4", "switching", "handoff"}
     for family in ("flux", "sd3"):
-        assert set(report[family]) == {"k2", "k4", "switching", "handoff"}
         assert all(0 <= v <= 1e-5 for v in report[family].values()), report
     assert "PASS" in proc.stderr
     assert elapsed < 120, f"selfcheck took {elapsed:.0f} s"

@@ -1,13 +1,15 @@
-"""The job journal: a restarted service tells clients what became of the jobs an earlier run accepted."""
+"""The job history (SQLite): a restarted service tells clients what became of the jobs an earlier run accepted."""
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import time
 
 import aiohttp
 
 from comfy_tetriserve.client import ServiceRestarted, TetriServeClient
-from comfy_tetriserve.service.journal import JobJournal
+from comfy_tetriserve.service.history import JobHistory
 from comfy_tetriserve.service.state import SERVICE
 from factories import PowerLawCost
 from service_helpers import job_body, make_service_app, running_service
@@ -15,31 +17,27 @@ from service_helpers import job_body, make_service_app, running_service
 SLOW = PowerLawCost(base_s=0.04)
 
 
-def killed(journal: JobJournal) -> None:
-    """What a killed service leaves: its journal file as it was, and its lock dropped by the kernel."""
-    journal._file.close()
-    if journal._lock is not None:
-        journal._lock.close()
+def killed(history: JobHistory) -> None:
+    """What a killed service leaves: its history file as the last transaction left it, its lock dropped."""
+    history._db.close()
+    if history._lock is not None:
+        history._lock.close()
 
 
 def test_jobs_accepted_and_never_ended_are_lost_at_the_next_start(tmp_path):
-    path = tmp_path / "journal.jsonl"
-    first = JobJournal(path, "boot1")
+    path = tmp_path / "history.sqlite3"
+    first = JobHistory(path, "boot1")
     assert first.open() == []
     for i in range(3):
-        first.accepted(f"j-boot1-{i}", "alice", f"key{i}")
-    first.ended("j-boot1-0", "finished", None)
+        first.accepted(f"j-boot1-{i}", "alice", f"key{i}", model="flux", height=1024, width=1024, num_steps=28)
+    first.ended("j-boot1-0", "finished", None, gpu_s=12.5, placements=[([0, 1], 1.0, 2.0, 28, False)])
     first.ended("j-boot1-1", "failed", "worker 2 died")
     # while the first run lives, a second service given the same file leaves it alone
-    intruder = JobJournal(path, "intruder")
+    intruder = JobHistory(path, "intruder")
     assert intruder.open() == [] and not intruder.enabled and intruder.past("j-boot1-2") is None
-    assert '"j-boot1-1"' in path.read_text() and "intruder" not in path.read_text()
     first.accepted("j-boot1-3", "alice", "key3")  # the owner still writes to the live file
-    # killed here: no close(); the last line was being written when the process died
-    with open(path, "a") as f:
-        f.write('{"e": "acc", "id": "j-boot1-9", "bo')
-    killed(first)
-    second = JobJournal(path, "boot2")
+    killed(first)  # no close()
+    second = JobHistory(path, "boot2")
     lost = second.open()
     assert [p.job_id for p in lost] == ["j-boot1-2", "j-boot1-3"] and second.num_lost_found == 2
     assert "earlier run of the service (boot boot1)" in second.past("j-boot1-2").message()
@@ -49,27 +47,31 @@ def test_jobs_accepted_and_never_ended_are_lost_at_the_next_start(tmp_path):
     assert "worker 2 died" in second.past("j-boot1-1").message()
     assert second.past("j-boot1-9") is None
     second.close()
-    # compacted: past lines, the new boot, its clean stop; a third run still knows boot1's jobs, none lost anew
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [rec["e"] for rec in lines] == ["past", "past", "past", "past", "boot", "stop"]
-    third = JobJournal(path, "boot3")
+    # the finished job's record is whole: what it asked for, where it ran, its device-seconds
+    with sqlite3.connect(path) as db:
+        row = db.execute("SELECT tenant, model, height, num_steps, status, gpu_s, placements FROM jobs "
+                         "WHERE job_id = 'j-boot1-0'").fetchone()
+    assert row[:6] == ("alice", "flux", 1024, 28, "finished", 12.5) and json.loads(row[6]) == [[[0, 1], 1.0, 2.0, 28, False]]
+    # a third run still knows boot1's jobs, and none is reported lost anew
+    third = JobHistory(path, "boot3")
     assert third.open() == [] and third.past("j-boot1-2").lost
 
 
-def test_the_journal_stays_bounded(tmp_path):
-    path = tmp_path / "journal.jsonl"
-    j = JobJournal(path, "b", max_past=5, max_lines=30)
-    j.open()
-    j.accepted("open-1", "t", None)  # stays open the whole time
-    for i in range(200):
-        j.accepted(f"j{i}", "t", None)
-        j.ended(f"j{i}", "finished", None)
-    assert len(path.read_text().splitlines()) <= 30 + 2
-    killed(j)
-    again = JobJournal(path, "c", max_past=5)
-    lost = again.open()
-    assert [p.job_id for p in lost] == ["open-1"]  # an open job survives every compaction
-    assert len(again._past) == 5 and again.past("j199") is not None and again.past("j150") is None
+def test_the_history_keeps_jobs_for_the_retention_period(tmp_path):
+    path = tmp_path / "history.sqlite3"
+    h = JobHistory(path, "b", retention_days=30)
+    h.open()
+    now = time.time()
+    h.accepted("open-1", "t", None, submitted_at=now - 90 * 86400)  # stays open: never pruned while it is open
+    for i, age_days in enumerate((60, 40, 20, 1)):
+        h.accepted(f"j{i}", "t", None, submitted_at=now - age_days * 86400)
+        h.ended(f"j{i}", "finished", None)
+    assert h.prune(now) == 2
+    killed(h)
+    again = JobHistory(path, "c", retention_days=30)
+    assert [p.job_id for p in again.open()] == ["open-1"]  # reported lost, then pruned at open (90 days old)
+    assert again.past("j0") is None and again.past("j1") is None and again.past("j2") is not None
+    assert again.past("open-1") is None and again.prune(now) == 0
 
 
 def test_an_unwritable_journal_is_switched_off_and_the_service_goes_on(tmp_path, caplog):
@@ -77,10 +79,10 @@ def test_an_unwritable_journal_is_switched_off_and_the_service_goes_on(tmp_path,
     blocker.write_text("x")
 
     async def body():
-        app, _ = make_service_app(journal=str(blocker / "journal.jsonl"))
+        app, _ = make_service_app(journal=str(blocker / "history.sqlite3"))
         async with running_service(app) as url, TetriServeClient(url) as client:
             job = await client.submit(job_body({"steps": 2}))
-            return (await client.wait(job["job_id"]))["status"], app[SERVICE].store.journal.enabled
+            return (await client.wait(job["job_id"]))["status"], app[SERVICE].store.history.enabled
 
     with caplog.at_level("ERROR"):
         status, enabled = asyncio.run(body())
@@ -89,7 +91,7 @@ def test_an_unwritable_journal_is_switched_off_and_the_service_goes_on(tmp_path,
 
 
 def test_after_a_graceful_restart_old_jobs_say_what_became_of_them_and_a_resubmit_runs_afresh(tmp_path):
-    path = str(tmp_path / "journal.jsonl")
+    path = str(tmp_path / "history.sqlite3")
 
     async def first_run():
         app, _ = make_service_app(cost=SLOW, num_gpus=1, journal=path)
@@ -123,9 +125,9 @@ def test_after_a_graceful_restart_old_jobs_say_what_became_of_them_and_a_resubmi
 
 
 def test_a_lost_job_raises_service_restarted_with_the_services_words_and_generate_submits_it_again(tmp_path):
-    path = tmp_path / "journal.jsonl"
+    path = tmp_path / "history.sqlite3"
     # an earlier run accepted this job and was killed before it ended
-    earlier = JobJournal(path, "deadbeef")
+    earlier = JobHistory(path, "deadbeef")
     earlier.open()
     earlier.accepted("j-deadbeef-000001", "default", "my-key")
     killed(earlier)

@@ -114,29 +114,37 @@ def test_requests_at_different_steps_and_samplers_batch_exactly():
 
 
 def test_flux_rope_cached_per_shape_and_shard():
+    from comfy_tetriserve.worker.flux_inputs import flux_image_inputs
+
     model = tiny("flux")
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 16, 14, 18, generator=g)
     args = (torch.tensor([0.5]), torch.randn(1, 7, 32, generator=g), torch.randn(1, 16, generator=g))
+    plain = (14, 18, (), None)
     first = model.forward(x, *args)[0]
-    assert model.rope_cache.keys() == [(14, 18, 7, 1, 0)] and model.rope_cache.misses == 1
+    assert model.rope_cache.keys() == [(plain, 7, 1, 0)] and model.rope_cache.misses == 1
     again = model.forward(x, *args)[0]
     assert torch.equal(first, again) and model.rope_cache.hits == 1
     model.forward(torch.randn(1, 16, 18, 14, generator=g), *args)  # transposed latent: a new key
     model.forward(x, args[0], torch.randn(1, 5, 32, generator=g), args[2])  # other text length: a new key
-    assert model.rope_cache.keys() == [(14, 18, 7, 1, 0), (18, 14, 7, 1, 0), (14, 18, 5, 1, 0)]
+    ref = torch.randn(1, 16, 8, 10, generator=g)
+    with_ref = model.forward(x, *args, refs=(ref,))[0]  # a Kontext reference: its ids are part of the key
+    assert model.rope_cache.keys() == [(plain, 7, 1, 0), ((18, 14, (), None), 7, 1, 0), (plain, 5, 1, 0),
+                                       ((14, 18, ((8, 10),), "offset"), 7, 1, 0)]
+    assert not torch.equal(with_ref, first)
+    model.rope_cache.clear()
+    assert torch.equal(model.forward(x, *args, refs=(ref,))[0], with_ref)  # recomputed: the same table
     # a rank of a degree-2 group gets its own shard's rotary table, equal to the full table's rows
+    _, img_ids, _ = flux_image_inputs(x)
     shard = SeqShard(1, 2, 7, 63)
-    full = model.flux_rope(14, 18, SeqShard(0, 1, 7, 63))
-    part = model.flux_rope(14, 18, shard)
+    full = model.flux_rope(img_ids, plain, SeqShard(0, 1, 7, 63))
+    part = model.flux_rope(img_ids, plain, shard)
     t0, t1 = shard.text_range
     i0, i1 = shard.image_range
     rows = list(range(t0, t1)) + [7 + i for i in range(i0, i1)]
     for a, b in zip(part, full):
         assert torch.equal(a, b[rows])
-    assert (14, 18, 7, 2, 1) in model.rope_cache.keys()
-    # a wrong key would hand back the wrong table: the shapes of a different text length differ
-    assert model.flux_rope(14, 18, SeqShard(0, 1, 5, 63))[0].shape[0] == 5 + 63
+    assert (plain, 7, 2, 1) in model.rope_cache.keys()
 
 
 def test_lru_cache_bounds_and_order():
@@ -199,3 +207,33 @@ def test_key_masks_are_built_once_per_layout():
     assert joint_key_mask((3, 2), (2, 2), (5, 3), True, torch.device("cpu")) is a
     assert joint_key_mask((3, 2), (2, 2), (5, 4), True, torch.device("cpu")) is not a
     assert not torch.equal(joint_key_mask((3, 2), (2, 2), (5, 3), False, torch.device("cpu")), a)
+
+
+def test_shared_conditioning_round_trip_with_fill_and_references():
+    from multiprocessing import shared_memory
+
+    from comfy_tetriserve.core.executor import SamplingJob
+    from comfy_tetriserve.worker.condshare import free_block, share_conditioning
+
+    g = torch.Generator().manual_seed(6)
+    lat = torch.zeros(1, 16, 8, 8)
+    job = SamplingJob(request_id="r", model="m", latent=lat, noise=lat, sigmas=torch.tensor([1.0, 0.0]),
+                      context=torch.randn(1, 9, 32, generator=g), pooled=torch.randn(1, 16, generator=g),
+                      cfg=3.0, guidance=2.5, neg_context=torch.randn(1, 4, 32, generator=g),
+                      neg_pooled=torch.randn(1, 16, generator=g), concat=torch.randn(1, 80, 8, 8, generator=g),
+                      ref_latents=(torch.randn(1, 16, 6, 10, generator=g), torch.randn(1, 16, 4, 4, generator=g)),
+                      ref_method="index")
+    handle, block = share_conditioning(job)
+    try:
+        cond = handle.load(torch.device("cpu"), torch.bfloat16)
+        for name in ("context", "pooled", "neg_context", "neg_pooled", "concat"):
+            assert torch.equal(getattr(cond, name), getattr(job, name).to(torch.bfloat16)), name
+        assert [tuple(r.shape) for r in cond.refs] == [(1, 16, 6, 10), (1, 16, 4, 4)]
+        assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(cond.refs, job.ref_latents))
+        assert (cond.cfg, cond.guidance, cond.ref_method) == (3.0, 2.5, "index")
+        assert len(__import__("pickle").dumps(handle)) < 2000  # the handle, not the tensors, travels
+    finally:
+        free_block(block)
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=handle.block)
+    assert torch.equal(cond.context, job.context.to(torch.bfloat16))  # the worker's copy outlives the block

@@ -47,11 +47,13 @@ function element(tag, attrs = {}, ...children) {
 
 const STYLE = `
   .tetriserve-panel { font: 12px/1.4 system-ui, sans-serif; color: #dde3ea; background: #111418;
-    height: 100%; overflow: auto; padding: 6px 10px; box-sizing: border-box; }
+    height: 100%; display: flex; flex-direction: column; padding: 6px 10px; box-sizing: border-box; overflow: hidden; }
+  .tetriserve-panel .jobs { flex: 1 1 0; min-height: 60px; overflow: auto; }
+  .tetriserve-panel thead th { position: sticky; top: 0; background: #111418; }
   .tetriserve-panel header { display: flex; gap: 18px; align-items: baseline; margin-bottom: 6px; flex-wrap: wrap; }
   .tetriserve-panel header b { color: #fff; font-size: 13px; }
   .tetriserve-panel .bad { color: #ff7b72; }
-  .tetriserve-panel canvas { width: 100%; height: 200px; display: block; background: #0b0d10;
+  .tetriserve-panel canvas { width: 100%; height: 200px; flex: 0 0 200px; display: block; background: #0b0d10;
     border: 1px solid #2a313a; }
   .tetriserve-panel table { border-collapse: collapse; width: 100%; margin-top: 6px; }
   .tetriserve-panel th, .tetriserve-panel td { text-align: left; padding: 2px 8px; border-bottom: 1px solid #232a33;
@@ -75,7 +77,7 @@ function mount(container) {
   const root = element("div", { class: "tetriserve-panel", "data-testid": "tetriserve-panel" },
     element("header", {}, element("b", {}, "TetriServe"), stat("sar", "SAR"), stat("policy", "policy"),
       stat("busy", "GPUs busy"), stat("open", "open jobs"), status, element("span", { "data-stat": "url" }, "")),
-    canvas, mine, element("table", {}, element("thead"), tbody));
+    canvas, mine, element("div", { class: "jobs", "data-role": "jobs-scroll" }, element("table", {}, element("thead"), tbody)));
   container.appendChild(root);
 
   const view = { root, canvas, tbody, mine, status, lastBoard: null, timer: null, busy: false };
@@ -119,9 +121,15 @@ function stopView(view) {
 }
 
 function renderMine(view, lib) {
-  const items = [...recent.values()].slice(-MAX_RECENT).reverse().map((e) =>
-    element("div", {}, element("span", { class: "swatch", style: `background:${lib.colour(e.job_id)}` }),
-      `node #${e.node}: ${e.text}`));
+  // the phase text comes from the latest board when the job is on it (a pushed text ages: "finish in 3 s")
+  const board = view.lastBoard;
+  const onBoard = new Map((board ? board.jobs : []).map((j) => [j.job_id, j]));
+  const items = [...recent.values()].slice(-MAX_RECENT).reverse().map((e) => {
+    const j = onBoard.get(e.job_id);
+    const text = j ? lib.phaseText(j, board.now_at) : e.text;
+    return element("div", { "data-job": e.job_id }, element("span", { class: "swatch", style: `background:${lib.colour(e.job_id)}` }),
+      `node #${e.node}: ${text}`);
+  });
   view.mine.replaceChildren(...(items.length ? [element("div", {}, "this ComfyUI's samplers:"), ...items] : []));
 }
 

@@ -37,9 +37,19 @@ CLASSES: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]
     "VAELoader": (["vae_name"], [], [("VAE", "VAE")]),
     "VAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
+    "LoadImage": (["image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "InpaintModelConditioning": (["noise_mask"], [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                                  ("vae", "VAE"), ("pixels", "IMAGE"), ("mask", "MASK")],
+                                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]),
+    "FluxKontextImageScale": ([], [("image", "IMAGE")], [("IMAGE", "IMAGE")]),
+    "VAEEncode": ([], [("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")]),
+    "ReferenceLatent": ([], [("conditioning", "CONDITIONING"), ("latent", "LATENT")],
+                        [("CONDITIONING", "CONDITIONING")]),
 }
 #: widgets followed by a "control after generate" value in the UI format
 CONTROLLED = {("TetriServeSampler", "seed")}
+#: widgets followed by a UI-only value (the upload button of LoadImage)
+UI_ONLY = {("LoadImage", "image"): "image"}
 
 
 @dataclass
@@ -78,6 +88,8 @@ def ui_format(nodes: list[Node]) -> dict:
                 values.append(n.widgets[w])
                 if (n.cls, w) in CONTROLLED:
                     values.append("fixed")
+                if (n.cls, w) in UI_ONLY:
+                    values.append(UI_ONLY[n.cls, w])
         node = {
             "id": n.id, "type": n.cls, "pos": list(n.pos), "size": [315, 60 + 26 * (len(values) + len(sockets))],
             "flags": {}, "order": order, "mode": 0,
@@ -163,10 +175,62 @@ def flux_multi_deadline() -> list[Node]:
     return nodes
 
 
+def flux_fill_inpaint() -> list[Node]:
+    """FLUX Fill: the image and its mask (paint it in the mask editor) through InpaintModelConditioning."""
+    return [
+        Node(1, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                   "type": "flux", "device": "default"}, pos=(0, 0)),
+        Node(2, "CLIPTextEncode", {"text": "a red brick fireplace with a small fire"}, {"clip": (1, 0)},
+             pos=(360, 0), title="prompt"),
+        Node(3, "FluxGuidance", {"guidance": 30.0}, {"conditioning": (2, 0)}, pos=(720, 0)),
+        Node(4, "ConditioningZeroOut", {}, {"conditioning": (2, 0)}, pos=(720, 120), title="negative (unused at cfg 1)"),
+        Node(5, "TetriServeLoadDiT", {"unet_name": "flux1-fill-dev.safetensors", "weight_dtype": "default",
+                                      "shift": 0.0}, pos=(0, 200)),
+        Node(6, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
+        Node(7, "LoadImage", {"image": "example.png"}, pos=(0, 480), title="image (paint the mask)"),
+        Node(8, "InpaintModelConditioning", {"noise_mask": False},
+             {"positive": (3, 0), "negative": (4, 0), "vae": (6, 0), "pixels": (7, 0), "mask": (7, 1)},
+             pos=(1080, 0), title="masked image + mask (noise_mask off)"),
+        Node(9, "TetriServeSampler", {"seed": 11, "steps": 20, "cfg": 1.0, "sampler_name": "euler",
+                                      "scheduler": "simple", "denoise": 1.0, "deadline_s": 25.0, "priority": 0},
+             {"model": (5, 0), "positive": (8, 0), "negative": (8, 1), "latent_image": (8, 2)}, pos=(1440, 0)),
+        Node(10, "VAEDecode", {}, {"samples": (9, 0), "vae": (6, 0)}, pos=(1800, 0)),
+        Node(11, "SaveImage", {"filename_prefix": "tetriserve_flux_fill"}, {"images": (10, 0)}, pos=(1800, 120)),
+    ]
+
+
+def flux_kontext_edit() -> list[Node]:
+    """FLUX Kontext: the input image, scaled to a Kontext size and encoded, as a reference latent."""
+    return [
+        Node(1, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                   "type": "flux", "device": "default"}, pos=(0, 0)),
+        Node(2, "CLIPTextEncode", {"text": "make it a snowy winter evening, keep the composition"}, {"clip": (1, 0)},
+             pos=(360, 0), title="edit instruction"),
+        Node(3, "LoadImage", {"image": "example.png"}, pos=(0, 480)),
+        Node(4, "FluxKontextImageScale", {}, {"image": (3, 0)}, pos=(360, 480)),
+        Node(5, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
+        Node(6, "VAEEncode", {}, {"pixels": (4, 0), "vae": (5, 0)}, pos=(720, 480)),
+        Node(7, "ReferenceLatent", {}, {"conditioning": (2, 0), "latent": (6, 0)}, pos=(720, 0)),
+        Node(8, "FluxGuidance", {"guidance": 2.5}, {"conditioning": (7, 0)}, pos=(1080, 0)),
+        Node(9, "ConditioningZeroOut", {}, {"conditioning": (2, 0)}, pos=(1080, 120),
+             title="negative (unused at cfg 1)"),
+        Node(10, "TetriServeLoadDiT", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default",
+                                       "shift": 0.0}, pos=(0, 200)),
+        Node(11, "TetriServeSampler", {"seed": 21, "steps": 20, "cfg": 1.0, "sampler_name": "euler",
+                                       "scheduler": "simple", "denoise": 1.0, "deadline_s": 40.0, "priority": 0},
+             {"model": (10, 0), "positive": (8, 0), "negative": (9, 0), "latent_image": (6, 0)}, pos=(1440, 0),
+             title="edit (reference tokens double the sequence)"),
+        Node(12, "VAEDecode", {}, {"samples": (11, 0), "vae": (5, 0)}, pos=(1800, 0)),
+        Node(13, "SaveImage", {"filename_prefix": "tetriserve_flux_kontext"}, {"images": (12, 0)}, pos=(1800, 120)),
+    ]
+
+
 WORKFLOWS = {
     "tetriserve_flux_text_to_image": flux_t2i,
     "tetriserve_sd3_cfg": sd3_cfg,
     "tetriserve_flux_multi_resolution_deadlines": flux_multi_deadline,
+    "tetriserve_flux_fill_inpaint": flux_fill_inpaint,
+    "tetriserve_flux_kontext_edit": flux_kontext_edit,
 }
 
 

@@ -70,6 +70,11 @@ class SamplingJob:
     denoise. ``noise`` is the initial noise (ComfyUI: torch.manual_seed(seed) then CPU randn of
     the latent's shape). The first model input is ``sigmas[0] * noise + (1 - sigmas[0]) * latent``.
     ``cfg`` != 1 with ``neg_context`` runs cond and uncond as one batch of 2B.
+
+    Image conditioning (FLUX Fill / Kontext, see sampling/image_cond.py), in model space:
+    ``concat`` [B, C + 64, H, W] the masked-image latent and packed mask a Fill model takes as
+    extra input channels; ``ref_latents`` reference latents [1 or B, C, h, w] appended as extra
+    image tokens, placed by ``ref_method``.
     """
 
     request_id: str
@@ -86,6 +91,14 @@ class SamplingJob:
     neg_context: "torch.Tensor | None" = None
     neg_pooled: "torch.Tensor | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    concat: "torch.Tensor | None" = None
+    ref_latents: tuple = ()
+    ref_method: str = "offset"
+
+    @property
+    def num_reference_tokens(self) -> int:
+        """Image tokens the reference latents add to every forward (2x2 patches)."""
+        return sum(((int(r.shape[-2]) + 1) // 2) * ((int(r.shape[-1]) + 1) // 2) for r in self.ref_latents)
 
     @property
     def num_steps(self) -> int:
@@ -114,6 +127,13 @@ class ModelInfo:
     guidance_embeds: bool = False  # FLUX-dev: takes a guidance value
     dtype: str = "bf16"
     source: str = ""  # where the weights came from (file or folder name, never shown to other tenants)
+    concat_channels: int = 0  # extra input channels (FLUX Fill: 80 = masked-image latent 16 + mask 64)
+    #: architecture read from the file, for size-aware pricing (0: unknown)
+    num_attention_layers: int = 0
+    hidden_size: int = 0
+    num_text_tokens: int = 0
+    #: bytes of weights one worker holds for it (0: unknown)
+    num_bytes: int = 0
 
 
 @runtime_checkable

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ..cost import CostModel
+from ..cost import CostModel, priced_size
 from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import PIXELS_PER_TOKEN, Assignment, AssignmentResult
@@ -192,6 +192,7 @@ class SimulatedExecutor:
         height, width = int(job.latent.shape[-2]) * 8, int(job.latent.shape[-1]) * 8
         height -= height % PIXELS_PER_TOKEN
         width -= width % PIXELS_PER_TOKEN
+        height, width = priced_size(height, width, job.num_reference_tokens)  # FLUX Kontext references
         batch = sum(self._requests[r].job.batch for r in assignment.request_ids)
         return self.time_scale * self.cost.step_time_s(job.model, height, width, batch, assignment.sp_degree)
 

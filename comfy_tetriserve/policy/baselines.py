@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from ..cost import CostModel
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
 from .common import (
+    widest_group,
     PAPER_BASE_DEADLINE_S,
     Placer,
     Urgency,
@@ -69,7 +70,7 @@ class FixedDegreePolicy:
     name: str = ""
 
     def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
-        n = len(view.gpu_ids)
+        n = widest_group(view)
         return _plan(view, cost, fcfs_order(view.plannable),
                      lambda s: _capped_degree(cost, s.request.model, self.sp_degree, n),
                      lambda s: s.steps_left, self.backfill)
@@ -93,7 +94,7 @@ class ResolutionDegreePolicy:
                            self.base_deadline_s[nearest_resolution(r.height, r.width, self.base_deadline_s)])
 
     def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
-        n = len(view.gpu_ids)
+        n = widest_group(view)
         return _plan(view, cost, fcfs_order(view.plannable), lambda s: self.degree_for(s, cost, n),
                      lambda s: s.steps_left, self.backfill)
 
@@ -117,7 +118,7 @@ class EdfPolicy:
     name: str = "edf"
 
     def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
-        n = len(view.gpu_ids)
+        n = widest_group(view)
         now = view.now
         degree: dict[str, int] = {}
         keyed = []

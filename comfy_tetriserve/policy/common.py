@@ -94,6 +94,15 @@ def plan_allocation(times: dict[int, float], steps_left: int, budget_s: float) -
     return Allocation(best, best_gpu, best_time)
 
 
+def widest_group(view: SchedulerView) -> int:
+    """Devices in the largest placement of healthy devices: the highest degree that can run at all.
+
+    Not ``len(view.gpu_ids)``: in a cluster a group never spans two nodes, and on one box a dead
+    device leaves no aligned block around it (0 when no group is healthy)."""
+    healthy = set(view.gpu_ids)
+    return max((len(g) for g in view.groups if healthy.issuperset(g)), default=0)
+
+
 # ------------------------------------------------------------------------------ placement
 class Placer:
     """Maps GPU-count demands onto ``view.groups`` among the free GPUs.

@@ -59,6 +59,10 @@ option that controls each is in brackets; docs/planner.md measures them):
    round end E, chosen among whole-step ends between the longest single step and
    ``align_max_frac`` x tau to minimise idle GPU time (plus ``round_overhead_s`` per assignment).
 
+0. Model placement (only when the executor places models: the view has a ``placement``): demand
+   per model decides loads (replication) and evictions, and the steps below run once per model on
+   the devices holding it (policy/placement.py).
+
 Synchronous rounds on an event-driven engine: while assignments run, the round ends at the latest
 running_until_at; the planner then only fills free GPUs with work that ends by then (*gap mode*),
 and the next round starts when all are done. Busy GPUs are simply not offered.
@@ -71,8 +75,9 @@ from dataclasses import dataclass, field
 
 from ..cost import CostModel, parallel_capacity
 from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
-from .common import EPS, Placer, plan_allocation, usable_degrees
+from .common import EPS, Placer, plan_allocation, usable_degrees, widest_group
 from .packing import admit_by_deadline, choose_round_end, group_knapsack
+from .placement import plan_with_placement
 
 #: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
 SURVIVE = 1_000_000_000
@@ -159,7 +164,12 @@ class TetriServePolicy:
         return dataclasses.replace(self, background_round_s=max(self.background_round_s, 2.0))
 
     # ------------------------------------------------------------------ the round
+    #: handles ``view.placement`` (stage 0): the engine may hand it views where models are not everywhere
+    places_models = True
+
     def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
+        if view.placement is not None:  # stage 0, model placement: loads, evictions, per-model sub-views
+            return plan_with_placement(self, view, cost)
         now = view.now
         n = len(view.gpu_ids)
         round_end = max((r.running_until_at for r in view.requests if r.running_until_at is not None), default=None)
@@ -174,7 +184,7 @@ class TetriServePolicy:
             if shape is None:
                 ks = degrees_of.get(r.model)
                 if ks is None:
-                    ks = degrees_of[r.model] = usable_degrees(cost, r.model, n)
+                    ks = degrees_of[r.model] = usable_degrees(cost, r.model, widest_group(view))
                 times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in ks}
                 shape = shapes[r.shape_key] = (times, min(times.values()))
             times, t_min = shape

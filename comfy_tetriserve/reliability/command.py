@@ -11,8 +11,8 @@ Starts ``comfy-tetriserve serve`` on a free loopback port with CPU workers and t
   by less than ``--max-rss-growth``; afterwards the service must hold no job.
 - **hostile**: every case of ``hostile.CASES`` while a client keeps submitting good jobs.
 - **restart**: ``--restart-jobs`` jobs in flight when the service is killed (SIGKILL) and started
-  again on the same port and journal: every client must hear that its job was lost (the new run's
-  journal), and its resubmit under the same job key must finish.
+  again on the same port and job history: every client must hear that its job was lost (the new run's
+  history), and its resubmit under the same job key must finish.
 - **faults**: at least ``--fault-jobs`` jobs while ``--fault-kills`` workers are taken down under
   running assignments (SIGKILL, SIGTERM, and SIGSTOP: a hang the service's stall watchdog must
   find), one after another once the pool is whole again; every job must finish with the direct

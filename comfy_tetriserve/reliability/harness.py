@@ -108,7 +108,7 @@ class ServiceProcess:
                 "--lease-s", str(s.lease_s), "--stall-timeout-s", str(s.stall_timeout_s),
                 # the drill kills devices on purpose, the same one several times: none is quarantined
                 "--max-device-faults", "0",
-                "--journal", str(self.workdir / "journal.jsonl"), *s.extra]
+                "--journal", str(self.workdir / "history.sqlite3"), *s.extra]
 
     def start(self) -> "ServiceProcess":
         paths = prepare_models(self.workdir / "models")

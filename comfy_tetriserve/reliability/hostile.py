@@ -194,6 +194,15 @@ submit_case("settings with NaN", 400, "finite")(
     lambda c: c.body(meta={"tetriserve": json.dumps({"model": c.models["flux"], "steps": 2, "cfg": float("nan")})}))
 submit_case("a pickle instead of safetensors", 400, "safetensors")(
     lambda c: b"\x80\x04\x95" + b"\x00" * 8 + b"cos\nsystem\n(S'true'\ntR.")
+# --- content codings the body does not have, or the service does not take
+submit_case("gzip body that is not gzip", 400, "does not decode", headers={"Content-Encoding": "gzip"})(
+    lambda c: b"\x1f\x8b\x08" + b"certainly not a deflate stream")
+submit_case("deflate body that is not deflate", 400, "does not decode", headers={"Content-Encoding": "deflate"})(
+    lambda c: c.body())
+submit_case("brotli body (a coding the service does not take)", 415, "br", headers={"Content-Encoding": "br"})(
+    lambda c: c.body())
+submit_case("zstd body (a coding the service does not take)", 415, "zstd", headers={"Content-Encoding": "zstd"})(
+    lambda c: c.body())
 # --- wrong tensors
 submit_case("integer latent", 400, "floating")(lambda c: c.body(latent=torch.zeros(1, 16, 4, 4, dtype=torch.int64)))
 submit_case("boolean context", 400, "floating")(

@@ -25,13 +25,13 @@ from .auth import token_middleware
 from .catalog import ModelCatalog
 from .events import EventLog
 from .jobs import Clock, JobStore
-from .journal import JobJournal
+from .history import JobHistory
 from .loop import EngineLoop
 from .metrics import ServiceMetrics
 from .routes import routes
-from .settings import ServiceConfig, parse_pairs
+from .settings import ServiceConfig
 from .state import SERVICE, Service
-from .wiring import build_cost, build_executor, build_policy, forecast_function, planning_cost
+from .wiring import build_cost, build_executor, build_policy, forecast_function, models_to_load, planning_cost
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     config.validate()
     install_log_filter()
     middlewares = [error_middleware] + ([token_middleware(config.token)] if config.token else [])
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    # bodies are decoded by encoding.py (bounded, JSON errors); headers must arrive within header_timeout_s
+    handler_args = {"auto_decompress": False, "keepalive_timeout": config.header_timeout_s}
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares, handler_args=handler_args)
 
     base_cost = cost if cost is not None else build_cost(config.cost)
     model_cost = planning_cost(base_cost, config)
@@ -112,11 +114,21 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     clock = Clock()
     hub = EventLog(limit=HUB_EVENTS, coalesce=())
     store = JobStore(config, clock)
-    store.journal = JobJournal(config.journal_path(), store.boot_id)
+    store.history = JobHistory(config.journal_path(), store.boot_id, retention_days=config.history_retention_days)
     metrics = ServiceMetrics()
     engine = Engine(policy, model_cost, executor.gpu_ids, executor.groups)
-    configured = parse_pairs(config.model, "model")
-    catalog = ModelCatalog(configured, config.model_dir, executor, model_cost, on_event=hub.append)
+    if getattr(executor, "residency_of", None) is not None:  # the executor holds models: loads can be planned
+        from ..core.live_placement import ExecutorPlacementEngine
+
+        engine = ExecutorPlacementEngine(policy, model_cost, executor.gpu_ids, executor.groups, executor=executor)
+    configured = models_to_load(config)
+
+    def on_model_event(event: dict) -> None:
+        if event["type"] == "model_loaded":
+            metrics.on_model_loaded(event["model"], event["load_s"])
+        hub.append(event)
+
+    catalog = ModelCatalog(configured, config.model_dir, executor, model_cost, on_event=on_model_event)
     loop = EngineLoop(engine, executor, model_cost, store, metrics, hub, clock, config, forecast_function())
     app[SERVICE] = Service(config=config, clock=clock, store=store, hub=hub, metrics=metrics, cost=model_cost,
                            executor=executor, engine=engine, catalog=catalog, loop=loop, policy_name=policy_name)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..errors import Unauthorized
 
-PUBLIC_PATHS = ("/v1/health", "/v1/openapi.json", "/", "/dashboard")
+PUBLIC_PATHS = ("/v1/health", "/v1/openapi.json", "/", "/dashboard", "/usage")
 PUBLIC_PREFIXES = ("/static/",)
 
 

@@ -35,8 +35,39 @@ def _job_json(job: Job, clock: Clock, now: float) -> dict:
     }
 
 
+def _loads_json(executor, clock: Clock, since: float) -> list[dict]:
+    """Model loads of the executor in the window (devices x time; the board draws them in their own style)."""
+    records = getattr(executor, "load_records", None)
+    if records is None:
+        return []
+    return [{"model": r["model"], "gpu_ids": list(r["gpu_ids"]), "started_at": clock.to_wall(r["started_at"]),
+             "expected_end_at": clock.to_wall(r["expected_end_at"]), "finished_at": clock.to_wall(r["finished_at"]),
+             "error": r["error"]}
+            for r in records(since)]
+
+
+def device_labels(executor: object, gpu_ids: tuple[int, ...]) -> dict[str, str]:
+    """How the board names each device: ``GPU 3`` (cuda:3), ``CPU 1`` (a CPU worker), ``sim 0`` (simulated)."""
+    devices: dict[int, str] = {}
+    workers = getattr(executor, "workers", None)
+    if callable(workers):
+        devices = {w["gpu_id"]: str(w.get("device", "")) for w in workers()}
+    simulated = bool(getattr(executor, "simulated", False))
+    out = {}
+    for g in gpu_ids:
+        device = devices.get(g, "")
+        if device.startswith("cuda"):
+            out[str(g)] = f"GPU {device.partition(':')[2] or g}"
+        elif device.startswith("cpu"):
+            out[str(g)] = f"CPU {g}"
+        else:
+            out[str(g)] = f"sim {g}" if simulated else f"GPU {g}"
+    return out
+
+
 def board_json(engine: Engine, store: JobStore, metrics: ServiceMetrics, clock: Clock, *,
-               window_s: float = DEFAULT_WINDOW_S, policy: str = "") -> dict:
+               window_s: float = DEFAULT_WINDOW_S, policy: str = "", nodes: list[dict] | None = None,
+               executor=None, labels: dict[str, str] | None = None) -> dict:
     now = clock.now()
     since = now - window_s
     records = engine.records(since_at=since)
@@ -49,6 +80,7 @@ def board_json(engine: Engine, store: JobStore, metrics: ServiceMetrics, clock: 
         "boot_id": store.boot_id,
         "policy": policy,
         "gpu_ids": list(engine.all_gpu_ids),
+        "device_labels": labels or {str(g): f"GPU {g}" for g in engine.all_gpu_ids},
         "healthy_gpu_ids": list(engine.healthy_gpu_ids),
         "busy_gpu_ids": sorted(engine.busy_gpu_ids),
         "round_index": engine.round_index,
@@ -59,6 +91,8 @@ def board_json(engine: Engine, store: JobStore, metrics: ServiceMetrics, clock: 
              "steps_done": rec.steps_done, "error": rec.error}
             for rec in records
         ],
+        "loads": _loads_json(executor, clock, since),
         "jobs": [_job_json(j, clock, now) for j in sorted(jobs, key=lambda j: j.submitted_at)],
         "sar": metrics.sar_json(),
+        **({"nodes": nodes} if nodes is not None else {}),  # cluster mode: which GPU ids live on which node
     }

@@ -17,10 +17,11 @@ import dataclasses
 import enum
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..cost import CostModel, parallel_capacity
+from ..cost import CostModel, ModelProfile, model_profile_of, parallel_capacity, step_flops
 from ..errors import Conflict, InvalidRequest, NotFound, TetriServeError
 from ..core.executor import Executor, ModelInfo
 
@@ -52,7 +53,8 @@ class ModelEntry:
         if self.info is not None:
             out.update(family=self.info.family, num_heads=self.info.num_heads, in_channels=self.info.in_channels,
                        context_dim=self.info.context_dim, pooled_dim=self.info.pooled_dim,
-                       guidance_embeds=self.info.guidance_embeds, dtype=self.info.dtype)
+                       guidance_embeds=self.info.guidance_embeds, dtype=self.info.dtype,
+                       concat_channels=self.info.concat_channels)
         if self.error:
             out["error"] = self.error
         return out
@@ -128,6 +130,8 @@ class ModelCost:
         self.profile_as = dict(profile_as or {})
         self._alias: dict[str, str] = {}
         self._heads: dict[str, int] = {}
+        self._arch: dict[str, tuple[ModelProfile, ModelProfile]] = {}  # modelled: (its arch, reference's)
+        self._ratio_memo: dict[tuple[str, int, int, int], float] = {}
 
     def _knows(self, model: str) -> bool:
         try:
@@ -136,7 +140,12 @@ class ModelCost:
             return False
 
     def register(self, info: ModelInfo) -> None:
-        """Make a loaded model priceable; raises InvalidRequest if nothing can price it."""
+        """Make a loaded model priceable; raises InvalidRequest if nothing can price it.
+
+        A model the profile does not know is priced by its family's profiled model
+        (``profile_as``): scaled by the FLOP ratio of the two architectures when the file told us
+        its layers and width (``is_modelled``), else as that model outright (a warning says so).
+        """
         if not self._knows(info.name):
             ref = self.profile_as.get(info.family)
             if ref is None or not self._knows(ref):
@@ -144,17 +153,53 @@ class ModelCost:
                     f"the cost model has no profile for {info.name!r} (family {info.family}); "
                     f"profile it or map the family with --profile-as {info.family}=PROFILED_MODEL")
             self._alias[info.name] = ref
-            log.warning("model %s is priced as %s (the cost model has no profile for it): deadlines, forecasts "
-                        "and degree choices assume %s's step times; profile it "
-                        "(comfy-tetriserve profile) and pass the profile with --cost for real numbers",
-                        info.name, ref, ref)
+            ref_arch = model_profile_of(self.raw, ref)
+            if info.num_attention_layers and info.hidden_size and ref_arch is not None:
+                self._arch[info.name] = (ModelProfile(
+                    num_heads=info.num_heads, num_attention_layers=info.num_attention_layers,
+                    hidden_size=info.hidden_size, num_text_tokens=info.num_text_tokens or ref_arch.num_text_tokens),
+                    ref_arch)
+                self._ratio_memo = {k: v for k, v in self._ratio_memo.items() if k[0] != info.name}
+                log.warning("model %s is priced from %s scaled by FLOPs (%d vs %d attention layers, width %d vs "
+                            "%d: x%.2f at 1024 px); modelled, not measured: profile it (comfy-tetriserve profile) "
+                            "and pass the profile with --cost for measured numbers", info.name, ref,
+                            info.num_attention_layers, ref_arch.num_attention_layers, info.hidden_size,
+                            ref_arch.hidden_size, self.flop_ratio(info.name, 1024, 1024, 1))
+            else:
+                log.warning("model %s is priced as %s (the cost model has no profile for it): deadlines, forecasts "
+                            "and degree choices assume %s's step times; profile it "
+                            "(comfy-tetriserve profile) and pass the profile with --cost for real numbers",
+                            info.name, ref, ref)
         self._heads[info.name] = info.num_heads
 
     def priced_as(self, model: str) -> str:
         return self._alias.get(model, model)
 
+    def is_modelled(self, model: str) -> bool:
+        """True when ``model``'s step times are another model's scaled by FLOPs (not measured)."""
+        return model in self._arch
+
+    def pricing(self, model: str) -> dict:
+        """How ``model`` is priced, for GET /v1/models."""
+        if model in self._arch:
+            return {"priced_as": self._alias[model], "modelled": True,
+                    "flop_ratio_1024": round(self.flop_ratio(model, 1024, 1024, 1), 4)}
+        return {"priced_as": self.priced_as(model), "modelled": False}
+
+    def flop_ratio(self, model: str, height: int, width: int, batch: int) -> float:
+        arch = self._arch.get(model)
+        if arch is None:
+            return 1.0
+        key = (model, height, width, batch)
+        ratio = self._ratio_memo.get(key)
+        if ratio is None:
+            ratio = step_flops(arch[0], height, width, batch) / step_flops(arch[1], height, width, batch)
+            self._ratio_memo[key] = ratio
+        return ratio
+
     def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
-        return self.base.step_time_s(self.priced_as(model), height, width, batch, sp_degree)
+        return (self.base.step_time_s(self.priced_as(model), height, width, batch, sp_degree)
+                * self.flop_ratio(model, height, width, batch))
 
     def allowed_degrees(self, model: str) -> tuple[int, ...]:
         degrees = tuple(self.base.allowed_degrees(self.priced_as(model)))
@@ -173,7 +218,8 @@ class ModelCost:
     def observe(self, model: str, height: int, width: int, batch: int, sp_degree: int, measured_step_s: float) -> None:
         observe = getattr(self.base, "observe", None)
         if observe is not None:
-            observe(self.priced_as(model), height, width, batch, sp_degree, measured_step_s)
+            ratio = self.flop_ratio(model, height, width, batch)
+            observe(self.priced_as(model), height, width, batch, sp_degree, measured_step_s / ratio)
 
     def drift(self) -> dict[str, float]:
         drift = getattr(self.base, "drift", None)
@@ -185,7 +231,9 @@ class _Uncorrected:
         self._owner = owner
 
     def step_time_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
-        return self._owner.raw.step_time_s(self._owner.priced_as(model), height, width, batch, sp_degree)
+        owner = self._owner
+        return (owner.raw.step_time_s(owner.priced_as(model), height, width, batch, sp_degree)
+                * owner.flop_ratio(model, height, width, batch))
 
     def allowed_degrees(self, model: str) -> tuple[int, ...]:
         return self._owner.allowed_degrees(model)
@@ -230,18 +278,43 @@ class ModelCatalog:
             raise Conflict(f"model {name!r} failed to load: {entry.error}")
         raise Conflict(f"model {name!r} is not loaded; load it first (POST /v1/models/load)")
 
+    def describe(self, name: str) -> dict:
+        """The entry of ``name`` as JSON, with how a loaded model is priced (``modelled``)."""
+        entry = self.entry(name)
+        out = entry.to_json()
+        if entry.status is ModelStatus.LOADED:
+            out.update(self.cost.pricing(name))
+            residency_of = getattr(self.executor, "residency_of", None)
+            if residency_of is not None:
+                out.update(residency_of(name))
+        return out
+
+    async def unload(self, name: str) -> dict:
+        """Free ``name``'s weights on every worker (POST /v1/models/unload). It stays loaded in the
+        sense of servable: the next job for it loads it again where the job runs."""
+        entry = self.entry(name)
+        if entry.status is not ModelStatus.LOADED:
+            raise Conflict(f"model {name!r} is {entry.status.value}, not loaded")
+        unload_model = getattr(self.executor, "unload_model", None)
+        if unload_model is None:
+            raise InvalidRequest(f"the {type(self.executor).__name__} holds no weights to unload")
+        freed = await unload_model(name)
+        self.on_event({"type": "model_unloaded", "model": name, "gpu_ids": list(freed)})
+        return {**self.describe(name), "unloaded_from": list(freed)}
+
     def listing(self) -> list[dict]:
         names = dict.fromkeys(list(self.configured) + list(self._entries) + list_model_files(self.model_dirs))
         out = []
         for name in names:
             try:
-                out.append(self.entry(name).to_json())
+                out.append(self.describe(name))
             except TetriServeError:
                 continue
         return out
 
-    def start_load(self, name: str, dtype: str = "bf16") -> ModelEntry:
-        """Begin loading (idempotent): returns the entry, LOADING or LOADED."""
+    def start_load(self, name: str, dtype: str = "bf16", *, pinned: bool = False) -> ModelEntry:
+        """Begin loading (idempotent): returns the entry, LOADING or LOADED. ``pinned``: never evicted
+        (models given at start unless --evictable)."""
         entry = self.entry(name)
         if entry.status in (ModelStatus.LOADING, ModelStatus.LOADED):
             return entry
@@ -250,7 +323,7 @@ class ModelCatalog:
         self._entries[name] = entry
         self.on_event({"type": "model_loading", "model": name, "workers_loaded": 0,
                        "num_workers": len(self.executor.gpu_ids)})
-        self._tasks[name] = asyncio.ensure_future(self._load(name, path, origin, dtype))
+        self._tasks[name] = asyncio.ensure_future(self._load(name, path, origin, dtype, pinned))
         return entry
 
     async def wait_loaded(self, name: str) -> ModelEntry:
@@ -259,13 +332,16 @@ class ModelCatalog:
             await asyncio.shield(task)
         return self.entry(name)
 
-    async def _load(self, name: str, path: str, origin: str, dtype: str) -> None:
+    async def _load(self, name: str, path: str, origin: str, dtype: str, pinned: bool = False) -> None:
         try:
             def progress(workers_loaded: int, num_workers: int) -> None:
                 self.on_event({"type": "model_loading", "model": name, "workers_loaded": workers_loaded,
                                "num_workers": num_workers})
 
-            info = await self.executor.load_model(name, path, dtype, on_progress=progress)
+            extra = {"pinned": True} if pinned and hasattr(self.executor, "residency_of") else {}
+            started_at = time.monotonic()
+            info = await self.executor.load_model(name, path, dtype, on_progress=progress, **extra)
+            load_s = time.monotonic() - started_at
             if info.name != name:
                 info = dataclasses.replace(info, name=name)
             self.cost.register(info)
@@ -279,7 +355,7 @@ class ModelCatalog:
             self.on_event({"type": "model_failed", "model": name, "error": message})
         else:
             self._entries[name] = ModelEntry(name, origin, ModelStatus.LOADED, info=info)
-            self.on_event({"type": "model_loaded", "model": name, "family": info.family})
+            self.on_event({"type": "model_loaded", "model": name, "family": info.family, "load_s": load_s})
         finally:
             self._tasks.pop(name, None)
 

@@ -5,8 +5,8 @@ the service's state machine, which the engine loop moves), its event log and, on
 its result bytes. A ``Lease`` is a client's promise to stay alive: it heartbeats, and when it
 stops for ``lease_s`` the loop cancels the lease's unfinished jobs. The ``JobStore`` holds both,
 the idempotency index ((tenant, job key) -> job), the per-tenant and overall limits, and
-tombstones of forgotten jobs (so a late reader gets 410 Gone, not 404); with a journal
-(journal.py), jobs of earlier runs answer 410 too, saying whether they were lost.
+tombstones of forgotten jobs (so a late reader gets 410 Gone, not 404); with a history
+(history.py), jobs of earlier runs answer 410 too, saying whether they were lost.
 
 Times here are on the engine's clock (``Clock.now``: monotonic seconds); the API shows unix
 seconds (``Clock.to_wall``).
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..errors import Conflict, Gone, JobLost, NotFound, TooManyRequests
 from ..types import GenRequest
 from .events import EventLog
-from .journal import JobJournal
+from .history import JobHistory
 from .schemas import JobSettings
 from .settings import ServiceConfig
 
@@ -57,6 +57,17 @@ class JobStatus(enum.Enum):
         return self in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """One assignment a job was part of: its devices, when (engine clock), steps done, lost to a fault."""
+
+    gpu_ids: tuple[int, ...]
+    started_at: float
+    ended_at: float
+    steps_done: int
+    lost: bool = False
+
+
 @dataclass(eq=False)
 class Job:
     """One job's record (mutable: the engine loop advances it; see the module docstring)."""
@@ -84,6 +95,8 @@ class Job:
     events: EventLog = field(default_factory=EventLog)
     num_faults: int = 0  # times it was on devices that failed (a worker died, ran out of memory)
     last_fault: str | None = None
+    gpu_s: float = 0.0  # device-seconds of its assignments (an assignment's shared equally among its jobs)
+    placements: list[Placement] = field(default_factory=list)
 
     @property
     def deadline_at(self) -> float | None:
@@ -166,7 +179,7 @@ class JobStore:
         self._tombstones: OrderedDict[str, str] = OrderedDict()
         self._counter = itertools.count(1)
         self.boot_id = secrets.token_hex(4)
-        self.journal = JobJournal(None, self.boot_id)  # create_app replaces it when the config names a file
+        self.history = JobHistory(None, self.boot_id)  # create_app replaces it when the config names a file
 
     # ------------------------------------------------------------------ jobs
     def new_job_id(self) -> str:
@@ -178,7 +191,7 @@ class JobStore:
             return job
         if job_id in self._tombstones:
             raise Gone(f"job {job_id} ended and was forgotten ({self._tombstones[job_id]})")
-        past = self.journal.past(job_id)
+        past = self.history.past(job_id)
         if past is not None:
             raise (JobLost if past.lost else Gone)(past.message())
         if job_id.startswith("j-") and not job_id.startswith(f"j-{self.boot_id}-"):

@@ -15,7 +15,7 @@ their results expired. Shutdown ends every unfinished job with a ``failed`` even
 Device faults (recovery.py): an assignment that comes back ``lost`` (a worker died under it)
 puts its jobs back in the queue with the steps of their last checkpoint and a ``requeued``
 event saying why; a job that was on failing devices ``max_job_faults`` times fails instead,
-with the reason. Every job accepted and ended is written to the journal (journal.py).
+with the reason. Every job accepted and ended is written to the job history (history.py).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..core.engine import Engine
 from ..core.executor import DevicesUnavailable, Executor
@@ -31,7 +32,7 @@ from ..errors import Conflict, ServiceUnavailable, TetriServeError
 from ..types import Assignment, AssignmentResult, RequestStatus
 from .catalog import ModelCost
 from .events import EventLog
-from .jobs import Clock, Job, JobStatus, JobStore
+from .jobs import Clock, Job, JobStatus, JobStore, Placement
 from .metrics import ServiceMetrics
 from .recovery import ExecutorRecovery, RecoveryState
 from .schemas import encode_result
@@ -49,6 +50,16 @@ FORECAST_SYNC_BUDGET_S = 0.05
 #: Refreshes (after assignments end, and the ones that follow submits) are spaced so that they take at most
 #: this share of the event loop's time; submit-time forecasts, each under the budget above, come on top.
 FORECAST_DUTY = 0.1
+
+
+def result_body(job: Job, latent) -> bytes:
+    """A finished job's result: its latent in the space asked for, as safetensors with the job's metadata."""
+    space = job.settings.result_space or job.settings.latent_space
+    if space == "vae":
+        latent = process_latent_out(job.family, latent)
+    meta = {"job_id": job.job_id, "model": job.request.model, "space": space,
+            "simulated": "true" if job.simulated else "false", "num_steps": str(job.request.num_steps)}
+    return encode_result(latent.detach().to("cpu").float(), meta)
 
 
 class EngineLoop:
@@ -74,6 +85,10 @@ class EngineLoop:
         self._forecast_cost_s = 0.0  # what a forecast of every open job costs now (seconds, smoothed)
         self._forecast_done_at = float("-inf")  # time.monotonic() at the end of the last one
         self._refresh_handle: asyncio.TimerHandle | None = None
+        # refreshes of every prediction run here, off the event loop (the loop takes the view, applies the answer)
+        self._forecaster = ThreadPoolExecutor(1, thread_name_prefix="tetriserve-forecast")
+        self._forecast_running = False
+        self._forecast_again = False
         self._stopping = False
         self._closed = False
         self.recovery = ExecutorRecovery(executor, engine, config, clock, hub, self.wake, self._stop_inflight)
@@ -122,6 +137,7 @@ class EngineLoop:
         self._closed = True
         if self._refresh_handle is not None:
             self._refresh_handle.cancel()
+        self._forecaster.shutdown(wait=False, cancel_futures=True)
         self.wake()
         for task in self._tasks:
             task.cancel()
@@ -131,7 +147,7 @@ class EngineLoop:
         self._tasks = []
         await self.recovery.close()
         await self.executor.close()
-        self.store.journal.close()
+        self.store.history.close()
 
     # -------------------------------------------------------------- admission
     def executor_fault(self) -> str | None:
@@ -166,7 +182,11 @@ class EngineLoop:
             await self.executor.release(job.job_id)
             raise
         self.engine.submit(job.request)
-        self.store.journal.accepted(job.job_id, job.tenant, job.settings.job_key)
+        r = job.request
+        self.store.history.accepted(job.job_id, job.tenant, job.settings.job_key, model=r.model, height=r.height,
+                                    width=r.width, batch=r.batch, num_steps=r.num_steps, priority=r.priority,
+                                    submitted_at=self.clock.to_wall(job.submitted_at),
+                                    deadline_at=self.clock.to_wall(job.deadline_at))
         self.metrics.on_submit(job.tenant)
         if self.forecast is None or self._forecast_cost_s <= FORECAST_SYNC_BUDGET_S:
             self._refresh_predictions(job.job_id)
@@ -198,7 +218,11 @@ class EngineLoop:
             self._refresh_predictions()
 
     def _refresh_predictions(self, job_id: str | None = None) -> None:
-        """Forecast every open job's finish (``job_id``: the one that must get a value now)."""
+        """Forecast every open job's finish (``job_id``: the one that must get a value now, on the loop; without
+        it the forecast runs in the forecast thread and the predictions change when it answers)."""
+        if job_id is None and self.forecast is not None:
+            self._start_background_forecast()
+            return
         view = self.engine.view(self.clock.now())
         if self.forecast is not None:
             t0 = time.perf_counter()
@@ -221,6 +245,45 @@ class EngineLoop:
         for rid in ([job_id] if job_id is not None else [j.job_id for j in self.store.open_jobs()]):
             self.store.jobs[rid].predicted_finish_at = estimate_finish(view, rid, self.cost)
         self._forecast_done_at = time.monotonic()
+
+    def _start_background_forecast(self) -> None:
+        if self._forecast_running:  # one at a time; another follows when this one answers
+            self._forecast_again = True
+            return
+        self._forecast_running = True
+        view = self.engine.view(self.clock.now())  # an immutable snapshot: the thread reads nothing else of the engine
+        future = asyncio.get_running_loop().run_in_executor(self._forecaster, self._timed_forecast, view)
+        future.add_done_callback(self._background_forecast_done)
+
+    def _timed_forecast(self, view) -> tuple[dict[str, float], float]:
+        t0 = time.perf_counter()
+        finish = self.forecast(view, self.engine.policy, self.cost)
+        return finish, time.perf_counter() - t0
+
+    def _background_forecast_done(self, future) -> None:
+        self._forecast_running = False
+        if self._closed or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._forecast_failures += 1
+            log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
+                    "forecast failed (%d times); using the simple estimate", self._forecast_failures,
+                    exc_info=exc if self._forecast_failures == 1 else None)
+            view = self.engine.view(self.clock.now())
+            for job in self.store.open_jobs():
+                job.predicted_finish_at = estimate_finish(view, job.job_id, self.cost)
+        else:
+            finish, took = future.result()
+            self._forecast_cost_s = took if self._forecast_cost_s == 0.0 else 0.5 * (self._forecast_cost_s + took)
+            for rid, at in finish.items():
+                job = self.store.jobs.get(rid)
+                if job is not None and not job.status.is_terminal:
+                    job.predicted_finish_at = at
+        self._forecast_done_at = time.monotonic()
+        if self._forecast_again:
+            self._forecast_again = False
+            self._schedule_refresh()
 
     # ------------------------------------------------------------------ cancel
     async def cancel(self, job: Job, reason: str) -> Job:
@@ -290,6 +353,8 @@ class EngineLoop:
                 self.wake()  # nothing runs and nothing was placed: without them the jobs would wait forever
             return
         self.engine.apply_plan(plan, now)
+        for load in plan.loads:  # planned model loads (core/live_placement.py): devices busy until they end
+            self._background(self._run_load(load))
         for a in plan.assignments:
             for rid in a.request_ids:
                 job = self.store.jobs[rid]
@@ -299,9 +364,29 @@ class EngineLoop:
                            round=plan.round_index, steps_done=job.steps_done)
             self._flight[a.request_ids] = asyncio.ensure_future(self._run_assignment(a))
 
-    def _fail_plannable(self, now: float, error: str) -> None:
-        """End every job that waits for devices with ``error`` (jobs in flight end with their assignment)."""
+    async def _run_load(self, load) -> None:
+        error, lasting = None, False
+        try:
+            await self.executor.ensure_resident(load.model, load.gpu_ids)
+        except Exception as exc:  # noqa: BLE001 - a failed load frees its devices; jobs needing it fail there
+            error = str(exc) or type(exc).__name__
+            # memory held by work in flight passes: re-planned; a file that cannot load does not
+            lasting = not isinstance(exc, Conflict) or bool(getattr(exc, "permanent", False))
+            log.warning("planned load of %s on %s failed: %s", load.model, list(load.gpu_ids), error)
+        now = self.clock.now()
+        self.engine.finish_load(load, now, error)
+        self.hub.append({"type": "model_resident" if error is None else "model_load_failed", "model": load.model,
+                         "gpu_ids": list(load.gpu_ids), **({"error": error} if error else {})})
+        if lasting:  # the jobs that need this model fail with the reason; others go on
+            self._fail_plannable(now, f"loading model {load.model!r} failed: {error}", model=load.model)
+        self.wake()
+
+    def _fail_plannable(self, now: float, error: str, model: str | None = None) -> None:
+        """End every job that waits for devices with ``error`` (jobs in flight end with their assignment);
+        with ``model``, only the jobs of that model."""
         for snap in self.engine.view(now).plannable:
+            if model is not None and snap.request.model != model:
+                continue
             job = self.store.jobs.get(snap.request_id)
             with contextlib.suppress(TetriServeError):
                 self.engine.cancel(snap.request_id, now)
@@ -351,6 +436,7 @@ class EngineLoop:
         now = self.clock.now()
         states = self.engine.apply_result(result, now)
         self.metrics.on_assignment_end(a.gpu_ids, result.elapsed_s, result.steps_done)
+        self._account(a, result, now)
         observe = getattr(self.cost, "observe", None)
         batch = first.batch * len(a.request_ids)
         for measured in result.step_times_s:
@@ -378,11 +464,24 @@ class EngineLoop:
         if self.store.open_jobs() and time.monotonic() - self._forecast_done_at >= self._refresh_interval_s():
             self._refresh_predictions()
 
+    def _account(self, a: Assignment, result: AssignmentResult, now: float) -> None:
+        """Device-seconds (shared equally among the assignment's jobs) and each job's placement history."""
+        share_s = result.elapsed_s * len(a.gpu_ids) / max(len(a.request_ids), 1)
+        for request_id in a.request_ids:
+            job = self.store.jobs.get(request_id)
+            if job is None:
+                continue
+            job.gpu_s += share_s
+            job.placements.append(Placement(tuple(a.gpu_ids), now - result.elapsed_s, now, result.steps_done,
+                                            result.lost))
+            self.metrics.on_gpu_seconds(job.tenant, share_s)
+
     def _requeue(self, a: Assignment, result: AssignmentResult, counted: bool) -> None:
         """A lost assignment: its jobs resume from their checkpoint, or fail after too many faults."""
         now = self.clock.now()
         states = self.engine.requeue(a, result.steps_done, now, reason=result.error)
         self.metrics.on_assignment_end(a.gpu_ids, result.elapsed_s, result.steps_done)
+        self._account(a, result, now)
         limit = self.config.max_job_faults
         for state in states:
             job = self.store.jobs.get(state.request_id)
@@ -428,12 +527,7 @@ class EngineLoop:
         try:
             latent = await self.executor.fetch_result(job.job_id)
 
-            space = job.settings.result_space or job.settings.latent_space
-            if space == "vae":
-                latent = process_latent_out(job.family, latent)
-            meta = {"job_id": job.job_id, "model": job.request.model, "space": space,
-                    "simulated": "true" if job.simulated else "false", "num_steps": str(job.request.num_steps)}
-            body = encode_result(latent.detach().to("cpu").float(), meta)
+            body = await asyncio.to_thread(result_body, job, latent)  # a few ms for a large latent: off the loop
         except Exception as exc:  # noqa: BLE001
             log.exception("collecting the result of %s failed", job.job_id)
             if not job.status.is_terminal:
@@ -516,7 +610,16 @@ class EngineLoop:
             fields["reason"] = job.cancel_reason
         self._emit(job, status.value, **fields)
         self.metrics.on_job_end(job.tenant, status.value, job.deadline_at is not None, job.met_deadline)
-        self.store.journal.ended(job.job_id, status.value, error, code)
+        if status is JobStatus.FINISHED:
+            r = job.request
+            self.metrics.on_job_finished(r.model, r.height, r.width, at - job.submitted_at,
+                                         None if job.deadline_at is None else job.deadline_at - at)
+        wall = self.clock.to_wall
+        self.store.history.ended(
+            job.job_id, status.value, error, code, ended_at=wall(at), met_deadline=job.met_deadline,
+            steps_done=job.steps_done, gpu_s=job.gpu_s,
+            placements=[(list(p.gpu_ids), wall(p.started_at), wall(p.ended_at), p.steps_done, p.lost)
+                        for p in job.placements])
 
     def _emit(self, job: Job, event_type: str, **fields) -> None:
         if event_type == "placed":

@@ -11,22 +11,28 @@ import hashlib
 import json
 import contextlib
 import math
+import time
 from pathlib import Path
 
 import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
 from ..errors import Conflict, InvalidRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable, TooManyRequests
 from ..types import GenRequest
-from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json
+from .board import DEFAULT_WINDOW_S, MAX_WINDOW_S, board_json, device_labels
 from .catalog import ModelStatus, check_model_name
+from .api_models import LeaseRequest, ModelLoadRequest, parse_request
+from .encoding import decode_body
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
 from .openapi import openapi_document
+from .image_inputs import priced_size
 from .schemas import check_tensors, check_token, parse_body, resolve_job
 from .state import SERVICE, Service
+from . import usage
 
 MAX_JSON_BYTES = 64 * 1024
 LEASE_HEADER = "X-TetriServe-Lease"
@@ -42,13 +48,15 @@ async def read_body(request: web.Request, svc: Service) -> bytes:
         raise PayloadTooLarge(f"request body larger than the limit of {svc.config.max_body_mb:g} MiB "
                               f"(Content-Length {request.content_length})")
     try:
-        return await asyncio.wait_for(request.read(), svc.config.body_timeout_s)
+        raw = await asyncio.wait_for(request.read(), svc.config.body_timeout_s)
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body not received within {svc.config.body_timeout_s:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body larger than the limit of {svc.config.max_body_mb:g} MiB") from None
-    except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+    except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError,
+            RequestPayloadError) as exc:
         raise InvalidRequest(f"request body cut short ({type(exc).__name__}: {exc})") from None
+    return decode_body(raw, request.headers.get("Content-Encoding"), svc.config.max_body_bytes)
 
 
 async def read_json(request: web.Request, svc: Service, allowed: tuple[str, ...]) -> dict:
@@ -132,7 +140,8 @@ async def board(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     window = query_number(request, "window_s", DEFAULT_WINDOW_S, 1.0, MAX_WINDOW_S)
     return web.json_response(board_json(svc.engine, svc.store, svc.metrics, svc.clock, window_s=window,
-                                        policy=svc.policy_name))
+                                        policy=svc.policy_name, nodes=svc.nodes_json(), executor=svc.executor,
+                                        labels=device_labels(svc.executor, svc.engine.all_gpu_ids)))
 
 
 @contextlib.contextmanager
@@ -165,32 +174,35 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.post("/v1/models/load")
 async def load_model(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
-    data = await read_json(request, svc, ("model", "dtype"))
-    name = check_model_name(data.get("model"))
-    dtype = data.get("dtype", svc.config.dtype)
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise InvalidRequest("dtype must be one of bf16, fp16, fp32")
+    body = parse_request(ModelLoadRequest, await read_json(request, svc, tuple(ModelLoadRequest.model_fields)))
+    name = check_model_name(body.model)
+    dtype = body.dtype or svc.config.dtype
     entry = svc.catalog.start_load(name, dtype)
     return web.json_response(entry.to_json(), status=200 if entry.status is ModelStatus.LOADED else 202)
+
+
+@routes.post("/v1/models/unload")
+async def unload_model(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    data = await read_json(request, svc, ("model",))
+    return web.json_response(await svc.catalog.unload(check_model_name(data.get("model"))))
 
 
 @routes.get("/v1/models/{name:.+}")
 async def model_status(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
-    return web.json_response(svc.catalog.entry(request.match_info["name"]).to_json())
+    return web.json_response(svc.catalog.describe(request.match_info["name"]))
 
 
 # ------------------------------------------------------------------- leases
 @routes.post("/v1/leases")
 async def create_lease(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
-    data = await read_json(request, svc, ("tenant", "ttl_s"))
-    tenant = check_token(data.get("tenant", "default"), "tenant")
-    ttl = data.get("ttl_s")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                            or not 0.1 <= ttl <= 10 * svc.config.lease_s):
+    body = parse_request(LeaseRequest, await read_json(request, svc, tuple(LeaseRequest.model_fields)))
+    ttl = body.ttl_s
+    if ttl is not None and ttl > 10 * svc.config.lease_s:
         raise InvalidRequest(f"ttl_s must be a number between 0.1 and {10 * svc.config.lease_s:g}")
-    lease = svc.store.create_lease(tenant, ttl)
+    lease = svc.store.create_lease(body.tenant, ttl)
     return web.json_response(lease.to_json(svc.clock), status=201)
 
 
@@ -243,6 +255,7 @@ async def submit(request: web.Request) -> web.Response:
     job_id = svc.store.new_job_id()
     sampling_job = await asyncio.get_running_loop().run_in_executor(None, resolve_job, job_id, settings, tensors, info)
     height, width = (int(d) * 8 for d in tensors["latent"].shape[-2:])
+    height, width = priced_size(height, width, sampling_job.num_reference_tokens)  # Kontext: + reference tokens
     gen = GenRequest(
         request_id=job_id, model=settings.model, height=height, width=width, num_steps=sampling_job.num_steps,
         arrival_at=received_at,
@@ -307,6 +320,23 @@ async def cancel_job(request: web.Request) -> web.Response:
     job = svc.store.get(request.match_info["job_id"])
     await svc.loop.cancel(job, "cancelled by client")
     return web.json_response(job_json(svc, job), status=202)
+
+
+# -------------------------------------------------------------------- usage
+@routes.get("/v1/usage")
+async def usage_report(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    now = time.time()
+    until = usage.parse_time(request.query.get("until"), now, "until")
+    since = usage.parse_time(request.query.get("since"), until - usage.DEFAULT_SPAN_S, "since")
+    by = request.query.get("by", "tenant")
+    path = str(svc.store.history.path) if svc.store.history.enabled else None
+    return web.json_response(await asyncio.to_thread(usage.report, path, since, until, by))
+
+
+@routes.get("/usage")
+async def usage_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "usage.html")
 
 
 # -------------------------------------------------------------- dashboard

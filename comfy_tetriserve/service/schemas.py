@@ -13,12 +13,14 @@ has a non-zero entry (an empty text-to-image latent stays zeros).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import re
 import struct
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError, with_config
 
 import torch
 from safetensors import SafetensorError
@@ -29,12 +31,15 @@ from ..sampling import latents, schedules
 from ..sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
 from ..core.executor import ModelInfo, SamplingJob
 from ..errors import InvalidRequest
+from ..sampling.image_cond import REFERENCE_METHODS
+from .api_models import TOKEN_PATTERN, Token, validation_message
 from .catalog import check_model_name
+from .image_inputs import IMAGE_TENSORS, check_image_tensors, image_inputs
 from .settings import ServiceConfig
 
 SETTINGS_KEY = "tetriserve"
 REQUIRED_TENSORS = ("latent", "context", "pooled")
-OPTIONAL_TENSORS = ("noise", "sigmas", "neg_context", "neg_pooled")
+OPTIONAL_TENSORS = ("noise", "sigmas", "neg_context", "neg_pooled") + IMAGE_TENSORS  # image_inputs.py
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPACES = ("vae", "model")
 MAX_HEADER_BYTES = 1 << 20
@@ -44,7 +49,7 @@ MAX_PRIORITY = 1000
 MAX_SCHEDULE_FACTOR = 10  # steps / denoise may reach this many times max_steps
 DEFAULT_FLUX_GUIDANCE = 3.5
 
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+_TOKEN_RE = re.compile(TOKEN_PATTERN)
 
 
 def check_token(value: object, what: str) -> str:
@@ -55,95 +60,66 @@ def check_token(value: object, what: str) -> str:
     return value
 
 
+Steps = Annotated[StrictInt, Field(ge=1, description="required unless a sigmas tensor is sent")]
+Space = Literal[SPACES]  # type: ignore[valid-type]
+
+
+@with_config(ConfigDict(extra="forbid", allow_inf_nan=False))
 @dataclass(frozen=True)
 class JobSettings:
-    """The JSON settings of a job (metadata key ``tetriserve``); see docs/api.md."""
+    """The JSON settings of a job (metadata key ``tetriserve``); see docs/api.md.
 
-    model: str
-    steps: int | None = None  # required unless a sigmas tensor is sent
-    scheduler: str = "simple"
-    denoise: float = 1.0
-    shift: float | None = None  # the model sampling's shift (SD3 alpha, FLUX mu); None = the family default
-    sampler: str = "euler"
-    cfg: float = 1.0
-    guidance: float | None = None  # FLUX-dev distilled guidance (default 3.5 for models that take it)
-    seed: int = 0
-    deadline_s: float | None = None  # relative to submission; None = best effort
-    priority: int = 0
-    tenant: str | None = None  # default: the lease's tenant, else "default"
-    job_key: str | None = None  # client-chosen idempotency key
-    lease: str | None = None
-    latent_space: str = "vae"  # the latent sent is in VAE space ("vae") or already in model space ("model")
-    result_space: str | None = None  # space of the returned latent; default: latent_space
+    The annotations are the validation (pydantic, ``SETTINGS_ADAPTER``) and the OpenAPI schema;
+    limits that depend on the service's configuration are checked in ``parse_settings``."""
+
+    model: Annotated[StrictStr, Field(description="a configured model name or a file in the model folders")]
+    steps: Steps | None = None
+    scheduler: Literal[SCHEDULER_NAMES] = "simple"  # type: ignore[valid-type]
+    denoise: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 1.0
+    # the model sampling's shift (SD3 alpha, FLUX mu); None = the family default
+    shift: Annotated[StrictFloat, Field(gt=0.0, le=100.0)] | None = None
+    sampler: Literal[SAMPLER_NAMES] = "euler"  # type: ignore[valid-type]
+    cfg: Annotated[StrictFloat, Field(gt=0.0, le=MAX_CFG)] = 1.0
+    # FLUX-dev distilled guidance (default 3.5 for models that take it)
+    guidance: Annotated[StrictFloat, Field(ge=0.0, le=MAX_CFG)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] = 0
+    deadline_s: Annotated[StrictFloat, Field(gt=0.0, description="seconds after submission; null = best effort")] \
+        | None = None
+    priority: Annotated[StrictInt, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
+    tenant: Annotated[Token, Field(description="default: the lease's tenant, else 'default'")] | None = None
+    job_key: Annotated[Token, Field(description="idempotency key: the same key returns the existing job")] | None = None
+    lease: Token | None = None
+    # the latent sent is in VAE space ("vae") or already in model space ("model")
+    latent_space: Space = "vae"
+    result_space: Space | None = None  # space of the returned latent; default: latent_space
+    # FLUX Kontext: how ref_latent_i are placed
+    reference_latents_method: Literal[REFERENCE_METHODS] = "offset"  # type: ignore[valid-type]
 
 
-def _number(value: Any, what: str, *, integer: bool = False) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise InvalidRequest(f"{what} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidRequest(f"{what} must be finite")
-    return value
+SETTINGS_ADAPTER: TypeAdapter[JobSettings] = TypeAdapter(JobSettings)
+SETTINGS_FIELDS = tuple(f.name for f in fields(JobSettings))
 
 
 def parse_settings(raw: Any, limits: ServiceConfig) -> JobSettings:
     """Check every field of the settings object (types and ranges); unknown keys are refused."""
     if not isinstance(raw, dict):
         raise InvalidRequest(f"settings under {SETTINGS_KEY!r} must be a JSON object")
-    known = {f.name for f in fields(JobSettings)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise InvalidRequest(f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    if "model" not in raw:
-        raise InvalidRequest("setting 'model' is required")
-    s = dict(raw)
-    check_model_name(s["model"])
-    for name in ("scheduler", "sampler"):
-        if name in s and not isinstance(s[name], str):
-            raise InvalidRequest(f"{name} must be a string")
-    if s.get("scheduler", "simple") not in SCHEDULER_NAMES:
-        raise InvalidRequest(f"unknown scheduler {s['scheduler']!r} (known: {', '.join(SCHEDULER_NAMES)})")
-    if s.get("sampler", "euler") not in SAMPLER_NAMES:
-        raise InvalidRequest(f"unknown sampler {s['sampler']!r} (known: {', '.join(SAMPLER_NAMES)})")
-    if s.get("steps") is not None:
-        steps = _number(s["steps"], "steps", integer=True)
-        if not 1 <= steps <= limits.max_steps:
-            raise InvalidRequest(f"steps must be between 1 and {limits.max_steps}, got {steps}")
-    denoise = _number(s.get("denoise", 1.0), "denoise")
-    if not 0.0 < denoise <= 1.0:
-        raise InvalidRequest(f"denoise must be in (0, 1], got {denoise}")
+    try:
+        settings = SETTINGS_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc, "setting", SETTINGS_FIELDS)) from None
+    check_model_name(settings.model)
+    if settings.steps is not None and settings.steps > limits.max_steps:
+        raise InvalidRequest(f"steps must be between 1 and {limits.max_steps}, got {settings.steps}")
     longest = MAX_SCHEDULE_FACTOR * limits.max_steps
-    if s.get("steps") is not None and denoise <= 0.9999 and s["steps"] / denoise > longest:
+    if settings.steps is not None and settings.denoise <= 0.9999 and settings.steps / settings.denoise > longest:
         # ComfyUI computes a schedule of steps / denoise steps and keeps the tail: bound its length
-        raise InvalidRequest(f"denoise {denoise:g} is too small for {s['steps']} steps: the full schedule would have "
-                             f"{s['steps'] / denoise:.3g} steps, more than {MAX_SCHEDULE_FACTOR * limits.max_steps}")
-    if s.get("shift") is not None and not 0.0 < _number(s["shift"], "shift") <= 100.0:
-        raise InvalidRequest("shift must be in (0, 100]")
-    cfg = _number(s.get("cfg", 1.0), "cfg")
-    if not 0.0 < cfg <= MAX_CFG:
-        raise InvalidRequest(f"cfg must be in (0, {MAX_CFG}], got {cfg}")
-    if s.get("guidance") is not None and not 0.0 <= _number(s["guidance"], "guidance") <= MAX_CFG:
-        raise InvalidRequest(f"guidance must be in [0, {MAX_CFG}]")
-    seed = _number(s.get("seed", 0), "seed", integer=True)
-    if not 0 <= seed <= MAX_SEED:
-        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}")
-    if s.get("deadline_s") is not None:
-        deadline = _number(s["deadline_s"], "deadline_s")
-        if not 0.0 < deadline <= limits.max_deadline_s:
-            raise InvalidRequest(f"deadline_s must be > 0 and <= {limits.max_deadline_s:g} seconds "
-                                 f"(or null for best effort), got {deadline}")
-    priority = _number(s.get("priority", 0), "priority", integer=True)
-    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
-        raise InvalidRequest(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
-    for name in ("tenant", "job_key", "lease"):
-        if s.get(name) is not None:
-            check_token(s[name], name)
-    for name in ("latent_space", "result_space"):
-        if s.get(name) is not None and s[name] not in SPACES:
-            raise InvalidRequest(f"{name} must be one of {', '.join(SPACES)}")
-    for name in ("denoise", "cfg"):
-        if name in s:
-            s[name] = float(s[name])
-    return JobSettings(**s)
+        raise InvalidRequest(f"denoise {settings.denoise:g} is too small for {settings.steps} steps: the full "
+                             f"schedule would have {settings.steps / settings.denoise:.3g} steps, more than {longest}")
+    if settings.deadline_s is not None and settings.deadline_s > limits.max_deadline_s:
+        raise InvalidRequest(f"deadline_s must be > 0 and <= {limits.max_deadline_s:g} seconds "
+                             f"(or null for best effort), got {settings.deadline_s}")
+    return dataclasses.replace(settings, denoise=float(settings.denoise), cfg=float(settings.cfg))
 
 
 def read_metadata(body: bytes) -> dict[str, str]:
@@ -192,6 +168,8 @@ def parse_body(body: bytes, limits: ServiceConfig) -> tuple[JobSettings, dict[st
                              f"(allowed: {', '.join(REQUIRED_TENSORS + OPTIONAL_TENSORS)})")
     if ("neg_context" in tensors) != ("neg_pooled" in tensors):
         raise InvalidRequest("neg_context and neg_pooled go together")
+    if ("concat_latent_image" in tensors) != ("concat_mask" in tensors):
+        raise InvalidRequest("concat_latent_image and concat_mask go together")
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
             raise InvalidRequest(f"tensor {name} must be floating point (F32, F16, BF16 or F64), got {t.dtype}")
@@ -234,6 +212,7 @@ def check_tensors(settings: JobSettings, tensors: dict[str, torch.Tensor], info:
             raise InvalidRequest(f"{prefix}context has {ctx.shape[1]} tokens, limit {limits.max_text_tokens}")
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch) or pooled.shape[1] != info.pooled_dim:
             raise InvalidRequest(f"{prefix}pooled must be [1 or {batch}, {info.pooled_dim}], got {_shape(pooled)}")
+    check_image_tensors(tensors, info, limits.max_image_tokens)
     if settings.cfg != 1.0 and "neg_context" not in tensors:
         raise InvalidRequest("cfg != 1 needs neg_context and neg_pooled (the negative conditioning)")
     if "sigmas" in tensors:
@@ -266,6 +245,7 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
     if not info.guidance_embeds:
         guidance = None
     uses_cfg = settings.cfg != 1.0
+    concat, refs = image_inputs(info.family, tensors)
     return SamplingJob(
         request_id=job_id, model=settings.model, latent=latent, noise=noise, sigmas=sigmas,
         context=tensors["context"], pooled=tensors["pooled"], sampler=settings.sampler, seed=settings.seed,
@@ -273,6 +253,7 @@ def resolve_job(job_id: str, settings: JobSettings, tensors: dict[str, torch.Ten
         neg_context=tensors.get("neg_context") if uses_cfg else None,
         neg_pooled=tensors.get("neg_pooled") if uses_cfg else None,
         extra={"result_space": settings.result_space or settings.latent_space},
+        concat=concat, ref_latents=refs, ref_method=settings.reference_latents_method,
     )
 
 

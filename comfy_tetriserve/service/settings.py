@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..config import field
+from ..core.residency import parse_budget
 from ..errors import InvalidRequest
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -23,6 +24,11 @@ class ServiceConfig:
     devices: str = field("sim:4", help="cuda:0-7 | cuda:0,1,3 | cpu:N (real workers) | sim:N (simulated, no images)")
     model: tuple[str, ...] = field((), help="models to load at start, NAME=PATH (PATH may be sim:flux or sim:sd3 with sim devices)")
     model_dir: tuple[str, ...] = field((), help="folders clients may load model files from by name (e.g. ComfyUI's diffusion_models)")
+    memory_budget: str = field(
+        "", help="weights each worker may hold: bytes with a unit (24GiB, 600MB) or a percentage of its device; "
+                 "default 80%% of a GPU, half the RAM split among CPU workers; beyond it the least recently used "
+                 "unpinned model is evicted")
+    evictable: bool = field(False, help="models given with --model may be evicted too (default: they are pinned)")
     dtype: str = field("bf16", help="weight dtype of models loaded at start", choices=("bf16", "fp16", "fp32"))
     policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
     cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
@@ -39,6 +45,8 @@ class ServiceConfig:
     max_event_streams: int = field(1024, help="event streams open at once (429 beyond)")
     max_body_mb: float = field(256.0, help="largest accepted request body in MiB (413 beyond)")
     body_timeout_s: float = field(60.0, help="time allowed to receive one request body (408 beyond)")
+    header_timeout_s: float = field(15.0, help="time a connection may take to send a request's headers, "
+                                               "and may stay idle between requests, before it is closed")
     max_steps: int = field(1000, help="most denoising steps per job")
     max_batch: int = field(16, help="most images per job")
     max_image_tokens: int = field(65536, help="most image tokens per image, (H/16)*(W/16) (4096x4096 px = 65536)")
@@ -69,22 +77,30 @@ class ServiceConfig:
         False, help="GPU workers capture each step shape's model evaluation as a CUDA graph (the first step at a "
                     "new shape pays warm-up and capture; no effect on CPU workers)")
     restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
+    cluster: str = field("off", help="'ray': one planner over every node of a Ray cluster (needs the cluster extra); "
+                                     "--devices is then ignored", choices=("off", "ray"))
+    ray_address: str | None = field(None, help="cluster mode: the Ray cluster to join (default $RAY_ADDRESS, else "
+                                               "'auto': the cluster this machine runs)")
+    devices_per_node: str = field("gpu", help="cluster mode: 'gpu' (one worker per GPU of every node with GPUs) or "
+                                              "cpu:N (N CPU workers on every node, for tests)")
+    inter_node_gbps: float = field(100.0, help="cluster mode: bandwidth between nodes in Gbit/s, prices a job's move")
     journal: str = field(
-        "auto", help="file recording accepted and ended jobs, so a restarted service can tell clients which jobs it "
-                     "lost; 'auto': <cache>/journal-<port>.jsonl; 'off': none")
+        "auto", help="SQLite file of the job history (every job accepted and how it ended: /v1/usage, and a restarted "
+                     "service tells clients which jobs it lost); 'auto': <cache>/history-<port>.sqlite3; 'off': none")
+    history_retention_days: float = field(90.0, help="jobs are kept in the history this many days (0: forever)")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
     def journal_path(self) -> str | None:
-        """Where the job journal lives (None: no journal)."""
+        """Where the job history lives (None: no history)."""
         if self.journal in ("", "off", "none"):
             return None
         if self.journal == "auto":
             from ..config import home_dir
 
-            return str(home_dir() / f"journal-{self.port}.jsonl")
+            return str(home_dir() / f"history-{self.port}.sqlite3")
         return self.journal
 
     def validate(self) -> None:
@@ -95,12 +111,13 @@ class ServiceConfig:
                 "(only loopback addresses may run without one)")
         if not 0 < self.port < 65536:
             raise InvalidRequest(f"port out of range: {self.port}")
-        for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s",
+        for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s", "header_timeout_s",
                      "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s",
-                     "device_fault_window_s"):
+                     "device_fault_window_s", "inter_node_gbps"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
-        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults"):
+        for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults",
+                     "history_retention_days"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",
@@ -108,8 +125,13 @@ class ServiceConfig:
                      "max_job_faults", "max_restart_attempts"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be >= 1")
+        if self.cluster == "ray":
+            from ..cluster.topology import parse_devices_per_node
+
+            parse_devices_per_node(self.devices_per_node)
         parse_pairs(self.model, "model")
         parse_pairs(self.profile_as, "profile_as")
+        parse_budget(self.memory_budget or None)
 
 
 def is_loopback(host: str) -> bool:

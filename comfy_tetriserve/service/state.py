@@ -31,7 +31,7 @@ class Service:
     open_streams: int = 0  # event streams being served now
 
     async def start(self, configured_models: dict[str, str]) -> None:
-        lost = self.store.journal.open()
+        lost = self.store.history.open()
         if lost:
             self.metrics.jobs_lost_in_restart_total += len(lost)
             self.hub.append({"type": "jobs_lost_in_restart", "num_jobs": len(lost),
@@ -39,7 +39,7 @@ class Service:
                              "job_ids": [p.job_id for p in lost[-100:]]})
         await self.loop.start()
         for name in configured_models:
-            self.catalog.start_load(name, self.config.dtype)
+            self.catalog.start_load(name, self.config.dtype, pinned=not self.config.evictable)
 
     async def close(self) -> None:
         await self.catalog.close()
@@ -56,6 +56,11 @@ class Service:
             recovery=self.loop.recovery.to_json() if self.loop.recovery.supported else None,
         )
 
+    def nodes_json(self) -> list[dict] | None:
+        """Cluster mode: the executor's nodes (None on one box)."""
+        nodes = getattr(self.executor, "nodes", None)
+        return nodes() if callable(nodes) else None
+
     def executor_json(self) -> dict:
         """The executor's health: recovery state, faults, restarts and, for worker pools, each worker."""
         out = {"executor": type(self.executor).__name__, **self.loop.recovery.to_json(),
@@ -64,6 +69,10 @@ class Service:
         workers = getattr(self.executor, "workers", None)
         if callable(workers):
             out["workers"] = workers()
+        nodes = getattr(self.executor, "nodes", None)  # cluster mode: one entry per node
+        if callable(nodes):
+            out["nodes"] = nodes()
+            out["moves"] = self.executor.moves()
         return out
 
 

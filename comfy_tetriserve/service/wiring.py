@@ -77,7 +77,12 @@ _SIM_RE = re.compile(r"^sim:(\d+)$")
 
 
 def build_executor(config: ServiceConfig, cost: CostModel):
-    """``sim:N`` gives the simulated executor (priced by ``cost``); anything else the worker pool."""
+    """``sim:N`` gives the simulated executor (priced by ``cost``); anything else the worker pool;
+    ``--cluster ray`` the executor over a Ray cluster (comfy_tetriserve.cluster)."""
+    if config.cluster == "ray":
+        from ..cluster.service import build_cluster_executor
+
+        return build_cluster_executor(config)
     match = _SIM_RE.match(config.devices)
     if match:
         from ..core.sim_executor import SimulatedExecutor
@@ -93,7 +98,7 @@ def build_executor(config: ServiceConfig, cost: CostModel):
         raise InvalidRequest(f"devices {config.devices!r} need the worker pool (comfy_tetriserve.worker.pool), "
                              "which this build lacks; use sim:N to try the scheduler") from None
     return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s,
-                      cuda_graphs=config.cuda_graphs)
+                      memory_budget=config.memory_budget or None, cuda_graphs=config.cuda_graphs)
 
 
 def forecast_function() -> ForecastFn | None:
@@ -116,3 +121,16 @@ def estimate_finish(view: SchedulerView, request_id: str, cost: CostModel) -> fl
             degrees = [d for d in cost.allowed_degrees(r.model) if d <= num_gpus] or [1]
             own_s = snap.steps_left * min(cost.step_time_s(r.model, r.height, r.width, r.batch, d) for d in degrees)
     return view.now + max(total_s / num_gpus, own_s)
+
+
+#: what a bare ``serve`` on simulated devices offers, named as the shipped cost profile names them
+DEFAULT_SIM_MODELS = {"flux-dev": "sim:flux", "sd3-medium": "sim:sd3"}
+
+
+def models_to_load(config: ServiceConfig) -> dict[str, str]:
+    """The models to load at start: those configured; on simulated devices with none configured (and no
+    model folder), a simulated FLUX and SD3, so that a first submit to a bare ``serve`` works."""
+    configured = parse_pairs(config.model, "model")
+    if not configured and not config.model_dir and _SIM_RE.match(config.devices):
+        return dict(DEFAULT_SIM_MODELS)
+    return configured

@@ -8,7 +8,8 @@ arrival-aware limits on scale-up and round length),
 ``granularity`` (round length in steps), ``bound`` (offline MILP upper bound on small traces),
 ``decision`` (planner time per round at 16/64/256 active requests), ``steps`` (20/28/50 steps),
 ``overload`` (small images only, far beyond the paper's load: where EDF is hardest to beat; with
-the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates).
+the TetriServe variants of ``ARRIVAL_VARIANTS`` at the two highest rates), ``cluster`` (two boxes at twice the
+rate: one cluster-wide planner vs one planner per box behind a router, sim/cluster.py).
 Every simulated number comes from the cost model named in the report (``cost_model``).
 
     comfy-tetriserve bench                      # the full run (about 4 minutes on 2 busy cores)
@@ -48,7 +49,10 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
     "scale-up: grants end within 40 ms": {"scale_up_commit_s": 0.04},
     "tau: at most 1/2 the tightest slack": {"tau_slack_frac": 0.5},
 }
-SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload")
+SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "multimodel",
+            "cluster")
+#: run by default (``cluster`` simulates two boxes at twice the load, about 18 minutes: ask for it)
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "cluster")
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,8 @@ class BenchConfig:
     step_counts: tuple[int, ...] = cfg.field((20, 28, 50), help="steps per request for the sensitivity section")
     overload_rates: tuple[float, ...] = cfg.field((60.0, 120.0, 180.0),
                                                   help="overload section: rates of 256/512 px requests, per minute")
-    sections: tuple[str, ...] = cfg.field(SECTIONS, help=f"sections to run ({' '.join(SECTIONS)})")
+    sections: tuple[str, ...] = cfg.field(DEFAULT_SECTIONS, help=f"sections to run ({' '.join(SECTIONS)}; "
+                                                                  "cluster only when named)")
     out: str = cfg.field("out/bench", help="folder for report.json and the PNG plots")
     jobs: int = cfg.field(0, help="worker processes (0: one per CPU core)")
     plots: bool = cfg.field(True, help="write PNG plots")
@@ -524,6 +529,54 @@ class Bench:
         return ("Overload of small images (256/512 px only): SAR (GPU utilisation)\n"
                 + rep.format_table(["setting"] + policies, rows)
                 + "\n\nTetriServe variants in overload: SAR\n" + rep.format_table(["variant"] + vkeys, vrows))
+
+    def section_cluster(self) -> str:
+        """Two boxes at twice the rate: one cluster-wide planner vs per-box planners behind routers (sim/cluster.py)."""
+        from .cluster import section
+
+        self.report["cluster"], text = section(self)
+        return text
+    # -- several models: placement, loads and evictions (sim/multimodel_bench.py)
+    def section_multimodel(self) -> str:
+        from . import multimodel_bench as mm
+
+        c = self.c
+        keys, tasks = [], []
+        for p in mm.POLICIES:
+            for seed in range(c.seeds):
+                keys.append(p)
+                spec = self.spec(slo_scale=c.sweep_scale, seed=seed, mix="uniform")
+                tasks.append((p, spec, c.profile, c.num_gpus))
+        results = _map(mm.run_multimodel_task, tasks, self.jobs)
+        runs: dict = {}
+        for k, r in zip(keys, results):
+            runs.setdefault(k, []).append(r)
+        out: dict = {"setup": {"models": list(mm.MODELS), "mix_before": list(mm.MIX_BEFORE),
+                               "mix_after": list(mm.MIX_AFTER), "model_gb": mm.MODEL_BYTES / 1e9,
+                               "budget_gb_per_gpu": mm.BUDGET_COPIES * mm.MODEL_BYTES / 1e9,
+                               "load_gb_per_s": mm.TRUE_LOAD_BYTES_PER_S / 1e9, "slo_scale": c.sweep_scale,
+                               "note": "modelled: h200 step times, load = bytes / bandwidth"}}
+        for field_ in ("sar", "sar_before_shift", "sar_after_shift", "loads", "evictions", "load_s"):
+            out[field_] = {p: _mean(r[field_] for r in runs[p]) for p in mm.POLICIES}
+        out["memory_gb_per_gpu"] = {"placement": mm.BUDGET_COPIES * mm.MODEL_BYTES / 1e9,
+                                    "static": mm.BUDGET_COPIES * mm.MODEL_BYTES / 1e9,
+                                    "everywhere": len(mm.MODELS) * mm.MODEL_BYTES / 1e9}
+        out["everywhere_fits_budget"] = False
+        out["decision_ms"] = {str(n): mm.decision_timing(c.profile, n, c.decision_samples, c.num_gpus, c.num_steps)
+                              for n in c.decision_sizes}
+        self.report["multimodel"] = out
+        rows = [[p, out["sar"][p], out["sar_before_shift"][p], out["sar_after_shift"][p], out["loads"][p],
+                 out["evictions"][p], out["load_s"][p], out["memory_gb_per_gpu"][p]] for p in mm.POLICIES]
+        drows = [[n, d["p50"], d["p99"], d["plain_p50"], d["plain_p99"], d["samples"], d["plans_with_loads"],
+                  d["plans_with_evictions"]] for n, d in out["decision_ms"].items()]
+        return ("Three FLUX-size models, popularity 60/30/10 -> 10/30/60 halfway (modelled)\n"
+                + rep.format_table(["policy", "SAR", "before shift", "after shift", "loads", "evictions",
+                                    "GPU-s loading", "GB/GPU needed"], rows)
+                + "\n(everywhere needs 3 copies per GPU: more than the 2.2-copy budget, shown for reference)\n\n"
+                + "Decision time with placement (ms, best of 3 per view; plain: the same views, every model "
+                  "everywhere, timed alternately)\n"
+                + rep.format_table(["active requests", "p50", "p99", "plain p50", "plain p99", "views", "with loads",
+                                    "with evictions"], drows))
 
     # ---------------------------------------------------------------------- all
     def run(self, sections: Sequence[str], echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -43,6 +43,23 @@ def forecast_finish(view: SchedulerView, policy, cost: CostModel, *, max_plans: 
             seq += 1
             for g in s.gpu_ids:
                 busy[g] = key
+    held: list[tuple[float, RequestSnapshot]] = []  # requests waiting for their model's load
+    p = view.placement
+    if p is not None:  # models as a resource: loads in flight keep devices busy; a model without a copy loads first
+        for g, (_, end_at) in p.loading.items():
+            heapq.heappush(ends, (max(end_at, now), seq, (), (g,), 0))
+            seq += 1
+            busy[g] = ()
+        ready_at = {m: min(e for g, (mm, e) in p.loading.items() if mm == m)
+                    for m in {mm for mm, _ in p.loading.values()}}
+        for rid, s in list(snaps.items()):
+            m = s.request.model
+            if s.running_until_at is None and not p.holding.get(m):
+                at = max(ready_at.get(m, now + p.load_s.get(m, 0.0)), now)
+                held.append((at, s))
+                del snaps[rid]
+                heapq.heappush(ends, (at, seq, (), (), 0))
+                seq += 1
     round_index = view.round_index
     stop_at = now + horizon_s
     for _ in range(max_plans):
@@ -73,6 +90,9 @@ def forecast_finish(view: SchedulerView, policy, cost: CostModel, *, max_plans: 
             end_at, _, rids, gpus, steps = heapq.heappop(ends)
             for g in gpus:
                 busy.pop(g, None)
+            for at, s in [h for h in held if h[0] <= now]:
+                held.remove((at, s))
+                snaps[s.request_id] = s
             for rid in rids:
                 s = snaps[rid]
                 done = min(s.steps_done + steps, s.request.num_steps)

@@ -120,12 +120,13 @@ class Simulation:
     """A resumable run: ``run(until)`` processes every event up to ``until`` (virtual seconds)."""
 
     def __init__(self, trace: Sequence[GenRequest], policy, cost: CostModel, config: SimConfig = SimConfig(), *,
-                 true_cost: CostModel | None = None) -> None:
+                 true_cost: CostModel | None = None, groups: Sequence[tuple[int, ...]] | None = None) -> None:
         self.config = config
         self.cost = cost
         self.true_cost = true_cost or cost
         self.policy = policy
-        self.engine = Engine(policy, cost, range(config.num_gpus), make_groups(config))
+        self.engine = Engine(policy, cost, range(config.num_gpus),
+                             tuple(groups) if groups is not None else make_groups(config))
         self._rng = random.Random(config.seed)
         self._arrivals = sorted(trace, key=lambda r: (r.arrival_at, r.request_id))
         self._ends: list[tuple[float, int, Assignment, float]] = []  # (end_at, seq, assignment, started_at)
@@ -139,6 +140,16 @@ class Simulation:
         self.degree_seconds: dict[int, float] = {}
         self.start_at = self._arrivals[0].arrival_at if self._arrivals else 0.0
         self.now = self._last_at = self.start_at
+
+    def add_arrival(self, request: GenRequest) -> None:
+        """One more request, arriving no earlier than every request given so far (a router's choice)."""
+        if self._arrivals and request.arrival_at < self._arrivals[-1].arrival_at:
+            raise ValueError("arrivals must be added in time order")
+        self._arrivals.append(request)
+
+    def migration_s(self, r: GenRequest, a: Assignment) -> float:
+        """Moving the requests' latents to ``a``'s devices before it starts (0 when they are there)."""
+        return _migration_s(self.config, r, a, self._last_gpus)
 
     @property
     def done(self) -> bool:
@@ -206,7 +217,7 @@ class Simulation:
         for a in plan.assignments:
             r = engine.state(a.request_ids[0]).request
             batch = r.batch * len(a.request_ids)
-            overhead = config.dispatch_overhead_s + _migration_s(config, r, a, self._last_gpus)
+            overhead = config.dispatch_overhead_s + self.migration_s(r, a)
             predicted = a.num_steps * self.cost.step_time_s(r.model, r.height, r.width, batch, a.sp_degree)
             t_step = self.true_cost.step_time_s(r.model, r.height, r.width, batch, a.sp_degree)
             if config.step_jitter_cv > 0:

@@ -1,7 +1,8 @@
 """A request's conditioning in shared memory: written once per job, read by every worker that needs it.
 
 ``share_conditioning(job)`` (run off the event loop: it copies the tensors) puts the context,
-pooled output and their negative counterparts into one ``multiprocessing.shared_memory`` block
+pooled output, their negative counterparts, FLUX Fill's extra channels and Kontext reference
+latents into one ``multiprocessing.shared_memory`` block
 and returns a ``SharedConditioning``: a small picklable handle (block name, tensor layout, cfg,
 guidance). The pool sends the handle, not the tensors, so a job's conditioning is copied once,
 however many workers and assignments use it; ``load`` on a worker copies the tensors straight
@@ -18,7 +19,7 @@ import torch
 from ..core.executor import SamplingJob
 from .runner import Conditioning
 
-_FIELDS = ("context", "pooled", "neg_context", "neg_pooled")
+_FIELDS = ("context", "pooled", "neg_context", "neg_pooled", "concat")
 _ALIGN = 64
 
 
@@ -41,6 +42,8 @@ class SharedConditioning:
     slots: tuple[TensorSlot, ...]
     cfg: float = 1.0
     guidance: float | None = None
+    num_refs: int = 0  # Kontext reference latents, in slots "ref0", "ref1", ...
+    ref_method: str = "offset"
 
     @property
     def nbytes(self) -> int:
@@ -59,13 +62,17 @@ class SharedConditioning:
             shm.close()
         return Conditioning(request_id=self.request_id, model=self.model, cfg=self.cfg, guidance=self.guidance,
                             context=tensors["context"], pooled=tensors["pooled"],
-                            neg_context=tensors.get("neg_context"), neg_pooled=tensors.get("neg_pooled"))
+                            neg_context=tensors.get("neg_context"), neg_pooled=tensors.get("neg_pooled"),
+                            concat=tensors.get("concat"), refs=tuple(tensors[f"ref{i}"] for i in range(self.num_refs)),
+                            ref_method=self.ref_method)
 
 
 def share_conditioning(job: SamplingJob) -> tuple[SharedConditioning, shared_memory.SharedMemory]:
     """Copy ``job``'s conditioning into a new shared-memory block; returns the handle and the block
     (the caller keeps the block open and unlinks it when the job is released)."""
-    tensors = {f: getattr(job, f) for f in _FIELDS if getattr(job, f) is not None}
+    tensors = {f: getattr(job, f) for f in _FIELDS if getattr(job, f, None) is not None}
+    refs = tuple(getattr(job, "ref_latents", ()) or ())
+    tensors.update({f"ref{i}": r for i, r in enumerate(refs)})
     slots, offset = [], 0
     for name, t in tensors.items():
         t = t.detach()
@@ -83,7 +90,8 @@ def share_conditioning(job: SamplingJob) -> tuple[SharedConditioning, shared_mem
         free_block(shm)
         raise
     handle = SharedConditioning(request_id=job.request_id, model=job.model, block=shm.name, slots=tuple(slots),
-                                cfg=float(job.cfg), guidance=job.guidance)
+                                cfg=float(job.cfg), guidance=job.guidance, num_refs=len(refs),
+                                ref_method=getattr(job, "ref_method", "offset"))
     return handle, shm
 
 

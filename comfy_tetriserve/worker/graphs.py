@@ -6,8 +6,8 @@ eager). ``ModelForwards`` runs ``LoadedModel.forward`` eagerly, or, with ``cuda_
 on a CUDA device, from a CUDA graph captured at the first evaluation of each ``GraphKey``:
 
 - the key is everything that fixes the graph's kernels and shapes: model, batch, latent size,
-  text length (padded) and the rows' valid lengths (the attention mask), guidance or not, and
-  the device group (degree and member ranks: its collectives are inside the graph, NCCL
+  text length (padded) and the rows' valid lengths (the attention mask), guidance or not, Fill
+  channels or not, the Kontext references' shapes and layout, and the device group (degree and member ranks: its collectives are inside the graph, NCCL
   collectives being capturable);
 - capture: ``WARMUP_RUNS`` eager evaluations on a side stream (they fill the RoPE cache and
   let NCCL and cuDNN settle; every rank of a group runs them, in the same order, so their
@@ -50,6 +50,9 @@ class GraphKey:
     text_lengths: tuple[int, ...] | None
     guidance: bool
     group: tuple[int, ...]  # the device group's member ranks; () for one device
+    concat: bool = False  # FLUX Fill's extra channels
+    refs: tuple = ()  # Kontext reference latents' shapes
+    ref_method: str | None = None
 
     @property
     def degree(self) -> int:
@@ -57,12 +60,14 @@ class GraphKey:
 
 
 def graph_key(model, x: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor | None, comm,
-              text_lengths: Sequence[int] | None) -> GraphKey:
+              text_lengths: Sequence[int] | None, concat: torch.Tensor | None = None, refs: tuple = (),
+              ref_method: str = "offset") -> GraphKey:
     b, _, h, w = x.shape
     lengths = tuple(int(n) for n in text_lengths) if text_lengths is not None else None
     return GraphKey(model=model.name, batch=int(b), height=int(h), width=int(w), num_text=int(context.shape[1]),
                     text_lengths=lengths, guidance=guidance is not None,
-                    group=tuple(comm.ranks) if comm is not None else ())
+                    group=tuple(comm.ranks) if comm is not None else (), concat=concat is not None,
+                    refs=tuple(tuple(r.shape) for r in refs), ref_method=ref_method if refs else None)
 
 
 @dataclass
@@ -90,35 +95,43 @@ class ModelForwards:
         return self.enabled and self.device.type == "cuda"
 
     def __call__(self, model, x, sigma, context, pooled, guidance=None, comm=None, vote: float = 0.0,
+                 concat: torch.Tensor | None = None, refs: tuple = (), ref_method: str = "offset",
                  text_lengths: Sequence[int] | None = None):
+        inputs = {"x": x, "sigma": sigma, "context": context, "pooled": pooled, "guidance": guidance,
+                  "concat": concat, **{f"ref{i}": r for i, r in enumerate(refs)}}
+
+        def eager():
+            return model.forward(x, sigma, context, pooled, guidance, comm=comm, vote=vote, concat=concat, refs=refs,
+                                 ref_method=ref_method, text_lengths=text_lengths)
+
         if not self.active:
-            return model.forward(x, sigma, context, pooled, guidance, comm=comm, vote=vote, text_lengths=text_lengths)
-        key = graph_key(model, x, context, guidance, comm, text_lengths)
+            return eager()
+        key = graph_key(model, x, context, guidance, comm, text_lengths, concat, refs, ref_method)
         if key in self.failed:
-            return model.forward(x, sigma, context, pooled, guidance, comm=comm, vote=vote, text_lengths=text_lengths)
+            return eager()
         entry = self.graphs.get(key)
-        inputs = {"x": x, "sigma": sigma, "context": context, "pooled": pooled, "guidance": guidance}
         if entry is None:
             try:
-                entry = self.capture(model, key, inputs, comm, text_lengths)
+                entry = self.capture(model, key, inputs, comm, text_lengths, ref_method)
             except Exception as exc:  # noqa: BLE001 - this key runs eagerly from now on
                 if comm is not None and comm.degree > 1:
                     raise  # peers may have captured: running on differently would desynchronise the group
                 log.warning("CUDA graph capture failed for %s, running it eagerly: %s", key, exc)
                 self.failed.add(key)
-                return model.forward(x, sigma, context, pooled, guidance, comm=comm, vote=vote,
-                                     text_lengths=text_lengths)
+                return eager()
             self.graphs.put(key, entry)
         return self.replay(entry, inputs, vote)
 
     # -- capture and replay (CUDA only)
-    def capture(self, model, key: GraphKey, inputs: dict, comm, text_lengths) -> _Captured:
+    def capture(self, model, key: GraphKey, inputs: dict, comm, text_lengths, ref_method: str = "offset") -> _Captured:
         static = {k: (None if v is None else v.detach().clone()) for k, v in inputs.items()}
         vote = torch.zeros((), device=self.device)
+        refs = tuple(static[f"ref{i}"] for i in range(len(key.refs)))
 
         def run():
             return model.forward(static["x"], static["sigma"], static["context"], static["pooled"],
-                                 static["guidance"], comm=comm, vote=vote, text_lengths=text_lengths)
+                                 static["guidance"], comm=comm, vote=vote, concat=static["concat"], refs=refs,
+                                 ref_method=ref_method, text_lengths=text_lengths)
 
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

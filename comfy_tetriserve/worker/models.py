@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidRequest
+from .flux_inputs import flux_image_inputs
 from .convert import FLUX_CLASS, SD3_CLASS, infer_config, to_diffusers
 from ..core.executor import ModelInfo
 from .parallel import GroupComm, SeqShard, StepBinding, attention_backend, bind, gather_tokens, install_processors
@@ -184,25 +185,32 @@ class LoadedModel:
         return info_of_config(self.name, self.config, self.dtype, self.source)
 
     def num_attention_layers(self) -> int:
-        c = self.config
-        if self.family == "flux":
-            return int(c["num_layers"]) + int(c["num_single_layers"])
-        return int(c["num_layers"]) + len(c.get("dual_attention_layers") or ())
+        return num_attention_layers(self.config)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Tokens of a latent of ``height`` x ``width`` (latent pixels)."""
         p = self.patch_size
         return (height // p) * (width // p)
 
+    @property
+    def concat_channels(self) -> int:
+        """Extra input channels beyond the latent's (FLUX Fill: 80)."""
+        if self.family != "flux":
+            return 0
+        return (int(self.config["in_channels"]) - int(self.config["out_channels"])) // 4
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                 guidance: torch.Tensor | None = None, comm: GroupComm | None = None,
-                vote: float | torch.Tensor = 0.0, *, text_lengths: Sequence[int] | None = None,
+                vote: float | torch.Tensor = 0.0, concat: torch.Tensor | None = None, refs: tuple = (),
+                ref_method: str = "offset", *, text_lengths: Sequence[int] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model output [B, C, H, W] (float32) for latents ``x`` at noise levels ``sigma`` [B].
 
         With ``comm`` of degree k this rank computes its token shard and the output is gathered;
         every rank returns the full output and the k ``vote`` values of the group (None alone).
+        FLUX only: ``concat`` holds a Fill model's extra input channels, ``refs`` Kontext reference
+        latents appended as image tokens (flux_inputs.py); both in model space.
         ``text_lengths`` (one per row): rows whose text is shorter than ``context`` are padded;
         their padding is masked out of every attention (keys), so each row's output equals its
         own unpadded forward.
@@ -214,54 +222,64 @@ class LoadedModel:
         degree = comm.degree if comm is not None else 1
         if self.num_heads % degree:
             raise InvalidRequest(f"degree {degree} does not divide the {self.num_heads} heads of {self.name}")
-        shard = SeqShard(comm.index if comm else 0, degree, context.shape[1], (h // p) * (w // p))
+        if self.family == "flux":
+            if (concat is None) != (self.concat_channels == 0):
+                raise InvalidRequest(f"{self.name} is a FLUX Fill model: it needs the masked image and the mask"
+                                     if concat is None else f"{self.name} takes no Fill channels (not a Fill model)")
+            packed, img_ids, num_generated = flux_image_inputs(x, concat, refs, ref_method)
+            num_image = packed.shape[1]
+            # what fixes the position ids: the latent size and the references' sizes and layout
+            ids_key = (h, w, tuple(tuple(r.shape[-2:]) for r in refs), ref_method if refs else None)
+        else:
+            if concat is not None or refs:
+                raise InvalidRequest("Fill channels and reference latents are for FLUX models only")
+            num_image = num_generated = (h // p) * (w // p)
+        shard = SeqShard(comm.index if comm else 0, degree, context.shape[1], num_image)
         lengths = padded_lengths(text_lengths, b, context.shape[1])
         binding = StepBinding(comm if degree > 1 else None, shard, lengths, text_first=self.family == "flux")
         with attention_backend(self.device), bind(self.processor, binding):
             if self.family == "flux":
-                local = self._flux_tokens(x, sigma, context, pooled, guidance, shard)
+                local = self._flux_tokens(packed, img_ids, ids_key, sigma, context, pooled, guidance, shard)
             else:
                 local = self._sd3_tokens(x, sigma, context, pooled, shard)
         if degree > 1:
             tokens, votes = gather_tokens(local, shard.image_sizes, comm, vote)
         else:
             tokens, votes = local, None
+        if num_image != num_generated:
+            tokens = tokens[:, :num_generated]
         return self._untokenize(tokens.float(), b, h, w), votes
 
-    def flux_rope(self, h: int, w: int, shard: SeqShard) -> tuple[torch.Tensor, torch.Tensor]:
-        """FLUX's rotary embedding of this rank's [text, image] tokens for a ``h`` x ``w`` latent,
-        computed once per (latent size, text length, degree, rank) and kept (``rope_cache``)."""
-        key = (h, w, shard.num_text, shard.degree, shard.rank)
+    def flux_rope(self, img_ids: torch.Tensor, ids_key: tuple, shard: SeqShard) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX's rotary embedding of this rank's [text, image] tokens, computed once per (position
+        ids: ``ids_key``, text length, degree, rank) and kept (``rope_cache``)."""
+        key = (ids_key, shard.num_text, shard.degree, shard.rank)
         rope = self.rope_cache.get(key)
         if rope is None:
             i0, i1 = shard.image_range
             t0, t1 = shard.text_range
-            dev = self.device
-            rows = torch.arange(h // 2, device=dev).repeat_interleave(w // 2)
-            cols = torch.arange(w // 2, device=dev).repeat(h // 2)
-            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)[i0:i1].float()
-            txt_ids = torch.zeros(t1 - t0, 3, device=dev)
-            rope = self.module.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+            txt_ids = torch.zeros(t1 - t0, 3, device=img_ids.device)
+            rope = self.module.pos_embed(torch.cat([txt_ids, img_ids[i0:i1]], dim=0))
             self.rope_cache.put(key, rope)
         return rope
 
-    def _flux_tokens(self, x, sigma, context, pooled, guidance, shard: SeqShard) -> torch.Tensor:
+    def _flux_tokens(self, packed, img_ids, ids_key, sigma, context, pooled, guidance,
+                     shard: SeqShard) -> torch.Tensor:
         m, dt = self.module, self.dtype
-        b, c, h, w = x.shape
-        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        b = packed.shape[0]
         i0, i1 = shard.image_range
         t0, t1 = shard.text_range
         timestep = timestep_of_sigma("flux", sigma.float()) * FLUX_TIME_FACTOR
         pooled = pooled.to(dt)
         if self.config.get("guidance_embeds"):
             if guidance is None:
-                guidance = torch.full((b,), FLUX_GUIDANCE_DEFAULT, device=x.device)
+                guidance = torch.full((b,), FLUX_GUIDANCE_DEFAULT, device=packed.device)
             temb = m.time_text_embed(timestep, guidance.float() * FLUX_TIME_FACTOR, pooled)
         else:
             temb = m.time_text_embed(timestep, pooled)
         hs = m.x_embedder(packed[:, i0:i1].to(dt))
         ehs = m.context_embedder(context[:, t0:t1].to(dt))
-        rope = self.flux_rope(h, w, shard)
+        rope = self.flux_rope(img_ids, ids_key, shard)
         for block in m.transformer_blocks:
             ehs, hs = block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb, image_rotary_emb=rope)
         for block in m.single_transformer_blocks:
@@ -322,13 +340,25 @@ def load_transformer(source: str, *, dtype: str | torch.dtype = "bf16", device: 
 
 def info_of_config(name: str, config: dict, dtype: torch.dtype, source: str) -> ModelInfo:
     family = family_of(config)
-    latent_channels = config["in_channels"] // 4 if family == "flux" else config["in_channels"]
+    latent_channels = config["out_channels"] // 4 if family == "flux" else config["in_channels"]
+    concat_channels = (config["in_channels"] - config["out_channels"]) // 4 if family == "flux" else 0
     return ModelInfo(
         name=name, family=family, num_heads=int(config["num_attention_heads"]), in_channels=int(latent_channels),
         context_dim=int(config["joint_attention_dim"]), pooled_dim=int(config["pooled_projection_dim"]),
         guidance_embeds=bool(config.get("guidance_embeds", False)), dtype=dtype_name(dtype),
         source=source if source.startswith("random:") else Path(source).name,
+        concat_channels=int(concat_channels),
+        num_attention_layers=num_attention_layers(config),
+        hidden_size=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+        num_text_tokens=DEFAULT_TEXT_TOKENS[family],
     )
+
+
+def num_attention_layers(config: dict) -> int:
+    """Attention layers of a diffusers config (FLUX: double + single blocks; SD3: joint + dual)."""
+    if family_of(config) == "flux":
+        return int(config["num_layers"]) + int(config["num_single_layers"])
+    return int(config["num_layers"]) + len(config.get("dual_attention_layers") or ())
 
 
 def source_config(source: str) -> dict:

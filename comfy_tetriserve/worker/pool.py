@@ -58,8 +58,10 @@ import torch
 from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import Assignment, AssignmentResult
+from ..sampling.image_cond import check_image_conditioning
 from ..core.executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
 from .condshare import SharedConditioning, free_block, share_conditioning
+from .pool_memory import PoolMemory
 from .runner import Conditioning, WorkerConfig, worker_main
 from .samplers import Trajectory, finish_latent, start_trajectory
 
@@ -123,13 +125,14 @@ class _Task:
     retryable: bool = False  # a rank ran out of memory: the requests may resume from their checkpoints
 
 
-class WorkerPool:
+class WorkerPool(PoolMemory):
     """Executor over one worker process per device (see the module docstring)."""
 
     def __init__(self, devices: str | Sequence[str] = "cpu:2", *, groups: Sequence[Sequence[int]] | None = None,
                  backend: str | None = None, collective_timeout_s: float = 300.0, start_timeout_s: float = 600.0,
                  num_threads: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 checkpoint_every_s: float | None = 1.0, cuda_graphs: bool = False) -> None:
+                 checkpoint_every_s: float | None = 1.0, memory_budget: str | int | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
         if not self.devices:
             raise InvalidRequest("a worker pool needs at least one device")
@@ -166,7 +169,7 @@ class WorkerPool:
         self._closing = False
         self._store_dir: str | None = None
         self._ready: list[asyncio.Future] = []
-        self._loads: dict[int, tuple[asyncio.Future, dict[int, tuple], LoadProgress | None]] = {}
+        self._init_memory(memory_budget)  # per-worker budgets and residency (pool_memory.py)
         self._models: dict[str, tuple[str, str, ModelInfo]] = {}
         self._requests: dict[str, _Request] = {}
         self._tasks: dict[int, _Task] = {}
@@ -181,6 +184,8 @@ class WorkerPool:
         self.num_restarts = 0
         #: called on the event loop with every WorkerFault (the service sets it)
         self.on_fault: Callable[[WorkerFault], None] | None = None
+        #: called on the event loop with {request_id: CPU trajectory} for each checkpoint inside an assignment
+        self.on_checkpoint: Callable[[dict[str, Trajectory]], None] | None = None
         self.worker_info: list[dict] = []
         self.stats: dict[str, deque[float]] = {k: deque(maxlen=STATS_KEPT)
                                                for k in ("handoff_local_s", "handoff_bcast_s", "handoff_pool_s")}
@@ -273,6 +278,7 @@ class WorkerPool:
             await self.close()
             raise
         self.worker_info = list(infos)
+        self._setup_budgets()
         log.info("worker pool up: %d workers (%s), %d groups", n, self.backend, len(self._groups))
 
     async def close(self) -> None:
@@ -314,14 +320,17 @@ class WorkerPool:
         """
         self._restarting = True
         try:
+            resident = {name: self.residency.ranks_holding(name) for name in self._models} if self.residency else {}
             await self.close()
             for req in self._requests.values():
                 req.cond_on.clear()
                 req.holders.clear()
                 req.task_id = None
             await self.start()
-            for name, (source, dtype, _) in list(self._models.items()):
-                self._models[name] = (source, dtype, await self._load_everywhere(name, source, dtype))
+            for name, (source, dtype, info) in list(self._models.items()):
+                if resident.get(name):
+                    info = await self._load_on(name, source, dtype, resident[name]) or info
+                self._models[name] = (source, dtype, info)
             self.num_restarts += 1
         except BaseException:
             if self._procs:
@@ -369,17 +378,9 @@ class WorkerPool:
             if not self._ready[rank].done():
                 self._ready[rank].set_result(msg[2])
         elif kind == "loaded":
-            _, key, _, info, error = msg
-            if key in self._loads:
-                fut, replies, on_progress = self._loads[key]
-                replies[rank] = (info, error)
-                if on_progress is not None and not error:
-                    try:
-                        on_progress(sum(1 for _, e in replies.values() if not e), len(self.devices))
-                    except Exception:  # noqa: BLE001 - a progress callback must not break loading
-                        log.exception("load progress callback failed")
-                if len(replies) == len(self.devices) and not fut.done():
-                    fut.set_result(replies)
+            self._on_loaded(rank, *msg[1:2], *msg[3:])
+        elif kind == "unloaded":
+            self._on_unloaded(rank, msg[1], msg[4])
         elif kind == "step":
             _, task_id, rid, step_index, seconds = msg
             task = self._tasks.get(task_id)
@@ -392,6 +393,11 @@ class WorkerPool:
             task = self._tasks.get(msg[1])
             if task is not None:
                 task.partial = msg[2]
+                if self.on_checkpoint is not None:
+                    try:
+                        self.on_checkpoint(msg[2])
+                    except Exception:  # noqa: BLE001 - a listener must not break the pool
+                        log.exception("on_checkpoint listener failed")
         elif kind == "done":
             try:
                 self._on_done(rank, msg[1], *msg[3:])
@@ -418,9 +424,7 @@ class WorkerPool:
         self.broken = self.broken or reason
         if rank < len(self._ready) and not self._ready[rank].done():
             self._ready[rank].set_exception(WorkerError(reason))
-        for fut, _, _ in self._loads.values():
-            if not fut.done():
-                fut.set_exception(WorkerError(reason))
+        self._fail_memory_waiters(reason)
         hit: list[str] = []
         for task in list(self._tasks.values()):
             if rank in task.assignment.gpu_ids:
@@ -483,6 +487,10 @@ class WorkerPool:
                     req.holders[g] = req.checkpoint.step_index
         if not checkpoints:
             steps = 0  # nothing came back: nothing was checkpointed
+        first_req = self._requests.get(a.request_ids[0])
+        if self.residency is not None and first_req is not None:
+            for g in a.gpu_ids:
+                self.residency.touch(g, first_req.job.model, self.clock())
         result = AssignmentResult(assignment=a, started_at=task.started_at, finished_at=self.clock(),
                                   steps_done=steps, step_times_s=tuple(task.step_times_s[:steps]),
                                   error="; ".join(errors) if errors else None, lost=lost and bool(errors))
@@ -491,49 +499,50 @@ class WorkerPool:
 
     # ------------------------------------------------------------ models
     async def load_model(self, name: str, path: str, dtype: str = "bf16",
-                         on_progress: LoadProgress | None = None) -> ModelInfo:
-        """Load weights once on every worker; the same name and file again is a no-op.
+                         on_progress: LoadProgress | None = None, *, pinned: bool = False,
+                         ranks: Sequence[int] | None = None) -> ModelInfo:
+        """Load weights on ``ranks`` (default: every worker), evicting least recently used models
+        there if the budget needs it (pool_memory.py); the same name and file again loads it only
+        where it is missing. ``pinned``: never evicted.
 
         ``on_progress(workers_loaded, num_workers)`` is called (on the event loop) each time a
         worker has the weights.
         """
         if name in self._models:
             source, loaded_dtype, info = self._models[name]
-            if source == path and loaded_dtype == dtype:
-                return info
-            raise Conflict(f"model {name!r} is already loaded from {source} ({loaded_dtype})")
+            if source != path or loaded_dtype != dtype:
+                raise Conflict(f"model {name!r} is already loaded from {source} ({loaded_dtype})")
         self._require_up()
         if self.dead or self._restarting:
             raise WorkerError(f"the worker pool is recovering from a worker failure ({self.broken or 'restarting'}); "
                               "load the model again once it is back")
         from .models import model_info
 
-        model_info(path, name=name, dtype=dtype)  # fails fast on a bad file, before every worker reads it
-        info = await self._load_everywhere(name, path, dtype, on_progress)
-        self._models[name] = (path, dtype, info)
-        return info
-
-    async def _load_everywhere(self, name: str, path: str, dtype: str,
-                               on_progress: LoadProgress | None = None) -> ModelInfo:
-        key = next(self._ids)
-        fut = self._loop.create_future()
-        self._loads[key] = (fut, {}, on_progress)
-        try:
-            for rank in self._gpu_ids:
-                self._send(rank, "load", key, name, path, dtype)
-            replies = await fut
-        finally:
-            self._loads.pop(key, None)
-        errors = {r: e for r, (_, e) in replies.items() if e}
-        if errors:
-            raise WorkerError(f"loading {name!r} failed: {errors}")
-        return replies[0][0]
+        targets = tuple(self._gpu_ids) if ranks is None else tuple(sorted(set(ranks)))
+        if not targets or not set(targets) <= set(self._gpu_ids):
+            raise InvalidRequest(f"ranks {ranks} are not worker ids 0..{len(self._gpu_ids) - 1}")
+        if name not in self._models:
+            try:  # fails fast on a bad file, before any worker reads it
+                await asyncio.to_thread(model_info, path, name=name, dtype=dtype)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"model {name!r} ({path}): {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a corrupt file: name it and the reason
+                raise InvalidRequest(f"model {name!r} ({path}): cannot read the checkpoint "
+                                     f"({type(exc).__name__}: {exc})") from None
+        if pinned:
+            self.set_pinned(name, True)
+        info = await self._load_on(name, path, dtype, targets, on_progress)
+        if name not in self._models:
+            self._models[name] = (path, dtype, info)
+        return self._models[name][2]
 
     def models(self) -> dict[str, ModelInfo]:
         return {name: info for name, (_, _, info) in self._models.items()}
 
     # ------------------------------------------------------------ requests
-    async def admit(self, job: SamplingJob) -> None:
+    async def admit(self, job: SamplingJob, checkpoint: Trajectory | None = None) -> None:
+        """Take a request; with ``checkpoint`` (a CPU trajectory of this job, e.g. from another box)
+        it resumes from there instead of its first step."""
         if job.request_id in self._requests:
             raise Conflict(f"request {job.request_id} is admitted already")
         if job.model not in self._models:
@@ -545,6 +554,11 @@ class WorkerPool:
                   if key in job.extra}
         traj = start_trajectory(job.latent.float(), job.noise.float(), job.sigmas.float(), job.sampler, job.seed,
                                 **kwargs)
+        if checkpoint is not None:
+            if checkpoint.num_steps != traj.num_steps or tuple(checkpoint.x.shape) != tuple(traj.x.shape):
+                raise InvalidRequest(f"checkpoint of {job.request_id} does not fit the job "
+                                     f"({checkpoint.num_steps} steps, shape {list(checkpoint.x.shape)})")
+            traj = checkpoint
         # The conditioning is copied once, off the event loop, into shared memory; workers get a handle.
         try:
             shared, block = await asyncio.to_thread(share_conditioning, job)
@@ -552,7 +566,8 @@ class WorkerPool:
             log.warning("request %s: conditioning not in shared memory (%s); sending the tensors", job.request_id, exc)
             shared = block = None
         if job.request_id in self._requests:  # admitted meanwhile by a concurrent call
-            free_block(block)
+            if block is not None:
+                free_block(block)
             raise Conflict(f"request {job.request_id} is admitted already")
         self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj, shared=shared,
                                                   block=block)
@@ -577,6 +592,7 @@ class WorkerPool:
                 raise InvalidRequest(f"pooled output for {name} must be [B, {info.pooled_dim}]")
             if lat.shape[0] % ctx.shape[0] or lat.shape[0] % pooled.shape[0]:
                 raise InvalidRequest(f"{name} batch does not divide the latent batch {lat.shape[0]}")
+        check_image_conditioning(job, info)
 
     def checkpoint(self, request_id: str) -> Trajectory:
         """The latest checkpointed trajectory of a request (CPU)."""
@@ -628,7 +644,24 @@ class WorkerPool:
         down = self.unavailable_gpu_ids.intersection(a.gpu_ids)
         if down:
             raise DevicesUnavailable(f"devices {sorted(down)} cannot take work: {self._why_down(down)}")
+        model = reqs[0].job.model
+        if self.residency is not None and not all(self.residency.holds(g, model) for g in a.gpu_ids):
+            started = self.clock()
+            try:  # an evicted (or never placed) model: load it on these workers first
+                await self.ensure_resident(model, a.gpu_ids)
+            except Exception as exc:  # noqa: BLE001 - the load's failure is the assignment's
+                detail = str(exc) if isinstance(exc, (InvalidRequest, WorkerError, Conflict)) else repr(exc)
+                return AssignmentResult(a, started, self.clock(), 0, error=detail)
+            for req in reqs:
+                if req.task_id is not None:
+                    raise Conflict(f"request {req.job.request_id} is already running")
+            down = self.unavailable_gpu_ids.intersection(a.gpu_ids)
+            if down:
+                raise DevicesUnavailable(f"devices {sorted(down)} cannot take work: {self._why_down(down)}")
         now = self.clock()
+        if self.residency is not None:
+            for g in a.gpu_ids:
+                self.residency.touch(g, model, now)
         fail = self._precheck(a, reqs)
         if fail:
             return AssignmentResult(a, now, now, 0, error=fail)
@@ -737,6 +770,7 @@ def _exit_description(proc) -> str:
 def _conditioning(job: SamplingJob) -> Conditioning:
     return Conditioning(request_id=job.request_id, model=job.model, context=job.context, pooled=job.pooled,
                         cfg=float(job.cfg), guidance=job.guidance, neg_context=job.neg_context,
-                        neg_pooled=job.neg_pooled)
+                        neg_pooled=job.neg_pooled, concat=job.concat, refs=tuple(job.ref_latents),
+                        ref_method=job.ref_method)
 
 

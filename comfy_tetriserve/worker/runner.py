@@ -85,6 +85,9 @@ class Conditioning:
     guidance: float | None = None
     neg_context: torch.Tensor | None = None
     neg_pooled: torch.Tensor | None = None
+    concat: torch.Tensor | None = None  # FLUX Fill's extra input channels (both CFG branches)
+    refs: tuple = ()  # FLUX Kontext reference latents (both CFG branches)
+    ref_method: str = "offset"
 
     @property
     def uses_cfg(self) -> bool:
@@ -94,7 +97,8 @@ class Conditioning:
         def mv(t):
             return None if t is None else t.to(device=device, dtype=dtype)
         return dataclasses.replace(self, context=mv(self.context), pooled=mv(self.pooled),
-                                   neg_context=mv(self.neg_context), neg_pooled=mv(self.neg_pooled))
+                                   neg_context=mv(self.neg_context), neg_pooled=mv(self.neg_pooled),
+                                   concat=mv(self.concat), refs=tuple(mv(r) for r in self.refs))
 
 
 # ----------------------------------------------------------------- trajectories as tensors
@@ -141,7 +145,8 @@ def broadcast_trajectory(comm: GroupComm, src_index: int, mine: Trajectory | Non
 
 
 # ----------------------------------------------------------------- batched sampler steps
-Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None)
+Row = tuple  # (x [b,C,H,W], sigma [b], context [b,T,D], pooled [b,P], guidance [b] | None,
+#               concat [b,C',H,W] | None, refs (tuple of [b,C,h,w]), ref_method)
 
 
 class _Rendezvous:
@@ -242,20 +247,24 @@ class StepRunner:
         Rows whose text lengths differ (CFG's cond and uncond, requests with different prompts)
         share one forward, padded to the longest with the padding masked out of attention (each
         row's output equals its own forward), when the padding adds at most ``max_pad_fraction``
-        of the rows' tokens; otherwise rows of equal length share a forward. Rows with and
-        without guidance run apart (never in practice: guidance comes with the model)."""
+        of the rows' tokens; otherwise rows of equal length share a forward. Rows that differ in
+        guidance, Fill channels or reference latent sizes run apart."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
         for idxs in self._forward_groups(rows):
             lengths = [int(rows[i][2].shape[1]) for i in idxs for _ in range(rows[i][0].shape[0])]
             longest = max(lengths)
+            first = rows[idxs[0]]
             if len(idxs) == 1:
-                x, sigma, context, pooled, guidance = rows[idxs[0]]
+                x, sigma, context, pooled, guidance, concat, refs, _ = first
             else:
                 x, sigma, pooled = (torch.cat([rows[i][j] for i in idxs]) for j in (0, 1, 3))
                 context = torch.cat([_pad_text(rows[i][2], longest) for i in idxs])
-                guidance = None if rows[idxs[0]][4] is None else torch.cat([rows[i][4] for i in idxs])
+                guidance = None if first[4] is None else torch.cat([rows[i][4] for i in idxs])
+                concat = None if first[5] is None else torch.cat([rows[i][5] for i in idxs])
+                refs = tuple(torch.cat([rows[i][6][k] for i in idxs]) for k in range(len(first[6])))
             fwd = self.forwards or _eager
             out, self.votes = fwd(self.model, x, sigma, context, pooled, guidance, comm=self.comm, vote=self.vote,
+                                  concat=concat, refs=refs, ref_method=first[7],
                                   text_lengths=lengths if min(lengths) < longest else None)
             pos = 0
             for i in idxs:
@@ -264,9 +273,10 @@ class StepRunner:
         return outs
 
     def _forward_groups(self, rows: list[Row]) -> list[list[int]]:
-        by_kind: dict[bool, list[int]] = {}
+        by_kind: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            by_kind.setdefault(r[4] is None, []).append(i)
+            refs_key = tuple(tuple(t.shape[1:]) for t in r[6])
+            by_kind.setdefault((r[4] is None, r[5] is None, refs_key, r[7]), []).append(i)
         groups = []
         for idxs in by_kind.values():
             lens = {i: int(rows[i][2].shape[1]) for i in idxs}
@@ -294,9 +304,10 @@ class StepRunner:
             g = None
             if self.model.config.get("guidance_embeds"):  # FLUX-dev; ComfyUI's default guidance is 3.5
                 g = torch.full((b,), 3.5 if cond.guidance is None else cond.guidance, device=x.device)
-            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g)]
+            image = (_expand(cond.concat, b), tuple(_expand(r, b) for r in cond.refs), cond.ref_method)
+            rows = [(x, sigma, _expand(cond.context, b), _expand(cond.pooled, b), g, *image)]
             if cond.uses_cfg:
-                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g))
+                rows.append((x, sigma, _expand(cond.neg_context, b), _expand(cond.neg_pooled, b), g, *image))
             outs = submit(rows)
             s = sigma.view(-1, 1, 1, 1)
             den = [x - o * s for o in outs]
@@ -442,6 +453,8 @@ class Worker:
             try:
                 if op == "load":
                     self.load(*msg[1:])
+                elif op == "unload":
+                    self.unload(*msg[1:])
                 elif op == "run":
                     self.run(msg[1])
                 elif op == "release":
@@ -454,14 +467,35 @@ class Worker:
                 self.send("fault", self.cfg.rank, op, traceback.format_exc())
 
     def load(self, request_key: int, name: str, source: str, dtype: str) -> None:
+        from .memory import module_bytes
         from .models import load_transformer
 
         try:
             if name not in self.models:
                 self.models[name] = load_transformer(source, dtype=dtype, device=self.device, name=name)
-            self.send("loaded", request_key, self.cfg.rank, self.models[name].info(), None)
+            info = dataclasses.replace(self.models[name].info(), num_bytes=module_bytes(self.models[name].module))
+            self.send("loaded", request_key, self.cfg.rank, info, None, self.resident_bytes())
         except Exception as exc:  # noqa: BLE001 - reported to the pool
-            self.send("loaded", request_key, self.cfg.rank, None, f"{type(exc).__name__}: {exc}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.send("loaded", request_key, self.cfg.rank, None, f"{type(exc).__name__}: {exc}",
+                      self.resident_bytes())
+
+    def unload(self, request_key: int, name: str) -> None:
+        """Drop a model's weights (the pool evicts it); replies with the bytes still resident."""
+        import gc
+
+        self.models.pop(name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.send("unloaded", request_key, self.cfg.rank, name, self.resident_bytes())
+
+    def resident_bytes(self) -> int:
+        """Measured bytes of every model this worker holds."""
+        from .memory import module_bytes
+
+        return sum(module_bytes(m.module) for m in self.models.values())
 
     def obtain(self, rid: str, source: tuple, comm: GroupComm | None) -> Trajectory:
         kind = source[0]
@@ -583,8 +617,11 @@ def worker_main(cfg: WorkerConfig, cmd_conn, res_conn) -> None:
     try:
         with torch.inference_mode():
             worker.join_world()
+            from .memory import device_memory_bytes
+
             worker.send("ready", cfg.rank, {"device": cfg.device, "backend": cfg.backend, "pid": os.getpid(),
-                                            "torch": torch.__version__, "cuda_graphs": worker.forwards.active})
+                                            "torch": torch.__version__, "cuda_graphs": worker.forwards.active,
+                                            "total_memory_bytes": device_memory_bytes(worker.device)})
             threading.Thread(target=worker.receive, args=(cmd_conn,), daemon=True).start()
             worker.serve()
     except Exception:

@@ -10,6 +10,11 @@ latent against the whole trajectory on one device:
 - ``handoff``: the latent moves mid-trajectory: a third on {0,1}, a third on {2,3} (no member
   holds it: the pool's checkpoint is sent), the rest on {0..3} (a member broadcasts it).
 
+For FLUX two more checks run image-conditioned requests at degrees 2 and 4 (each value the
+worst of the two): ``fill``, a tiny FLUX Fill checkpoint with the masked-image latent and a soft
+mask as extra channels, and ``kontext``, two reference latents of odd sizes (5 x 6 and 4 x 5
+tokens, the second padded) appended to the image tokens (offset method).
+
 The latent is 14 x 18 (63 image tokens: odd, like 1008 px) with 7 text tokens, so every degree
 splits tokens unevenly. FLUX runs with guidance; SD3 with CFG (cond and uncond in one batch).
 Samplers that keep memory (the previous denoised, a generator state) are used when available,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -32,6 +38,7 @@ import torch
 from ..types import Assignment
 from ..core.executor import SamplingJob
 from .samplers import SAMPLERS, compute_sigmas, prepare_noise
+from ..sampling.image_cond import fill_concat, reference_latents
 from .tiny import TINY_CONFIGS, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,43 @@ def make_job(request_id: str, model: str, family: str, steps: int, seed: int = 0
         neg_context=torch.randn(1, 7, ctx_dim, generator=g) if uncond else None,
         neg_pooled=torch.randn(1, pooled_dim, generator=g) if uncond else None,
     )
+
+
+def image_conditioned(job: SamplingJob, kind: str, seed: int = 0) -> SamplingJob:
+    """``job`` with FLUX Fill inputs (``kind="fill"``) or two Kontext reference latents (``"kontext"``)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    b, c, h, w = job.latent.shape
+    if kind == "fill":
+        image = torch.randn(1, c, h, w, generator=g)
+        rows = torch.linspace(0.0, 1.0, h * 8).view(-1, 1)
+        mask = (rows * torch.ones(1, w * 8)).clamp(0, 1).view(1, 1, h * 8, w * 8)  # a soft top-to-bottom ramp
+        return dataclasses.replace(job, concat=fill_concat("flux", image, mask, job.latent.shape))
+    refs = (torch.randn(1, c, 10, 12, generator=g), torch.randn(1, c, 7, 9, generator=g))
+    return dataclasses.replace(job, ref_latents=reference_latents("flux", refs, c), ref_method="offset")
+
+
+async def _image_checks(pool, workdir: Path, degrees: tuple[int, ...], steps: int, seed: int,
+                        dtype: str) -> dict[str, float]:
+    """``fill`` and ``kontext``: the worst rel_err of degrees 2 and 4 against one device."""
+    by_size: dict[int, tuple[int, ...]] = {}
+    for g in pool.groups:
+        by_size.setdefault(len(g), g)
+    out: dict[str, float] = {}
+    for kind in ("fill", "kontext"):
+        if kind == "fill":
+            name = "selfcheck-flux-fill"
+            path = write_tiny_checkpoint("flux", LAYOUT["flux"], workdir / name, seed=seed, variant="fill")
+            await pool.load_model(name, str(path), dtype)
+        else:
+            name = "selfcheck-flux"
+        runs = {}
+        for k in (1,) + tuple(d for d in (2, 4) if d in degrees and d in by_size):
+            job = image_conditioned(make_job(f"{name}-{kind}-k{k}", name, "flux", steps, seed), kind, seed)
+            runs[k] = await sample(pool, job, [(by_size[k], steps)])
+        ref = runs.pop(1)
+        if runs:
+            out[kind] = max(float((o - ref).norm() / ref.norm()) for o in runs.values())
+    return out
 
 
 async def sample(pool, job: SamplingJob, schedule: list[tuple[tuple[int, ...], int]]) -> torch.Tensor:
@@ -115,6 +159,8 @@ async def run_checks(pool, workdir: str | Path, *, steps: int = 6, seed: int = 0
             log.info("%s %s: %s", family, check, [(g, n) for g, n in plan])
         ref = latents.pop("ref")
         report[family] = {check: float((out - ref).norm() / ref.norm()) for check, out in latents.items()}
+        if family == "flux":
+            report[family].update(await _image_checks(pool, Path(workdir), degrees, steps, seed, dtype))
     return report
 
 

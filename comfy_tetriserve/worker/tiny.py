@@ -33,6 +33,9 @@ TINY_FLUX_CONFIG: dict = {
     "axes_dims_rope": list(flux_rope_axes(16)),
 }
 
+#: The tiny FLUX Fill: the latent's 16 channels plus the masked image's 16 and the mask's 64, packed 2x2.
+TINY_FLUX_FILL_CONFIG: dict = {**TINY_FLUX_CONFIG, "in_channels": (16 + 16 + 64) * 4}
+
 TINY_SD3_CONFIG: dict = {
     "_class_name": SD3_CLASS,
     "sample_size": 128,
@@ -100,26 +103,32 @@ def random_model(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32
     return model.eval()
 
 
-def tiny_state_dict(family: str, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, diffusers-named fp32 weights) of the tiny model of ``family``."""
+#: Variants of a family's architecture: "fill" is FLUX Fill (Kontext has FLUX-dev's architecture).
+VARIANTS = {("flux", ""): TINY_FLUX_CONFIG, ("flux", "fill"): TINY_FLUX_FILL_CONFIG, ("sd3", ""): TINY_SD3_CONFIG}
+
+
+def tiny_state_dict(family: str, seed: int = 0, variant: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, diffusers-named fp32 weights) of the tiny model of ``family`` (and ``variant``)."""
     if family not in TINY_CONFIGS:
         raise InvalidRequest(f"unknown family {family!r} (known: {', '.join(TINY_CONFIGS)})")
-    config = dict(TINY_CONFIGS[family])
+    if (family, variant) not in VARIANTS:
+        raise InvalidRequest(f"unknown variant {variant!r} of {family!r}")
+    config = dict(VARIANTS[family, variant])
     model = random_model(config, seed=seed)
     return config, {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 def write_tiny_checkpoint(family: str, layout: str, path: str | Path, seed: int = 0,
-                          dtype: torch.dtype = torch.float32) -> Path:
+                          dtype: torch.dtype = torch.float32, variant: str = "") -> Path:
     """Write the tiny ``family`` model in ``layout``; returns the folder (diffusers) or file path.
 
     ``diffusers`` writes ``path/config.json`` and ``path/diffusion_pytorch_model.safetensors``;
     the single-file layouts write ``path`` itself (``.safetensors`` is appended if missing).
-    The same seed gives the same weights in every layout.
+    The same seed gives the same weights in every layout. ``variant="fill"`` writes a FLUX Fill.
     """
     if layout not in FAMILY_LAYOUTS.get(family, ()):
         raise InvalidRequest(f"layout {layout!r} does not exist for {family!r} (known: {FAMILY_LAYOUTS.get(family)})")
-    config, sd = tiny_state_dict(family, seed)
+    config, sd = tiny_state_dict(family, seed, variant)
     sd = {k: v.to(dtype) for k, v in sd.items()}
     path = Path(path)
     if layout == "diffusers":

@@ -6,17 +6,57 @@
   "use strict";
 
   const POLL_MS = 1000;
-  const FUTURE_FRACTION = 0.25; // share of the width kept for the future (expected ends, deadlines)
 
   function token() { return localStorage.getItem("tetriserve.token") || ""; }
 
+  // One colour per job, kept for the page's life: the n-th job seen gets the n-th hue of the golden-angle
+  // sequence, so jobs on the board together (seen close together) get far-apart hues, never a hash collision.
+  const hues = new Map();
   function colour(jobId) {
-    // FNV-1a and a final mix: job ids that differ in one digit get far-apart hues
-    let h = 2166136261;
-    for (const c of jobId) h = Math.imul(h ^ c.charCodeAt(0), 16777619);
-    h = Math.imul(h ^ (h >>> 15), 2246822507);
-    h ^= h >>> 13;
-    return `hsl(${(h >>> 0) % 360}, 65%, 55%)`;
+    if (!hues.has(jobId)) hues.set(jobId, Math.round((hues.size * 137.508) % 360));
+    const n = hues.get(jobId);
+    return `hsl(${n}, ${65 - 10 * (Math.floor(hues.size / 24) % 2)}%, 55%)`;
+  }
+
+  function deviceLabel(board, g) {
+    return (board.device_labels && board.device_labels[String(g)]) || `GPU ${g}`;
+  }
+
+  // The time axis fitted to what is there: from the earliest assignment or open job's submission to the
+  // latest expected end or deadline (never more than window_s before now, nor window_s after it).
+  function timeSpan(board) {
+    const now = board.now_at, w = board.window_s;
+    let lo = now - 5, hi = now + 2;
+    for (const a of board.assignments) {
+      lo = Math.min(lo, a.started_at);
+      hi = Math.max(hi, a.finished_at ?? a.expected_end_at);
+    }
+    for (const j of board.jobs) {
+      if (!["finished", "failed", "cancelled"].includes(j.status)) lo = Math.min(lo, j.submitted_at);
+      for (const t of [j.deadline_at, j.predicted_finish_at, j.ended_at]) if (t !== null && t !== undefined) hi = Math.max(hi, t);
+    }
+    lo = Math.max(lo, now - w); hi = Math.min(hi, now + w);
+    const pad = (hi - lo) * 0.04;
+    return [lo - pad, hi + pad];
+  }
+
+  // A job's phase from the board (what the node shows, recomputed at every poll: never a stale "finish in")
+  function phaseText(j, now) {
+    const end = ["finished", "failed", "cancelled"].includes(j.status);
+    if (end) {
+      if (j.status !== "finished") return j.status;
+      const met = j.deadline_at === null ? "" : j.ended_at <= j.deadline_at ? " · deadline met"
+        : ` · ${(j.ended_at - j.deadline_at).toFixed(1)} s late`;
+      return `done in ${(j.ended_at - j.submitted_at).toFixed(1)} s${met}`;
+    }
+    const parts = [];
+    if (j.status === "running" && j.gpu_ids.length) {
+      parts.push(`on ${j.gpu_ids.length} GPU${j.gpu_ids.length > 1 ? "s" : ""} (${j.gpu_ids.join(",")})`);
+    } else parts.push(j.steps_done > 0 ? "waiting for GPUs" : "queued");
+    parts.push(`step ${j.steps_done}/${j.num_steps}`);
+    if (j.predicted_finish_at !== null) parts.push(`finish in ${fmtIn(Math.max(j.predicted_finish_at, now), now)}`);
+    if (j.deadline_at !== null) parts.push(`deadline in ${fmtIn(j.deadline_at, now)}`);
+    return parts.join(" · ");
   }
 
   function fmtIn(at, now) {
@@ -33,9 +73,9 @@
     ctx.scale(ratio, ratio);
     ctx.clearRect(0, 0, width, height);
 
-    const gpus = board.gpu_ids, now = board.now_at, window_s = board.window_s;
-    const left = 48, top = 18, right = width - 8, bottom = height - 20;
-    const t0 = now - window_s * (1 - FUTURE_FRACTION), t1 = now + window_s * FUTURE_FRACTION;
+    const gpus = board.gpu_ids, now = board.now_at;
+    const left = 64, top = 18, right = width - 8, bottom = height - 20;
+    const [t0, t1] = timeSpan(board);
     const x = (t) => left + (Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0) * (right - left);
     const lane = (bottom - top) / Math.max(gpus.length, 1);
     const y = (g) => top + gpus.indexOf(g) * lane;
@@ -44,11 +84,12 @@
     ctx.font = "11px system-ui, sans-serif";
     ctx.fillStyle = "#8b96a3";
     for (const g of gpus) {
-      ctx.fillText(`GPU ${g}`, 4, y(g) + lane / 2 + 4);
+      ctx.fillText(deviceLabel(board, g), 4, y(g) + lane / 2 + 4);
       ctx.strokeStyle = "#1c222a";
       ctx.strokeRect(left, y(g), right - left, lane);
     }
-    for (let s = Math.ceil(t0 - now); s <= t1 - now; s += Math.max(1, Math.round(window_s / 10))) {
+    const tick = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600].find((d) => (t1 - t0) / d <= 10) || 1200;
+    for (let s = Math.ceil((t0 - now) / tick) * tick; s <= t1 - now; s += tick) {
       ctx.fillText(`${s}s`, x(now + s) - 8, height - 6);
     }
 
@@ -70,6 +111,25 @@
       if (x(end) - x(a.started_at) > 40) {
         ctx.fillStyle = "#0b0d10";
         ctx.fillText(a.job_ids[0].split("-").pop(), x(a.started_at) + 3, y(gs[0]) + lane / 2 + 4);
+      }
+    }
+
+    // model loads: their own style (hatched grey, dashed outline, "load MODEL")
+    for (const l of board.loads || []) {
+      const end = l.finished_at ?? Math.max(l.expected_end_at, now);
+      const x0 = x(l.started_at), x1 = Math.max(x(end), x0 + 1);
+      for (const g of l.gpu_ids) {
+        if (!gpus.includes(g)) continue;
+        ctx.fillStyle = "#2a3038"; ctx.fillRect(x0, y(g) + 2, x1 - x0, lane - 4);
+        ctx.save(); ctx.beginPath(); ctx.rect(x0, y(g) + 2, x1 - x0, lane - 4); ctx.clip();
+        ctx.strokeStyle = l.error ? "#ff4d4d" : "#8b96a3";
+        for (let hx = x0 - lane; hx < x1; hx += 6) {
+          ctx.beginPath(); ctx.moveTo(hx, y(g) + lane); ctx.lineTo(hx + lane, y(g)); ctx.stroke();
+        }
+        ctx.restore();
+        ctx.setLineDash([3, 3]); ctx.strokeStyle = "#dde3ea"; ctx.strokeRect(x0, y(g) + 2, x1 - x0, lane - 4);
+        ctx.setLineDash([]);
+        if (x1 - x0 > 50) { ctx.fillStyle = "#dde3ea"; ctx.fillText(`load ${l.model}`, x0 + 3, y(g) + lane / 2 + 4); }
       }
     }
 
@@ -136,7 +196,7 @@
     }
   }
 
-  globalThis.TetriServeBoard = { draw, table, summary, colour, fmtIn, COLUMNS };
+  globalThis.TetriServeBoard = { draw, table, summary, colour, fmtIn, phaseText, deviceLabel, timeSpan, COLUMNS };
 
   // The dashboard page; another page (the ComfyUI panel) sets TETRISERVE_BOARD_EMBED and only uses
   // the drawing functions above.
