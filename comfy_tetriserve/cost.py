@@ -227,6 +227,12 @@ class ProfileCostModel:
         value = self.table.extra.get("parallel_capacity")
         return int(value) if value is not None else None
 
+    @property
+    def capture_steps(self) -> float:
+        """Extra step times the first step at a new shape costs (``extra["capture_steps"]``, written by
+        ``comfy-tetriserve profile --cuda-graphs``: warm-up and CUDA-graph capture); 0: none."""
+        return float(self.table.extra.get("capture_steps", 0.0))
+
     def comm_s(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
         comm = self._comm_by_model.get(model)
         return comm_time_s(comm, self.model_profile(model), height, width, batch, sp_degree) if comm else 0.0
@@ -400,6 +406,10 @@ class OnlineCostModel:
     def parallel_capacity(self) -> int | None:
         return parallel_capacity(self.base)
 
+    @property
+    def capture_steps(self) -> float:
+        return float(getattr(self.base, "capture_steps", 0.0) or 0.0)
+
     def factor(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
         f = self._factor.get((model, sp_degree, self._bucket(height, width, batch)))
         if f is None:
@@ -450,6 +460,16 @@ def parallel_capacity(cost: CostModel) -> int | None:
     """The cost model's ``parallel_capacity`` (see CostModel), None when it has none."""
     value = getattr(cost, "parallel_capacity", None)
     return int(value) if value is not None and value >= 1 else None
+
+
+def warmup_time_s(cost: CostModel, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
+    """What the first step at a shape a device group has not run yet costs on top of a step: the
+    cost model's ``capture_steps`` (0 when it has none: eager engines warm up for free) times the
+    step time. An assignment's time is ``steps * step_time_s + (0 if warm else warmup_time_s)``."""
+    extra = float(getattr(cost, "capture_steps", 0.0) or 0.0)
+    if extra <= 0:
+        return 0.0
+    return extra * cost.step_time_s(model, height, width, batch, sp_degree)
 
 
 # ------------------------------------------------------------------------------- loading

@@ -16,8 +16,16 @@ C. through a two-worker gloo pool on the same GPU: the same request sampled on o
    ranks (Ulysses degree 2, collectives staged through host memory) at 1008 px (3969 image tokens:
    an uneven split) -> relative error of the final latents (acceptance: bf16 <= 1e-2).
 
+D. in this process, at 256, 512 and 1024 px: the engine's forward eager and replayed from a CUDA
+   graph (``worker.graphs.ModelForwards``; capture time included in the report) -> captured over
+   eager (acceptance: <= 0.7 at 256-512 px) and the bf16 relative error of the captured output
+   against the eager one (acceptance: <= 1e-2);
+E. ``profile`` run by the engine itself (a one-worker pool, 256/512/1024 px, CUDA graphs on when
+   D measured them faster) -> $OUT/profile-engine.json (to ship as profiles/h200-engine.json).
+
 Phases run in that order while the time budget lasts (default 420 s); each phase's numbers are
-written as soon as they exist, so a budget overrun still leaves a readable JSON.
+written as soon as they exist, so a budget overrun still leaves a readable JSON. On CPU (``--tiny``)
+D measures the eager forward only (capture needs CUDA) and E profiles at 64/128 px.
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ REAL = {"flux": "flux-dev", "sd3": "sd3-medium"}
 TINY = {"flux": "tiny-flux", "sd3": "tiny-sd3"}
 RATIO_LIMIT = 1.02
 REL_ERR_LIMIT = 1e-2
+CAPTURED_LIMIT = 0.7  # captured / eager at 256-512 px
 
 
 class Report:
@@ -229,6 +238,73 @@ async def phase_c(report: Report, presets: dict, device: str, dtype: str, px: in
         await pool.close()
 
 
+def phase_d(report: Report, family: str, preset: str, device: torch.device, dtype: torch.dtype,
+            sizes: tuple[int, ...], reps: int) -> None:
+    from comfy_tetriserve.worker.graphs import ModelForwards
+
+    config = dict(PRESETS[preset])
+    tokens = DEFAULT_TEXT_TOKENS[family] if not preset.startswith("tiny") else 7
+    model = LoadedModel(name=preset, family=family, config=config,
+                        module=random_model(config, seed=0, dtype=dtype, device=device), dtype=dtype,
+                        device=device, source=f"random:{preset}")
+    forwards = ModelForwards(True, device)
+    for px in sizes:
+        if report.left_s() < 60:
+            report.put(family, "graphs", str(px), "skipped: time budget")
+            continue
+        inp = inputs(family, config, px, tokens, device, dtype)
+        args = (inp["x"], inp["sigma"], inp["context"], inp["pooled"], inp["guidance"])
+        row: dict = {}
+        with torch.inference_mode():
+            row["eager_ms"] = round(timed(lambda: model.forward(*args), device, warmup=2, reps=reps) * 1e3, 3)
+            if forwards.active:
+                t0 = time.perf_counter()
+                forwards(model, *args)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                row["first_call_with_capture_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+                row["captured_ms"] = round(timed(lambda: forwards(model, *args), device, warmup=1, reps=reps) * 1e3, 3)
+                row["captured_over_eager"] = round(row["captured_ms"] / row["eager_ms"], 4)
+                eager_out = model.forward(*args)[0]
+                graph_out = forwards(model, *args)[0]
+                row["bf16_rel_err_captured_vs_eager"] = float((graph_out - eager_out).norm() / eager_out.norm())
+                row["rel_err_ok"] = row["bf16_rel_err_captured_vs_eager"] <= REL_ERR_LIMIT
+                if px <= 512:
+                    row["captured_ok"] = row["captured_over_eager"] <= CAPTURED_LIMIT
+            else:
+                row["captured_ms"] = "skipped: CUDA graphs need a CUDA device"
+        report.put(family, "graphs", str(px), row)
+    forwards.graphs.clear()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def graphs_faster(report: Report, families) -> bool:
+    ratios = [row.get("captured_over_eager") for f in families
+              for row in (report.data.get(f, {}).get("graphs") or {}).values() if isinstance(row, dict)]
+    ratios = [r for r in ratios if isinstance(r, float)]
+    return bool(ratios) and statistics.median(ratios) < 1.0
+
+
+async def phase_e(report: Report, presets: dict, device: str, dtype: str, sizes: tuple[int, ...], out: Path) -> None:
+    from comfy_tetriserve.cost import save_profile
+    from comfy_tetriserve.worker.profile import ProfileSpec, profile
+
+    graphs = graphs_faster(report, presets)
+    spec = ProfileSpec(resolutions=tuple((px, px) for px in sizes), batches=(1,), degrees=(1,), steps=5, warmup=2,
+                       cuda_graphs=graphs)
+    t0 = time.perf_counter()
+    table = await profile(device, {preset: f"random:{preset}" for preset in presets.values()}, dtype, spec)
+    path = out / "profile-engine.json"
+    save_profile(table, path)
+    report.put("engine_profile", {"file": str(path), "cuda_graphs": graphs, "rows": len(table.rows),
+                                  "seconds": round(time.perf_counter() - t0, 1),
+                                  "step_ms": {f"{r.model}/{r.height}/k{r.sp_degree}": round(r.compute_s * 1e3, 3)
+                                              for r in table.rows},
+                                  "capture_steps": table.extra.get("capture_steps")})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (tests the script without a GPU)")
@@ -239,6 +315,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed forwards in phase A (default: 10)")
     parser.add_argument("--steps", type=int, default=8, help="measured engine steps in phase B (default: 8)")
     parser.add_argument("--k2-steps", type=int, default=3, help="sampling steps compared in phase C (default: 3)")
+    parser.add_argument("--no-profile", action="store_true", help="skip phase E (the engine-measured profile)")
     args = parser.parse_args()
     device = args.device or ("cpu" if args.tiny else "cuda:0")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -258,8 +335,16 @@ def main() -> int:
         asyncio.run(phase_b(report, presets, device, "bf16", px, args.steps))
     if report.left_s() > 60:
         asyncio.run(phase_c(report, presets, device, "bf16", px_c, args.k2_steps))
+    sizes = (64, 128) if args.tiny else (256, 512, 1024)
+    for family, preset in presets.items():
+        if report.left_s() > 60:
+            phase_d(report, family, preset, torch.device(device), dt, sizes, args.reps)
+    if report.left_s() > 90 and not args.no_profile:
+        asyncio.run(phase_e(report, presets, device, "bf16", sizes, Path(args.out)))
     wanted = ("ratio_ok", "rel_err_ok") if not args.tiny else ("rel_err_ok",)
     checks = [report.data.get(f, {}).get(k) for f in presets for k in wanted]
+    checks += [row.get(k) for f in presets for row in (report.data.get(f, {}).get("graphs") or {}).values()
+               if isinstance(row, dict) for k in ("rel_err_ok", "captured_ok") if k in row]
     report.put("all_ok", all(c is True for c in checks))
     print(json.dumps(report.data, indent=1))
     return 0 if report.data["all_ok"] else 1

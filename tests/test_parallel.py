@@ -51,7 +51,8 @@ def _group_main(rank: int, world: int, store: str, cases: dict, queue) -> None:
                     comm = GroupComm(group, list(range(degree)), rank)
                     results[family, degree] = model.forward(inputs["x"], inputs["sigma"], inputs["context"],
                                                             inputs["pooled"], inputs.get("guidance"), comm=comm,
-                                                            vote=float(rank == 1))
+                                                            vote=float(rank == 1),
+                                                            text_lengths=inputs.get("text_lengths"))
         # by value (numpy pickles its bytes): a tensor would be shared through a file descriptor that
         # vanishes if this process exits before the parent has read the queue
         queue.put((rank, {key: tuple(t.detach().cpu().numpy() for t in value) for key, value in results.items()}))
@@ -88,10 +89,18 @@ def test_sharded_forward_equals_single_device(tmp_path):
         if family == "flux":
             inputs["guidance"] = torch.tensor([3.5, 1.0])
         cases[family] = (str(write_tiny_checkpoint(family, layout, tmp_path / family)), inputs)
+        # the second row's text padded from 4 to 7 tokens and masked: the mask follows the shards
+        cases[f"{family}-masked"] = (cases[family][0], {**inputs, "text_lengths": [7, 4]})
     results = run_sharded(cases, world=4)
     for family, (ckpt, inputs) in cases.items():
         ref, votes = load_transformer(ckpt, dtype="fp32").forward(
-            inputs["x"], inputs["sigma"], inputs["context"], inputs["pooled"], inputs.get("guidance"))
+            inputs["x"], inputs["sigma"], inputs["context"], inputs["pooled"], inputs.get("guidance"),
+            text_lengths=inputs.get("text_lengths"))
+        if "text_lengths" in inputs:  # the masked reference is the row's own 4-token forward
+            own = load_transformer(ckpt, dtype="fp32").forward(
+                inputs["x"][1:], inputs["sigma"][1:], inputs["context"][1:, :4], inputs["pooled"][1:],
+                None if inputs.get("guidance") is None else inputs["guidance"][1:])[0]
+            assert float((ref[1:] - own).norm() / own.norm()) <= 1e-5
         assert votes is None
         for degree in (2, 4):
             outs = [results[r][family, degree][0] for r in range(degree)]

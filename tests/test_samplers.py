@@ -345,30 +345,6 @@ def test_replicas_draw_identical_noise(sampler):
     assert not torch.equal(stepped[0].memory[S.RNG_KEY], traj.memory[S.RNG_KEY])  # the stream advanced
 
 
-@pytest.mark.parametrize("sampler", list(S.SAMPLERS))
-def test_step_batch_equals_stepping_alone(sampler):
-    trajs = [start(sampler, seed=seed, batch=b) for seed, b in ((1, 1), (2, 2), (3, 1))]
-    alone = [run(t) for t in trajs]
-    together = trajs
-    while not together[0].done:
-        together = S.step_batch(together, wobbly_denoiser)
-    for a, b in zip(alone, together):
-        assert torch.equal(a.x, b.x)
-        assert set(a.memory) == set(b.memory)
-        for k in a.memory:
-            assert torch.equal(a.memory[k], b.memory[k])
-
-
-def test_step_batch_refuses_mismatches():
-    with pytest.raises(InvalidRequest, match="share"):
-        S.step_batch([start("euler"), start("heun")], wobbly_denoiser)
-    with pytest.raises(InvalidRequest, match="share"):
-        S.step_batch([start("euler"), S.step(start("euler"), wobbly_denoiser)], wobbly_denoiser)
-    with pytest.raises(InvalidRequest, match="share"):
-        S.step_batch([start("euler", steps=6), start("euler", steps=5)], wobbly_denoiser)
-    assert S.step_batch([], wobbly_denoiser) == []
-
-
 def test_finished_trajectory_and_foreign_noise_device():
     done = run(start("euler", steps=2))
     with pytest.raises(InvalidRequest, match="finished"):

@@ -76,6 +76,9 @@ class ServiceConfig:
         1.0, help="inside a long assignment, the workers checkpoint a job's latent after this many seconds of it, so "
                   "a worker death costs a job at most about this much work plus a step (0: after every step; the "
                   "end of every assignment is always checkpointed)")
+    cuda_graphs: bool = field(
+        False, help="GPU workers capture each step shape's model evaluation as a CUDA graph (the first step at a "
+                    "new shape pays warm-up and capture; no effect on CPU workers)")
     restart_timeout_s: float = field(900.0, help="time allowed to one pool rebuild (workers started, models reloaded)")
     cluster: str = field("off", help="'ray': one planner over every node of a Ray cluster (needs the cluster extra); "
                                      "--devices is then ignored", choices=("off", "ray"))

@@ -98,7 +98,7 @@ def build_executor(config: ServiceConfig, cost: CostModel):
         raise InvalidRequest(f"devices {config.devices!r} need the worker pool (comfy_tetriserve.worker.pool), "
                              "which this build lacks; use sim:N to try the scheduler") from None
     return WorkerPool(parse_devices(config.devices), checkpoint_every_s=config.checkpoint_every_s,
-                      memory_budget=config.memory_budget or None)
+                      memory_budget=config.memory_budget or None, cuda_graphs=config.cuda_graphs)
 
 
 def forecast_function() -> ForecastFn | None:

@@ -28,7 +28,7 @@ def model_for_step(traj, cond, default: str) -> str:
 
 
 def step_with_experts(runner_for: Callable[[str], Any], trajs: list, conds: list, vote: float,
-                      default: str) -> tuple[list, bool]:
+                      default: str) -> tuple[list, object]:
     """One step of every trajectory, each on its expert: trajectories that need the same model
     share one batched step (``runner_for(name)`` gives that model's StepRunner). Every rank of a
     group holds the same trajectories, so all take the same branches in the same order."""
@@ -36,11 +36,12 @@ def step_with_experts(runner_for: Callable[[str], Any], trajs: list, conds: list
     if len(set(names)) == 1:
         return runner_for(names[0]).step(trajs, conds, vote)
     out: list = [None] * len(trajs)
-    stop = False
+    signal = False
     for name in dict.fromkeys(names):
         idx = [i for i, n in enumerate(names) if n == name]
-        new, s = runner_for(name).step([trajs[i] for i in idx], [conds[i] for i in idx], vote)
+        # every sub-step carries the same vote, so any one's stop signal (a bool, or the group's votes
+        # tensor read later without a host sync) speaks for the whole step
+        new, signal = runner_for(name).step([trajs[i] for i in idx], [conds[i] for i in idx], vote)
         for i, t in zip(idx, new):
             out[i] = t
-        stop = stop or s
-    return out, stop
+    return out, signal

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from .flux_inputs import flux_image_inputs
 from .convert import FLUX_CLASS, SD3_CLASS, infer_config, to_diffusers
 from ..core.executor import ModelInfo
 from .parallel import GroupComm, SeqShard, StepBinding, attention_backend, bind, gather_tokens, install_processors
+from .stepcache import ROPE_CACHE_SIZE, LruCache, padded_lengths
 from .samplers import timestep_of_sigma
 from .tiny import TINY_FLUX_CONFIG, TINY_SD3_CONFIG, model_class, model_kwargs, random_model
 from . import families
@@ -196,6 +198,8 @@ class LoadedModel:
             self.processor = families.install_processor(self.module, self.family)
         else:
             self.processor = install_processors(self.module, self.family)
+        #: FLUX rotary embeddings per (latent size, text length, degree, rank)
+        self.rope_cache = LruCache(ROPE_CACHE_SIZE)
 
     @property
     def num_heads(self) -> int:
@@ -231,14 +235,18 @@ class LoadedModel:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                 guidance: torch.Tensor | None = None, comm: GroupComm | None = None,
-                vote: float = 0.0, concat: torch.Tensor | None = None, refs: tuple = (),
-                ref_method: str = "offset") -> tuple[torch.Tensor, torch.Tensor | None]:
+                vote: float | torch.Tensor = 0.0, concat: torch.Tensor | None = None, refs: tuple = (),
+                ref_method: str = "offset", *, text_lengths: Sequence[int] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model output [B, C, H, W] (float32) for latents ``x`` at noise levels ``sigma`` [B].
 
         With ``comm`` of degree k this rank computes its token shard and the output is gathered;
         every rank returns the full output and the k ``vote`` values of the group (None alone).
         FLUX only: ``concat`` holds a Fill model's extra input channels, ``refs`` Kontext reference
         latents appended as image tokens (flux_inputs.py); both in model space.
+        ``text_lengths`` (one per row): rows whose text is shorter than ``context`` are padded;
+        their padding is masked out of every attention (keys), so each row's output equals its
+        own unpadded forward.
         """
         if self.family in families.DEFAULT_TEXT_TOKENS:  # Qwen-Image, Wan (families.py)
             return families.forward(self, x, sigma, context, comm, vote)
@@ -255,15 +263,18 @@ class LoadedModel:
                                      if concat is None else f"{self.name} takes no Fill channels (not a Fill model)")
             packed, img_ids, num_generated = flux_image_inputs(x, concat, refs, ref_method)
             num_image = packed.shape[1]
+            # what fixes the position ids: the latent size and the references' sizes and layout
+            ids_key = (h, w, tuple(tuple(r.shape[-2:]) for r in refs), ref_method if refs else None)
         else:
             if concat is not None or refs:
                 raise InvalidRequest("Fill channels and reference latents are for FLUX models only")
             num_image = num_generated = (h // p) * (w // p)
         shard = SeqShard(comm.index if comm else 0, degree, context.shape[1], num_image)
-        binding = StepBinding(comm if degree > 1 else None, shard)
+        lengths = padded_lengths(text_lengths, b, context.shape[1])
+        binding = StepBinding(comm if degree > 1 else None, shard, lengths, text_first=self.family == "flux")
         with attention_backend(self.device), bind(self.processor, binding):
             if self.family == "flux":
-                local = self._flux_tokens(packed, img_ids, sigma, context, pooled, guidance, shard)
+                local = self._flux_tokens(packed, img_ids, ids_key, sigma, context, pooled, guidance, shard)
             else:
                 local = self._sd3_tokens(x, sigma, context, pooled, shard)
         if degree > 1:
@@ -274,12 +285,25 @@ class LoadedModel:
             tokens = tokens[:, :num_generated]
         return self._untokenize(tokens.float(), b, h, w), votes
 
-    def _flux_tokens(self, packed, img_ids, sigma, context, pooled, guidance, shard: SeqShard) -> torch.Tensor:
+    def flux_rope(self, img_ids: torch.Tensor, ids_key: tuple, shard: SeqShard) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX's rotary embedding of this rank's [text, image] tokens, computed once per (position
+        ids: ``ids_key``, text length, degree, rank) and kept (``rope_cache``)."""
+        key = (ids_key, shard.num_text, shard.degree, shard.rank)
+        rope = self.rope_cache.get(key)
+        if rope is None:
+            i0, i1 = shard.image_range
+            t0, t1 = shard.text_range
+            txt_ids = torch.zeros(t1 - t0, 3, device=img_ids.device)
+            rope = self.module.pos_embed(torch.cat([txt_ids, img_ids[i0:i1]], dim=0))
+            self.rope_cache.put(key, rope)
+        return rope
+
+    def _flux_tokens(self, packed, img_ids, ids_key, sigma, context, pooled, guidance,
+                     shard: SeqShard) -> torch.Tensor:
         m, dt = self.module, self.dtype
         b = packed.shape[0]
         i0, i1 = shard.image_range
         t0, t1 = shard.text_range
-        txt_ids = torch.zeros(t1 - t0, 3, device=packed.device)
         timestep = timestep_of_sigma("flux", sigma.float()) * FLUX_TIME_FACTOR
         pooled = pooled.to(dt)
         if self.config.get("guidance_embeds"):
@@ -290,7 +314,7 @@ class LoadedModel:
             temb = m.time_text_embed(timestep, pooled)
         hs = m.x_embedder(packed[:, i0:i1].to(dt))
         ehs = m.context_embedder(context[:, t0:t1].to(dt))
-        rope = m.pos_embed(torch.cat([txt_ids, img_ids[i0:i1]], dim=0))
+        rope = self.flux_rope(img_ids, ids_key, shard)
         for block in m.transformer_blocks:
             ehs, hs = block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb, image_rotary_emb=rope)
         for block in m.single_transformer_blocks:

@@ -172,11 +172,12 @@ def heads_to_seq(x: torch.Tensor, sizes: Sequence[int], comm: GroupComm) -> torc
 
 
 def gather_tokens(local: torch.Tensor, sizes: Sequence[int], comm: GroupComm,
-                  vote: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  vote: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather token shards [B, n_r, C] into [B, N, C] on every rank.
 
     Each rank also contributes one number (``vote``); every rank receives all of them, in the
-    same collective, so a per-step decision (stop or go on) costs no extra round trip.
+    same collective, so a per-step decision (stop or go on) costs no extra round trip. A tensor
+    ``vote`` (one element on the device) is copied on the device: a captured graph reads it.
     """
     b, n, c = local.shape
     width = b * max(sizes) * c
@@ -215,10 +216,25 @@ def attention_backend(device: torch.device) -> Iterator[None]:
 
 @dataclass
 class StepBinding:
-    """What the processors need during one forward: the group and this rank's shard."""
+    """What the processors need during one forward: the group, this rank's shard and, when rows
+    of the batch have padded text (``text_lengths``), the key mask of the joint attention."""
 
     comm: GroupComm | None
     shard: SeqShard
+    text_lengths: tuple[int, ...] | None = None
+    text_first: bool = True  # FLUX orders each shard [text, image], SD3 [image, text]
+    _mask: torch.Tensor | None = None
+
+    def key_mask(self, device: torch.device) -> torch.Tensor | None:
+        """The joint attention's key mask (built once per forward), or None without padding."""
+        if self.text_lengths is None:
+            return None
+        if self._mask is None:
+            from .stepcache import joint_key_mask
+
+            self._mask = joint_key_mask(self.shard.text_sizes, self.shard.image_sizes, self.text_lengths,
+                                        self.text_first, device)
+        return self._mask
 
 
 class _UlyssesBase:
@@ -230,12 +246,15 @@ class _UlyssesBase:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_only: bool = False) -> torch.Tensor:
         """q, k, v [B, n_r, H, d] of this rank's tokens -> attention output [B, n_r, H * d]."""
         bind = self.binding
+        mask = None if bind is None or image_only else bind.key_mask(q.device)
         if bind is None or bind.comm is None or bind.comm.degree == 1:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
         sizes = bind.shard.image_sizes if image_only else bind.shard.joint_sizes
         qh, kh, vh = seq_to_heads(torch.stack([q, k, v]), sizes, bind.comm).unbind(0)
-        out = F.scaled_dot_product_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2))
+        out = F.scaled_dot_product_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2),
+                                             attn_mask=mask)
         out = heads_to_seq(out.transpose(1, 2).unsqueeze(0), sizes, bind.comm)[0]
         return out.flatten(2)
 

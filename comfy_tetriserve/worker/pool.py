@@ -62,6 +62,7 @@ from ..plan import aligned_groups
 from ..types import Assignment, AssignmentResult
 from ..sampling.image_cond import check_image_conditioning
 from ..core.executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
+from .condshare import SharedConditioning, free_block, share_conditioning
 from .pool_memory import PoolMemory
 from .runner import Conditioning, WorkerConfig, worker_main
 from .samplers import Trajectory, finish_latent, start_trajectory
@@ -105,6 +106,8 @@ class _Request:
     cond_on: set[int] = field(default_factory=set)  # workers holding the conditioning
     holders: dict[int, int] = field(default_factory=dict)  # worker -> step index it holds
     task_id: int | None = None  # assignment in flight
+    shared: SharedConditioning | None = None  # the conditioning in shared memory (sent to workers)
+    block: object | None = None  # its SharedMemory block, unlinked at release
 
 
 @dataclass
@@ -130,7 +133,8 @@ class WorkerPool(PoolMemory):
     def __init__(self, devices: str | Sequence[str] = "cpu:2", *, groups: Sequence[Sequence[int]] | None = None,
                  backend: str | None = None, collective_timeout_s: float = 300.0, start_timeout_s: float = 600.0,
                  num_threads: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 checkpoint_every_s: float | None = 1.0, memory_budget: str | int | None = None) -> None:
+                 checkpoint_every_s: float | None = 1.0, memory_budget: str | int | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
         if not self.devices:
             raise InvalidRequest("a worker pool needs at least one device")
@@ -155,6 +159,9 @@ class WorkerPool(PoolMemory):
         #: inside an assignment, the leader sends a checkpoint after a step once this many seconds passed
         #: since the assignment began or the last one (0: every step; None: only when it ends)
         self.checkpoint_every_s = checkpoint_every_s
+        #: capture each step shape's model evaluation as a CUDA graph on GPU workers (off: eager;
+        #: no effect on CPU workers; graphs.py)
+        self.cuda_graphs = bool(cuda_graphs)
         self.clock = clock
         self._procs: list = []
         self._cmd: list = []
@@ -255,6 +262,7 @@ class WorkerPool(PoolMemory):
             cfg = WorkerConfig(rank=rank, world_size=n, device=device, backend=self.backend,
                                store_path=os.path.join(self._store_dir, "store"), groups=self._groups,
                                collective_timeout_s=self.collective_timeout_s, num_threads=self.num_threads,
+                               cuda_graphs=self.cuda_graphs,
                                log_level=logging.getLogger().level or logging.WARNING)
             proc = ctx.Process(target=worker_main, args=(cfg, cmd_r, res_w), name=f"tetriserve-worker{rank}",
                                daemon=True)
@@ -298,6 +306,9 @@ class WorkerPool(PoolMemory):
             self._finish(task, error="worker pool closed", lost=True)
         self._procs, self._cmd, self._res, self._reader = [], [], [], None
         self._outstanding = {}
+        if not self._restarting:  # closed for good: shared conditioning goes (tensors are sent if started again)
+            for req in self._requests.values():
+                self._free_shared(req)
         if self._store_dir:
             shutil.rmtree(self._store_dir, ignore_errors=True)
             self._store_dir = None
@@ -560,7 +571,18 @@ class WorkerPool(PoolMemory):
                 raise InvalidRequest(f"checkpoint of {job.request_id} does not fit the job "
                                      f"({checkpoint.num_steps} steps, shape {list(checkpoint.x.shape)})")
             traj = checkpoint
-        self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj)
+        # The conditioning is copied once, off the event loop, into shared memory; workers get a handle.
+        try:
+            shared, block = await asyncio.to_thread(share_conditioning, job)
+        except OSError as exc:  # no shared memory to be had (/dev/shm full): the tensors travel in the messages
+            log.warning("request %s: conditioning not in shared memory (%s); sending the tensors", job.request_id, exc)
+            shared = block = None
+        if job.request_id in self._requests:  # admitted meanwhile by a concurrent call
+            if block is not None:
+                free_block(block)
+            raise Conflict(f"request {job.request_id} is admitted already")
+        self._requests[job.request_id] = _Request(job=job, family=info.family, checkpoint=traj, shared=shared,
+                                                  block=block)
 
     @staticmethod
     def _check_job(job: SamplingJob, info: ModelInfo) -> None:
@@ -607,12 +629,19 @@ class WorkerPool(PoolMemory):
         req = self._requests.pop(request_id, None)
         if req is None:
             return
+        self._free_shared(req)
         if self._procs and not self._restarting:
             for rank in sorted((req.cond_on | set(req.holders)) - set(self.dead)):
                 try:
                     self._send(rank, "release", request_id)
                 except OSError:  # a dead worker forgets everything anyway
                     pass
+
+    @staticmethod
+    def _free_shared(req: _Request) -> None:
+        if req.block is not None:
+            free_block(req.block)
+        req.shared = req.block = None
 
     # ------------------------------------------------------------ execution
     def _require_up(self) -> None:
@@ -661,8 +690,8 @@ class WorkerPool(PoolMemory):
         for rank in a.gpu_ids:
             conds = {}
             for req in reqs:
-                if rank not in req.cond_on:
-                    conds[req.job.request_id] = _conditioning(req.job)
+                if rank not in req.cond_on:  # the shared-memory handle (tensors only without one)
+                    conds[req.job.request_id] = req.shared or _conditioning(req.job)
                     req.cond_on.add(rank)
             msg = {"task_id": task_id, "gpu_ids": a.gpu_ids, "leader": rank == task.leader,
                    "request_ids": a.request_ids, "num_steps": a.num_steps, "model": reqs[0].job.model,

@@ -54,6 +54,7 @@ class ProfileSpec:
     text_tokens: int | None = None  # None: the family's usual count (FLUX 512, SD3 333)
     loaded: bool = False  # measure with every other disjoint group running the same request
     frames: int = 81  # video models (Wan): pixel frames per clip; rows fold latent frames into the height
+    cuda_graphs: bool = False  # the pool captures each step shape as a CUDA graph (GPU workers)
 
 
 #: a device count is within the parallel capacity while its step takes at most this x the time alone
@@ -105,8 +106,10 @@ def synthetic_job(request_id: str, model: str, info, height: int, width: int, ba
                        guidance=3.5 if info.guidance_embeds else None)
 
 
-async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileSpec) -> tuple[ModelProfile, list[ProfileRow]]:
-    """Profile one model on a started pool."""
+async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileSpec,
+                        first_over_step: dict[str, float] | None = None) -> tuple[ModelProfile, list[ProfileRow]]:
+    """Profile one model on a started pool; ``first_over_step`` (if given) gets, per point, the first
+    warm-up step's time over the median step (what warm-up and CUDA-graph capture cost)."""
     from . import families
     from .models import DEFAULT_TEXT_TOKENS, allowed_degrees, source_config
 
@@ -124,6 +127,7 @@ async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileS
     if spec.degrees is not None:
         degrees = tuple(k for k in degrees if k in spec.degrees)
     rows = []
+    first_over_step = {} if first_over_step is None else first_over_step
     for height, width in spec.resolutions:
         for batch in spec.batches:
             for k in degrees:
@@ -143,16 +147,29 @@ async def profile_model(pool, name: str, source: str, dtype: str, spec: ProfileS
                             raise RuntimeError(f"{rid}: {result.error}")
                         if keep:
                             times.extend(result.step_times_s)
+                        elif result.step_times_s:
+                            first_step_s = result.step_times_s[0]
                 finally:
                     await _stop_load(pool, load)
                     await pool.release(rid)
                 step_s = statistics.median(times)
+                if spec.warmup:
+                    first_over_step[f"{name}/{height}x{width}/b{batch}/k{k}"] = round(first_step_s / step_s, 3)
                 # a clip's latent frames fold into the height, as the service prices video jobs
                 rows.append(ProfileRow(model=name, height=height * latent_frames(info, spec.frames), width=width,
                                        batch=batch, sp_degree=k,
                                        compute_s=step_s, includes_comm=True))
                 log.info("%s %dx%d batch %d degree %d: %.4f s/step", name, height, width, batch, k, step_s)
     return profile, rows
+
+
+def capture_extra(first_over_step: dict[str, float], cuda_graphs: bool) -> dict:
+    """The table's ``extra`` entries for the first step at a new shape (``cost.warmup_time_s``)."""
+    if not first_over_step:
+        return {"cuda_graphs": cuda_graphs}
+    ratios = sorted(first_over_step.values())
+    return {"cuda_graphs": cuda_graphs, "first_step_over_step": first_over_step,
+            "capture_steps": round(max(0.0, statistics.median(ratios) - 1.0), 3) if cuda_graphs else 0.0}
 
 
 async def _start_load(pool, spec: ProfileSpec, name: str, info, height: int, width: int, batch: int,
@@ -232,20 +249,20 @@ def device_description(pool) -> str:
 async def profile(devices: str, models: dict[str, str], dtype: str, spec: ProfileSpec) -> ProfileTable:
     from .pool import WorkerPool
 
-    pool = WorkerPool(devices)
+    pool = WorkerPool(devices, cuda_graphs=spec.cuda_graphs)
     await pool.start()
     try:
-        profiles, rows = {}, []
+        profiles, rows, firsts = {}, [], {}
         for name, source in models.items():
-            profiles[name], model_rows = await profile_model(pool, name, source, dtype, spec)
+            profiles[name], model_rows = await profile_model(pool, name, source, dtype, spec, firsts)
             rows.extend(model_rows)
-        extra = {}
+        extra = capture_extra(firsts, spec.cuda_graphs)
         if spec.loaded:
             name = next(iter(models))
             height, width = max(spec.resolutions, key=lambda hw: hw[0] * hw[1])
             by_busy = await measure_concurrency(pool, name, pool.models()[name], height, width,
                                                 profiles[name].num_text_tokens, spec.steps, spec.warmup)
-            extra = capacity_extra(by_busy, f"{name} {height}x{width}")
+            extra.update(capacity_extra(by_busy, f"{name} {height}x{width}"))
         return ProfileTable(
             models=profiles, rows=tuple(rows), comm=None, device=device_description(pool),
             measured_on=_dt.date.today().isoformat(),
@@ -298,6 +315,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure each point while every other disjoint group of its size runs the same "
                              "request (devices that share hardware: the busy box's step times), and the "
                              "parallel capacity (how many devices step at full speed at once)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture each step shape as a CUDA graph (GPU workers); the table's extra then holds "
+                             "capture_steps, what the first step at a new shape costs in extra steps")
     parser.add_argument("--out", required=True, help="profile table file to write (JSON)")
 
 
@@ -306,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
         spec = ProfileSpec(resolutions=tuple(parse_resolution(r) for r in args.res), batches=tuple(args.batch),
                            degrees=tuple(args.degrees) if args.degrees else None, steps=args.steps,
                            warmup=args.warmup, text_tokens=args.text_tokens, loaded=args.loaded,
-                           frames=args.frames)
+                           frames=args.frames, cuda_graphs=args.cuda_graphs)
         if spec.steps < 1 or spec.warmup < 0 or any(b < 1 for b in spec.batches):
             raise InvalidRequest("--steps must be >= 1, --warmup >= 0, batches >= 1")
         models = parse_models(args.model)

@@ -8,16 +8,16 @@ request), so two ranks that share groups always meet in their collectives in the
 
 Running an assignment (``run``):
 
-1. Conditioning that this worker has not seen yet arrives with the message and is kept on the
-   device until the request is released.
+1. Conditioning that this worker has not seen yet arrives with the message (a handle to the
+   pool's shared-memory copy, condshare.py) and is kept on the device until the request is released.
 2. The request's latest trajectory comes from where the pool says: this worker already holds it
    (it ran the previous assignment), a member of the new group broadcasts it within the group,
    or the pool sends its checkpoint.
 3. Each step is one sampler step (``samplers.step``) whose model evaluations are Ulysses-parallel
    forwards over the group; every rank holds the full latent and runs the same sampler
    arithmetic on the same gathered output, so all ranks stay bit-identical. Several requests of
-   one assignment run as one batched forward per model evaluation (requests with different text
-   lengths, or CFG halves with different lengths, run as separate forwards).
+   one assignment, and CFG's cond and uncond, run as one batched forward per model evaluation
+   (text of different lengths padded, the padding masked out of attention).
 4. Stop requests are honoured after the current step, by agreement: each rank's stop flag rides
    along in the gather that ends the step's last forward, so all ranks see the same flags and
    stop at the same step without an extra collective.
@@ -50,8 +50,10 @@ from typing import Any
 import torch
 
 from .experts import step_with_experts
+from .graphs import ModelForwards
 from .parallel import GroupComm
 from .samplers import Trajectory, cfg_combine, step
+from .steptime import DeferredVote, StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class WorkerConfig:
     groups: tuple[Group, ...]
     collective_timeout_s: float = 300.0
     num_threads: int = 0  # CPU intra-op threads (0: torch's default)
+    cuda_graphs: bool = False  # capture each step shape's model evaluation as a CUDA graph (graphs.py)
     log_level: int = logging.WARNING
 
 
@@ -208,33 +211,67 @@ def _expand(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return t.repeat(b // t.shape[0], *([1] * (t.ndim - 1)))
 
 
+#: per device type, the padding (fraction of the rows' tokens) a shared forward may add. GPUs: any (a
+#: batch of two costs far less than two forwards while launches dominate, and halves the captured
+#: graphs). CPUs: none, rows of one text length share a forward: there every padded token costs full
+#: price and the masked attention is slower (measured, tiny models at 512 px, cond and uncond of
+#: different lengths: one padded, masked forward took 1.09-1.45x two separate ones; docs/engine.md).
+PAD_FRACTION = {"cuda": float("inf"), "cpu": 0.0}
+
+
+def _eager(model, *args, **kwargs):
+    return model.forward(*args, **kwargs)
+
+
+def _pad_text(context: torch.Tensor, num_text: int) -> torch.Tensor:
+    """[b, T, D] -> [b, num_text, D], zeros after the T real tokens (masked out in attention)."""
+    short = num_text - context.shape[1]
+    return context if short == 0 else torch.nn.functional.pad(context, (0, 0, 0, short))
+
+
 class StepRunner:
     """One sampler step for a list of trajectories on one group (see the module docstring)."""
 
-    def __init__(self, model, comm: GroupComm | None, loras=None) -> None:
+    def __init__(self, model, comm: GroupComm | None, loras=None, forwards=None,
+                 max_pad_fraction: float | None = None) -> None:
         self.model = model
         self.comm = comm
         self.loras = loras  # lora.LoraCache: files read once per worker
+        #: rows of different text lengths share a padded, masked forward while the padding adds at most
+        #: this fraction of their tokens (default: always on GPUs, never on CPUs: ``PAD_FRACTION``)
+        self.max_pad_fraction = (max_pad_fraction if max_pad_fraction is not None
+                                 else PAD_FRACTION.get(model.device.type, PAD_FRACTION["cpu"]))
+        #: the model evaluation (graphs.ModelForwards: eager, or captured on CUDA); None: eager
+        self.forwards = forwards
         self.votes: torch.Tensor | None = None
         self.vote = 0.0
 
     def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
-        """Model outputs for rows; rows with equal text length (and equal reference latent sizes)
-        and LoRA stack share one forward (row order kept)."""
+        """Model outputs for rows, batched (row order kept).
+
+        Rows whose text lengths differ (CFG's cond and uncond, requests with different prompts)
+        share one forward, padded to the longest with the padding masked out of attention (each
+        row's output equals its own forward), when the padding adds at most ``max_pad_fraction``
+        of the rows' tokens; otherwise rows of equal length share a forward. Rows that differ in
+        guidance, Fill channels, reference latent sizes or LoRA stack run apart."""
         outs: list[torch.Tensor | None] = [None] * len(rows)
-        by_len: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            refs_key = tuple(tuple(t.shape[1:]) for t in r[6])
-            by_len.setdefault((r[2].shape[1], r[4] is None, r[5] is None, refs_key, r[7], r[8]), []).append(i)
-        for idxs in by_len.values():
-            cat = [torch.cat([rows[i][j] for i in idxs]) for j in range(4)]
+        for idxs in self._forward_groups(rows):
+            lengths = [int(rows[i][2].shape[1]) for i in idxs for _ in range(rows[i][0].shape[0])]
+            longest = max(lengths)
             first = rows[idxs[0]]
-            guidance = None if first[4] is None else torch.cat([rows[i][4] for i in idxs])
-            concat = None if first[5] is None else torch.cat([rows[i][5] for i in idxs])
-            refs = tuple(torch.cat([rows[i][6][k] for i in idxs]) for k in range(len(first[6])))
+            if len(idxs) == 1:
+                x, sigma, context, pooled, guidance, concat, refs = first[:7]
+            else:
+                x, sigma, pooled = (torch.cat([rows[i][j] for i in idxs]) for j in (0, 1, 3))
+                context = torch.cat([_pad_text(rows[i][2], longest) for i in idxs])
+                guidance = None if first[4] is None else torch.cat([rows[i][4] for i in idxs])
+                concat = None if first[5] is None else torch.cat([rows[i][5] for i in idxs])
+                refs = tuple(torch.cat([rows[i][6][k] for i in idxs]) for k in range(len(first[6])))
+            fwd = self.forwards or _eager
             with self._lora(first[8]):
-                out, self.votes = self.model.forward(*cat, guidance, comm=self.comm, vote=self.vote, concat=concat,
-                                                     refs=refs, ref_method=first[7])
+                out, self.votes = fwd(self.model, x, sigma, context, pooled, guidance, comm=self.comm,
+                                      vote=self.vote, concat=concat, refs=refs, ref_method=first[7],
+                                      text_lengths=lengths if min(lengths) < longest else None)
             pos = 0
             for i in idxs:
                 n = rows[i][0].shape[0]
@@ -249,6 +286,28 @@ class StepRunner:
         from .lora import applied
 
         return applied(self.model.module, self.loras.combined(self.model, stack))
+
+    def _forward_groups(self, rows: list[Row]) -> list[list[int]]:
+        by_kind: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            refs_key = tuple(tuple(t.shape[1:]) for t in r[6])
+            by_kind.setdefault((r[4] is None, r[5] is None, refs_key, r[7], r[8]), []).append(i)
+        groups = []
+        for idxs in by_kind.values():
+            lens = {i: int(rows[i][2].shape[1]) for i in idxs}
+            longest = max(lens.values())
+            x = rows[idxs[0]][0]
+            image = self.model.num_image_tokens(x.shape[2], x.shape[3])
+            real = sum((lens[i] + image) * rows[i][0].shape[0] for i in idxs)
+            pad = sum((longest - lens[i]) * rows[i][0].shape[0] for i in idxs)
+            if pad <= self.max_pad_fraction * real:
+                groups.append(idxs)
+                continue
+            by_len: dict[int, list[int]] = {}
+            for i in idxs:
+                by_len.setdefault(lens[i], []).append(i)
+            groups.extend(by_len.values())
+        return groups
 
     def denoiser(self, cond: Conditioning, submit):
         """ComfyUI's flow-model denoiser with CFG: ``x - out * sigma``, cond and uncond as one batch."""
@@ -270,8 +329,10 @@ class StepRunner:
             return cfg_combine(den[0], den[1], cond.cfg) if cond.uses_cfg else den[0]
         return denoise
 
-    def step(self, trajs: list[Trajectory], conds: list[Conditioning], vote: float) -> tuple[list[Trajectory], bool]:
-        """One sampler step of every trajectory; returns them and whether the group agreed to stop."""
+    def step(self, trajs: list[Trajectory], conds: list[Conditioning],
+             vote: float) -> tuple[list[Trajectory], bool | torch.Tensor]:
+        """One sampler step of every trajectory; returns them and the stop signal: this rank's vote
+        alone, or the group's gathered votes (stop if any is > 0; ``steptime.DeferredVote``)."""
         self.vote, self.votes = vote, None
         if len(trajs) == 1:
             new = [step(trajs[0], self.denoiser(conds[0], self.forward_rows))]
@@ -299,7 +360,7 @@ class StepRunner:
                 raise errors[0]
         if self.comm is None or self.votes is None:
             return new, vote > 0
-        return new, bool((self.votes > 0).any().item())
+        return new, self.votes  # the group's gathered votes (read by DeferredVote: a sync on CUDA)
 
 
 # ----------------------------------------------------------------- failures
@@ -344,6 +405,7 @@ class Worker:
         self.stop_task_ids: set[int] = set()
         self.inbox: queue.Queue = queue.Queue()
         self.injected: str | None = None  # a drill's fault for the next step
+        self.forwards = ModelForwards(cfg.cuda_graphs, self.device)
 
     def send(self, *msg) -> None:
         self.res.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
@@ -472,12 +534,14 @@ class Worker:
     def run(self, task: dict) -> None:
         task_id, group, leader = task["task_id"], tuple(task["gpu_ids"]), task["leader"]
         rids = task["request_ids"]
-        steps_done, times, error, stats = 0, [], None, {}
+        steps_done, error, stats = 0, None, {}
+        timer = StepTimer(self.device)
         trajs: list[Trajectory] = []
         try:
-            for rid, cond in task["conds"].items():
+            for rid, cond in task["conds"].items():  # a shared-memory handle, or the tensors themselves
                 model = self.models[cond.model]
-                self.conds[rid] = cond.to(self.device, model.dtype)
+                load = getattr(cond, "load", None) or cond.to
+                self.conds[rid] = load(self.device, model.dtype)
             comm = self.comms[group]
             model = self.models[task["model"]]
             t0 = time.perf_counter()
@@ -488,35 +552,44 @@ class Worker:
                 from .lora import LoraCache
 
                 self.loras = LoraCache()
-            runners = {task["model"]: StepRunner(model, comm, self.loras)}
+            runners = {task["model"]: StepRunner(model, comm, self.loras, self.forwards)}
 
             def runner_for(name: str) -> StepRunner:  # two-expert jobs step on either model (experts.py)
                 if name not in runners:
-                    runners[name] = StepRunner(self.models[name], comm, self.loras)
+                    runners[name] = StepRunner(self.models[name], comm, self.loras, self.forwards)
                 return runners[name]
 
             conds = [self.conds[rid] for rid in rids]
             every = task.get("checkpoint_every_s")
             last_ckpt = time.perf_counter()
+            votes = DeferredVote(self.device)
+            indices: list[list[int]] = []  # per step: each request's step index after it
+
+            def report() -> None:
+                for j, seconds in timer.ready():
+                    for rid, index in zip(rids, indices[j]):
+                        self.send("step", task_id, rid, index, seconds)
+
             for i in range(task["num_steps"]):
-                t0 = time.perf_counter()
+                timer.start()
                 self._raise_injected()
                 vote = 1.0 if task_id in self.stop_task_ids else 0.0
-                trajs, stop = step_with_experts(runner_for, trajs, conds, vote, task["model"])
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                times.append(time.perf_counter() - t0)
+                trajs, signal = step_with_experts(runner_for, trajs, conds, vote, task["model"])
+                timer.stop()  # no host sync: CUDA events, read when done
+                indices.append([traj.step_index for traj in trajs])
                 steps_done += 1
                 if leader:
-                    for rid, traj in zip(rids, trajs):
-                        self.send("step", task_id, rid, traj.step_index, times[-1])
-                if stop:
+                    report()
+                if votes.agreed(signal):
                     break
                 if (leader and every is not None and i + 1 < task["num_steps"]
                         and time.perf_counter() - last_ckpt >= every):
                     # a checkpoint inside a long assignment: a death now loses at most `every` seconds
                     self.send("ckpt", task_id, {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)})
                     last_ckpt = time.perf_counter()
+            timer.finish()  # the assignment's one sync
+            if leader:
+                report()
         except Exception as exc:  # noqa: BLE001 - the assignment fails; the worker lives on unless it is fatal
             kind = classify_failure(exc, self.cfg.backend, len(group))
             log.log(logging.WARNING if kind == "lost" else logging.ERROR, "worker %d: task %d failed (%s)",
@@ -535,7 +608,9 @@ class Worker:
         for rid, traj in zip(rids, trajs):
             self.trajs[rid] = traj
         checkpoints = {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)} if leader and trajs else None
-        self.send("done", task_id, self.cfg.rank, steps_done, tuple(times), checkpoints, error, stats)
+        if error is not None and self.device.type != "cuda":
+            timer.ready()  # the steps before the failure (on CUDA only those already read: no sync now)
+        self.send("done", task_id, self.cfg.rank, steps_done, tuple(timer.times), checkpoints, error, stats)
 
     def _raise_injected(self) -> None:
         kind, self.injected = self.injected, None
@@ -571,7 +646,7 @@ def worker_main(cfg: WorkerConfig, cmd_conn, res_conn) -> None:
             from .memory import device_memory_bytes
 
             worker.send("ready", cfg.rank, {"device": cfg.device, "backend": cfg.backend, "pid": os.getpid(),
-                                            "torch": torch.__version__,
+                                            "torch": torch.__version__, "cuda_graphs": worker.forwards.active,
                                             "total_memory_bytes": device_memory_bytes(worker.device)})
             threading.Thread(target=worker.receive, args=(cmd_conn,), daemon=True).start()
             worker.serve()

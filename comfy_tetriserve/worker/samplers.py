@@ -24,7 +24,7 @@ re-exported here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -51,7 +51,7 @@ __all__ = [
     "denoised_from_model_output", "cfg_skips_uncond", "cfg_combine",
     # trajectories
     "DenoiseFn", "RNG_KEY", "SAMPLER_OPTIONS", "SAMPLERS", "Trajectory", "start_trajectory", "step",
-    "step_batch", "num_model_calls", "finish_latent",
+    "num_model_calls", "finish_latent",
 ]
 
 #: denoise_fn(x, sigma) -> denoised: the model (with CFG folded in) at noise level sigma ([B])
@@ -378,60 +378,34 @@ def _draw_noise(traj: Trajectory, state: torch.Tensor | None, kind: str | None,
     return noise.to(device), generator.get_state(), kind
 
 
-def step_batch(trajs: Sequence[Trajectory], denoise_fn: DenoiseFn) -> list[Trajectory]:
-    """Advance several trajectories one step with shared denoiser calls on their concatenation
-    (dim 0). They must share sampler, options, step index and sigmas; each keeps its own noise
-    stream, so the result equals stepping each alone given a row-wise denoiser."""
-    if not trajs:
-        return []
-    first = trajs[0]
-    for t in trajs:
-        if t.done:
-            raise InvalidRequest("trajectory already finished")
-        if (t.sampler, t.step_index, dict(t.options)) != (first.sampler, first.step_index, dict(first.options)) \
-                or not torch.equal(t.sigmas, first.sigmas):
-            raise InvalidRequest("trajectories stepped together must share sampler, options, step and sigmas")
-    if any(set(t.memory) - {RNG_KEY} != set(first.memory) - {RNG_KEY} for t in trajs):
-        raise InvalidRequest("trajectories stepped together must have the same sampler memory")
-    sizes = [int(t.x.shape[0]) for t in trajs]
-    x = trajs[0].x if len(trajs) == 1 else torch.cat([t.x for t in trajs])
-    memory = {k: (v if len(trajs) == 1 else torch.cat([t.memory[k] for t in trajs]))
-              for k, v in first.memory.items() if k != RNG_KEY}
-    states = [t.memory.get(RNG_KEY) for t in trajs]
-    kinds = [t.noise_device for t in trajs]
+def _advance(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
+    x = traj.x
+    state, kind = traj.memory.get(RNG_KEY), traj.noise_device
 
     def noise() -> torch.Tensor:
-        draws = []
-        for k, t in enumerate(trajs):
-            n, states[k], kinds[k] = _draw_noise(t, states[k], kinds[k], x.device)
-            draws.append(n)
-        return draws[0] if len(draws) == 1 else torch.cat(draws)
+        nonlocal state, kind
+        n, state, kind = _draw_noise(traj, state, kind, x.device)
+        return n
 
+    memory = {k: v for k, v in traj.memory.items() if k != RNG_KEY}
     s_in = x.new_ones([x.shape[0]])
-    ctx = _Step(first.sigmas, first.step_index, lambda v, sigma: denoise_fn(v, sigma * s_in), noise,
-                first.option, memory)
-    x_new = _STEP_FNS[first.sampler](x, ctx)
-    out = []
-    for k, t in enumerate(trajs):
-        lo, hi = sum(sizes[:k]), sum(sizes[:k + 1])
-        rows = x_new if len(trajs) == 1 else x_new[lo:hi].clone()  # own storage: cheap to send
-        mem = {key: v if len(trajs) == 1 else v[lo:hi].clone() for key, v in ctx.memory.items()}
-        if states[k] is not None:
-            mem[RNG_KEY] = states[k]
-        out.append(replace(t, x=rows, step_index=t.step_index + 1, memory=mem, noise_device=kinds[k]))
-    return out
-
-
-def _single(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
-    return step_batch([traj], denoise_fn)[0]
+    ctx = _Step(traj.sigmas, traj.step_index, lambda v, sigma: denoise_fn(v, sigma * s_in), noise, traj.option,
+                memory)
+    x_new = _STEP_FNS[traj.sampler](x, ctx)
+    if state is not None:
+        ctx.memory[RNG_KEY] = state
+    return replace(traj, x=x_new, step_index=traj.step_index + 1, memory=ctx.memory, noise_device=kind)
 
 
 #: sampler name -> fn(trajectory, denoise_fn) -> trajectory one step further
-SAMPLERS: dict[str, Callable[[Trajectory, DenoiseFn], Trajectory]] = {name: _single for name in _STEP_FNS}
+SAMPLERS: dict[str, Callable[[Trajectory, DenoiseFn], Trajectory]] = {name: _advance for name in _STEP_FNS}
 
 
 def step(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
-    """Advance one sampler step (one or more model evaluations through ``denoise_fn``)."""
+    """Advance one sampler step (one or more model evaluations through ``denoise_fn``).
+
+    Several trajectories step together in the worker (``runner.StepRunner``): each one's step
+    runs here, and their model evaluations meet in one batched forward there."""
     if traj.done:
         raise InvalidRequest("trajectory already finished")
     return SAMPLERS[traj.sampler](traj, denoise_fn)
