@@ -57,6 +57,9 @@ class SharedConditioning:
         try:
             tensors = {}
             for s in self.slots:
+                if s.nbytes == 0:  # an empty tensor (Wan's [B, 0] pooled): its shape is all there is
+                    tensors[s.field] = torch.empty(s.shape, device=device, dtype=dtype)
+                    continue
                 flat = torch.frombuffer(shm.buf, dtype=s.dtype, count=s.nbytes // s.dtype.itemsize, offset=s.offset)
                 tensors[s.field] = flat.view(s.shape).to(device=device, dtype=dtype, copy=True)
                 del flat
@@ -86,6 +89,8 @@ def share_conditioning(job: SamplingJob) -> tuple[SharedConditioning, shared_mem
     shm = shared_memory.SharedMemory(create=True, size=max(offset, 1))
     try:
         for slot in slots:
+            if slot.nbytes == 0:
+                continue
             src = tensors[slot.field].detach().to("cpu").contiguous()
             dst = torch.frombuffer(shm.buf, dtype=slot.dtype, count=src.numel(), offset=slot.offset)
             dst.copy_(src.view(-1))

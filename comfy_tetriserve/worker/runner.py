@@ -232,8 +232,8 @@ def _pad_text(context: torch.Tensor, num_text: int) -> torch.Tensor:
 class StepRunner:
     """One sampler step for a list of trajectories on one group (see the module docstring)."""
 
-    def __init__(self, model, comm: GroupComm | None, loras=None, forwards=None,
-                 max_pad_fraction: float | None = None) -> None:
+    def __init__(self, model, comm: GroupComm | None, forwards=None, max_pad_fraction: float | None = None,
+                 loras=None) -> None:
         self.model = model
         self.comm = comm
         self.loras = loras  # lora.LoraCache: files read once per worker
@@ -552,11 +552,11 @@ class Worker:
                 from .lora import LoraCache
 
                 self.loras = LoraCache()
-            runners = {task["model"]: StepRunner(model, comm, self.loras, self.forwards)}
+            runners = {task["model"]: StepRunner(model, comm, self.forwards, loras=self.loras)}
 
             def runner_for(name: str) -> StepRunner:  # two-expert jobs step on either model (experts.py)
                 if name not in runners:
-                    runners[name] = StepRunner(self.models[name], comm, self.loras, self.forwards)
+                    runners[name] = StepRunner(self.models[name], comm, self.forwards, loras=self.loras)
                 return runners[name]
 
             conds = [self.conds[rid] for rid in rids]
