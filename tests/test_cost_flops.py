@@ -87,3 +87,24 @@ def test_flop_scaled_cost_model_standalone():
     assert cost.step_time_s("flux-big", 1024, 1024, 1, 4) == pytest.approx(
         h200.step_time_s("flux-dev", 1024, 1024, 1, 4) * 76 / 57)
     assert cost.allowed_degrees("flux-big") == h200.allowed_degrees("flux-dev")
+
+
+def test_qwen_image_and_wan_are_priced_by_flops_from_flux_by_default():
+    """A loaded Qwen-Image or Wan file needs no flag: the default --profile-as maps both families to the
+    profiled FLUX, scaled by the FLOP ratio and flagged modelled; a 720p Wan clip (21 latent frames folded
+    into the height, as the service prices video) costs far more than one 720p image of the same model."""
+    from comfy_tetriserve.service.settings import ServiceConfig
+    from comfy_tetriserve.service.wiring import parse_pairs
+
+    cost = ModelCost(load_cost_model("h200"), parse_pairs(ServiceConfig().profile_as, "profile_as"))
+    qwen, wan14 = _info("qwen-image", "qwen"), _info("wan2.1-t2v-14b", "wan14")
+    assert (qwen.num_attention_layers, qwen.hidden_size) == (60, 3072)
+    assert (wan14.num_attention_layers, wan14.hidden_size) == (40, 5120)
+    cost.register(qwen)
+    cost.register(wan14)
+    flux = cost.base.step_time_s("flux-dev", 1024, 1024, 1, 1)
+    assert cost.pricing("qwen")["modelled"] and cost.pricing("wan14")["priced_as"] == "flux-dev"
+    assert 0.9 < cost.step_time_s("qwen", 1024, 1024, 1, 1) / flux < 1.3  # 60 vs 57 blocks of the same width
+    image = cost.step_time_s("wan14", 720, 1280, 1, 1)
+    clip = cost.step_time_s("wan14", 720 * 21, 1280, 1, 1)
+    assert clip > 21 * image > 0

@@ -36,8 +36,9 @@ class ServiceConfig:
     policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
     cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
     profile_as: tuple[str, ...] = field(
-        ("flux=flux-dev", "sd3=sd3-medium"),
-        help="FAMILY=PROFILED_MODEL: price a loaded model the profile does not know like this one")
+        ("flux=flux-dev", "sd3=sd3-medium", "qwen_image=flux-dev", "wan=flux-dev"),
+        help="FAMILY=PROFILED_MODEL: price a loaded model the profile does not know from this one, scaled by "
+             "the FLOP ratio of the two architectures (modelled until `profile` measures it)")
     sim_time_scale: float = field(1.0, help="sim devices: multiply the cost model's step times by this")
     lease_s: float = field(30.0, help="a lease not renewed for this long expires and its jobs are cancelled")
     result_ttl_s: float = field(600.0, help="an ended job (and its result) is forgotten this long after it ended")

@@ -407,7 +407,11 @@ def info_of_config(name: str, config: dict, dtype: torch.dtype, source: str) -> 
             name=name, family=family, num_heads=int(config["num_attention_heads"]),
             in_channels=families.latent_channels(family, config), context_dim=families.context_dim(family, config),
             pooled_dim=0, guidance_embeds=False, dtype=dtype_name(dtype),
-            source=source if source.startswith("random:") else Path(source).name)
+            source=source if source.startswith("random:") else Path(source).name,
+            # size-aware pricing (service/catalog.py ModelCost): scaled from the family's reference by FLOPs
+            num_attention_layers=num_attention_layers(config),
+            hidden_size=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+            num_text_tokens=families.DEFAULT_TEXT_TOKENS[family])
     latent_channels = config["out_channels"] // 4 if family == "flux" else config["in_channels"]
     concat_channels = (config["in_channels"] - config["out_channels"]) // 4 if family == "flux" else 0
     return ModelInfo(
