@@ -27,7 +27,6 @@ without a copy is loaded even if that evicts below a target (never a pinned mode
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from ..cost import CostModel
 from ..types import Assignment, ModelEviction, ModelLoad, PlacementView, RequestSnapshot, RoundPlan, SchedulerView

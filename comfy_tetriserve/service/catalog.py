@@ -77,8 +77,11 @@ def check_model_name(name: object) -> str:
     return name
 
 
-def resolve_path(name: str, roots: tuple[str, ...]) -> str:
-    """The real path of model file ``name`` inside one of ``roots``; NotFound if none has it."""
+def find_file(name: str, roots: tuple[str, ...], kind: str, suffixes: tuple[str, ...],
+              folders: bool = False) -> str | None:
+    """The real path of file ``name`` inside one of ``roots`` (a ``kind`` file: "model", "LoRA"), None if no
+    root has it; InvalidRequest for a name that leads outside its root or is not a ``suffixes`` file (nor,
+    with ``folders``, a diffusers folder)."""
     check_model_name(name)
     for root in roots:
         root_real = os.path.realpath(root)
@@ -87,13 +90,22 @@ def resolve_path(name: str, roots: tuple[str, ...]) -> str:
             continue
         real = os.path.realpath(candidate)
         if os.path.commonpath([real, root_real]) != root_real:
-            raise InvalidRequest(f"model {name!r} leads outside the model folders (symlink)")
-        if os.path.isfile(real) and real.endswith(MODEL_SUFFIXES):
+            raise InvalidRequest(f"{kind} {name!r} leads outside the {kind} folders (symlink)")
+        if os.path.isfile(real) and real.endswith(suffixes):
             return real
-        if os.path.isdir(real) and os.path.exists(os.path.join(real, "config.json")):
+        if folders and os.path.isdir(real) and os.path.exists(os.path.join(real, "config.json")):
             return real  # a diffusers transformer folder
-        raise InvalidRequest(f"model {name!r} is not a {'/'.join(MODEL_SUFFIXES)} file or a diffusers folder")
-    raise NotFound(f"unknown model {name!r}: not configured and not a file in the model folders")
+        raise InvalidRequest(f"{kind} {name!r} is not a {'/'.join(suffixes)} file"
+                             + (" or a diffusers folder" if folders else ""))
+    return None
+
+
+def resolve_path(name: str, roots: tuple[str, ...]) -> str:
+    """The real path of model file ``name`` inside one of ``roots``; NotFound if none has it."""
+    found = find_file(name, roots, "model", MODEL_SUFFIXES, folders=True)
+    if found is None:
+        raise NotFound(f"unknown model {name!r}: not configured and not a file in the model folders")
+    return found
 
 
 def list_model_files(roots: tuple[str, ...]) -> list[str]:

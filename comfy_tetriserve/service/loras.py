@@ -9,11 +9,10 @@ searched. The workers then read each file once and apply the stack per job (work
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from ..errors import InvalidRequest, NotFound
-from .catalog import check_model_name
+from .catalog import check_model_name, find_file
 
 LORA_SUFFIXES = (".safetensors", ".sft")
 MAX_LORAS = 16
@@ -53,20 +52,11 @@ def parse_stack(raw: Any) -> tuple[tuple[str, float], ...]:
 
 def resolve_lora(name: str, roots: tuple[str, ...]) -> str:
     """The real path of LoRA file ``name`` inside one of ``roots``; NotFound naming the folders otherwise."""
-    check_model_name(name)
-    for root in roots:
-        root_real = os.path.realpath(root)
-        candidate = os.path.join(root_real, *name.split("/"))
-        if not os.path.lexists(candidate):
-            continue
-        real = os.path.realpath(candidate)
-        if os.path.commonpath([real, root_real]) != root_real:
-            raise InvalidRequest(f"LoRA {name!r} leads outside the LoRA folders (symlink)")
-        if os.path.isfile(real) and real.endswith(LORA_SUFFIXES):
-            return real
-        raise InvalidRequest(f"LoRA {name!r} is not a {'/'.join(LORA_SUFFIXES)} file")
-    where = ", ".join(roots) if roots else "none: start the service with --lora-dir"
-    raise NotFound(f"unknown LoRA {name!r}: no such file in the LoRA folders ({where})")
+    found = find_file(name, roots, "LoRA", LORA_SUFFIXES)
+    if found is None:
+        where = ", ".join(roots) if roots else "none: start the service with --lora-dir"
+        raise NotFound(f"unknown LoRA {name!r}: no such file in the LoRA folders ({where})")
+    return found
 
 
 def resolve_stack(stack: tuple[tuple[str, float], ...], roots: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

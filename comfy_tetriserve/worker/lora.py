@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager

@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..core.residency import parse_budget  # noqa: F401 - re-exported: the pool reads budgets here
+from ..errors import InvalidRequest
 
 #: Fractions of memory the default budget grants to weights: the rest is activations, latents,
 #: collectives' buffers and (on CPU) everything else on the machine.

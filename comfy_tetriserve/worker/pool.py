@@ -37,7 +37,6 @@ which is a death as above; out of memory in a one-device assignment ends that as
 """
 from __future__ import annotations
 
-import dataclasses
 
 import asyncio
 import itertools
