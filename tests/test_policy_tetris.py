@@ -237,8 +237,8 @@ def test_a_burst_of_small_requests_is_admitted_where_it_is_feasible():
 
 
 def test_a_burst_is_admitted_in_the_simulation_too():
-    # bursts of 5 small requests at one instant: with the rule every request of this trace is served on
-    # time; counting each arrival of a burst towards the margin dooms some of them
+    # bursts of 5 small requests at one instant, beyond what the box can serve: counting each arrival of
+    # a burst towards the admission margin dooms requests the box could serve (SAR 0.35 against 0.45)
     from comfy_tetriserve.sim.simulator import simulate
     from comfy_tetriserve.sim.workload import WorkloadSpec, make_trace
 
@@ -246,7 +246,7 @@ def test_a_burst_is_admitted_in_the_simulation_too():
                                     burst_size=5))
     sar = {w: simulate(trace, TetriServePolicy(burst_window_s=w), COST, SimConfig(num_gpus=8)).sar()
            for w in (0.0, TetriServePolicy().burst_window_s)}
-    assert sar[TetriServePolicy().burst_window_s] > sar[0.0] + 0.02, sar
+    assert sar[TetriServePolicy().burst_window_s] > sar[0.0] + 0.05, sar
 
 
 def test_scale_up_reserve_keeps_gpus_out_of_scale_up():
