@@ -203,10 +203,8 @@ class TetriServePolicy:
         # each budget kept in reserve (a plan that just meets its deadline breaks at the first
         # delay) and a share of the GPU time admission may count on
         contention = min(1.0, max(len(live) - self.margin_free_live, 0) / max(n, 1))
-        admit_contention = contention
-        if self.burst_window_s > 0:
-            admit_contention = min(1.0, max(self._num_contending(live) - self.margin_free_live, 0) / max(n, 1))
         # the admission margin counts a burst (arrivals within burst_window_s of each other) once
+        admit_contention = min(1.0, max(self._num_contending(live) - self.margin_free_live, 0) / max(n, 1))
         margin = self.plan_margin_frac * contention
         for item in live:
             budget = item.deadline - now
