@@ -21,6 +21,10 @@ option that controls each is in brackets; docs/planner.md measures them):
    pushed back by earlier deadlines needs faster, costlier degrees later, and rounds leave GPUs
    idle at their ends; both grow with the number of requests sharing the box, and without the
    margin the box spends GPU time on requests it later drops or that miss by a few steps.
+   The admission margin's contention counts a *burst* once [``burst_window_s``]: live requests
+   whose arrivals follow each other within that window (requests submitted together) are one
+   arrival for it, so a burst that fits the whole box is admitted whole, while sustained
+   contention (requests arriving apart) keeps the margin. The plan margin counts every request.
 4. Round length tau = ``granularity_steps`` x the fastest step of the slowest LIVE request
    [``tau_rule``]: a 2048 px request runs about 5 steps per round at 8 GPUs, smaller ones more.
    Option (off by default, measured worse): ``tau_slack_frac`` caps tau at that share of the
@@ -137,6 +141,7 @@ class TetriServePolicy:
     plan_margin_frac: float = 0.2
     admit_margin_frac: float = 0.45
     margin_free_live: int = 2
+    burst_window_s: float = 0.001
     background_round_s: float = 0.15
     scale_up_reserve: int = 0
     scale_up_commit_s: float = 0.0
@@ -155,8 +160,8 @@ class TetriServePolicy:
         for name in ("plan_margin_frac", "admit_margin_frac"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1)")
-        if self.scale_up_reserve < 0 or self.scale_up_commit_s < 0 or self.tau_slack_frac < 0:
-            raise ValueError("scale_up_reserve, scale_up_commit_s and tau_slack_frac must be >= 0")
+        if min(self.scale_up_reserve, self.scale_up_commit_s, self.tau_slack_frac, self.burst_window_s) < 0:
+            raise ValueError("scale_up_reserve, scale_up_commit_s, tau_slack_frac and burst_window_s must be >= 0")
 
     def for_forecast(self) -> "TetriServePolicy":
         """The same planner for a world without further arrivals (sim.forecast): background work
@@ -198,6 +203,8 @@ class TetriServePolicy:
         # each budget kept in reserve (a plan that just meets its deadline breaks at the first
         # delay) and a share of the GPU time admission may count on
         contention = min(1.0, max(len(live) - self.margin_free_live, 0) / max(n, 1))
+        # the admission margin counts a burst (arrivals within burst_window_s of each other) once
+        admit_contention = min(1.0, max(self._num_contending(live) - self.margin_free_live, 0) / max(n, 1))
         margin = self.plan_margin_frac * contention
         for item in live:
             budget = item.deadline - now
@@ -211,7 +218,7 @@ class TetriServePolicy:
         doomed: list[_Item] = []
         if self.admission and live:
             live, doomed = self._admit(live, self._running_work(view, cost, n), now, n,
-                                       1.0 - self.admit_margin_frac * contention)
+                                       1.0 - self.admit_margin_frac * admit_contention)
         if window is not None:
             tau = window
         elif live:
@@ -247,6 +254,19 @@ class TetriServePolicy:
                          note=f"{kind} tau={tau:.3f}s admitted={len(live)} doomed={len(doomed)}")
 
     # ------------------------------------------------------------------ pieces
+    def _num_contending(self, live: list[_Item]) -> int:
+        """Live requests counted for the contention: with ``burst_window_s`` > 0, requests whose
+        arrivals lie within that window of the previous one count once (a burst, not sustained load)."""
+        if self.burst_window_s <= 0:
+            return len(live)
+        arrivals = sorted(s.request.arrival_at for x in live for s in x.snaps)
+        count, last = 0, -math.inf
+        for a in arrivals:
+            if a - last > self.burst_window_s:
+                count += 1
+            last = a
+        return count
+
     def _running_work(self, view: SchedulerView, cost: CostModel, n: int) -> list[tuple[float, float]]:
         """(deadline, GPU seconds still needed) of running requests that can still make it:
         the rest of the assignment in flight plus the least GPU time of the steps after it."""
