@@ -124,6 +124,8 @@ async def drive(comfy, url: str, tmp_path):
         await submit_api_jobs(url)
         await browser.wait_for(f"{PANEL}.querySelectorAll('tbody tr').length >= 7", 30)
         await asyncio.sleep(4.0)  # some jobs done, some running, some still queued
+        # on a busy machine the first deadline job may take longer: wait (bounded) until one has ended
+        await browser.wait_for(f"{PANEL}.querySelector('[data-stat=sar]').textContent !== '–'", 60)
         shown = await browser.evaluate(f"""(() => {{
             const root = {PANEL};
             const canvas = root.querySelector('canvas');
