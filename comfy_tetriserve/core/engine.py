@@ -161,7 +161,8 @@ class Engine:
 
     @property
     def free_gpu_ids(self) -> tuple[int, ...]:
-        return tuple(g for g in self.healthy_gpu_ids if g not in self._busy)
+        busy = self.busy_gpu_ids  # subclasses add devices that are loading models
+        return tuple(g for g in self.healthy_gpu_ids if g not in busy)
 
     def set_gpu_health(self, gpu_id: int, healthy: bool) -> None:
         if gpu_id not in self.all_gpu_ids:

@@ -19,7 +19,6 @@ from dataclasses import replace
 
 from ..cost import CostModel
 from ..errors import Conflict
-from ..plan import validate_plan
 from ..types import ModelLoad, PlacementView, RoundPlan, SchedulerView
 from .engine import Engine
 from .placement_engine import LoadRecord
@@ -46,11 +45,6 @@ class ExecutorPlacementEngine(Engine):
     @property
     def busy_gpu_ids(self) -> frozenset[int]:
         return frozenset(self._busy) | frozenset(self._loading)
-
-    @property
-    def free_gpu_ids(self) -> tuple[int, ...]:
-        busy = self.busy_gpu_ids
-        return tuple(g for g in self.healthy_gpu_ids if g not in busy)
 
     def submit(self, request):
         state = super().submit(request)
@@ -101,16 +95,6 @@ class ExecutorPlacementEngine(Engine):
         )
 
     # ------------------------------------------------------------ plans
-    def plan(self, now: float) -> RoundPlan | None:
-        view = self.view(now)
-        if not view.free_gpu_ids or not view.plannable:
-            return None
-        t0 = self._timer()
-        plan = self.policy.plan_round(view, self.cost)
-        self.decision_times_s.append(self._timer() - t0)
-        validate_plan(view, plan, self.cost.allowed_degrees)
-        return plan
-
     def apply_plan(self, plan: RoundPlan, now: float, expected_end_at=None) -> None:
         for ev in plan.evictions:
             try:

@@ -79,11 +79,6 @@ class PlacementEngine(Engine):
     def busy_gpu_ids(self) -> frozenset[int]:
         return frozenset(self._busy) | frozenset(self._loading)
 
-    @property
-    def free_gpu_ids(self) -> tuple[int, ...]:
-        busy = self.busy_gpu_ids
-        return tuple(g for g in self.healthy_gpu_ids if g not in busy)
-
     def loads_in_flight(self) -> tuple[tuple[ModelLoad, float], ...]:
         seen, out = set(), []
         for load, end, _ in self._loading.values():
