@@ -88,6 +88,9 @@ class ServiceConfig:
     devices_per_node: str = field("gpu", help="cluster mode: 'gpu' (one worker per GPU of every node with GPUs) or "
                                               "cpu:N (N CPU workers on every node, for tests)")
     inter_node_gbps: float = field(100.0, help="cluster mode: bandwidth between nodes in Gbit/s, prices a job's move")
+    spare_nodes: int = field(0, help="cluster mode: boxes that may join later beyond those up at start (each with as "
+                                     "many devices as the first box); their GPU ids are reserved and join the plan "
+                                     "when a box arrives")
     journal: str = field(
         "auto", help="SQLite file of the job history (every job accepted and how it ended: /v1/usage, and a restarted "
                      "service tells clients which jobs it lost); 'auto': <cache>/history-<port>.sqlite3; 'off': none")
@@ -121,7 +124,7 @@ class ServiceConfig:
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
         for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults",
-                     "history_retention_days"):
+                     "history_retention_days", "spare_nodes"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",
