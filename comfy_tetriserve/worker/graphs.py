@@ -32,12 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.warmup import MAX_GRAPHS, WarmKey
 from .stepcache import LruCache
 
 log = logging.getLogger(__name__)
 
 WARMUP_RUNS = 2
-MAX_GRAPHS = 16
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,21 @@ class ModelForwards:
         self.failed: set[GraphKey] = set()
         self.num_captures = 0
         self._pools: dict[str, object] = {}
+
+    @property
+    def version(self) -> int:
+        """Changes whenever the set of captured (or given-up) keys may have changed."""
+        return self.num_captures + len(self.failed)
+
+    def warm_keys(self, rank: int) -> tuple[WarmKey, ...]:
+        """The keys held here as the planner names them (core/warmup.py): (group, model, height,
+        width, batch) in pixels; one device's group is (rank,). Keys whose capture failed count as
+        warm: they run eagerly and cost no further warm-up."""
+        out = {}
+        for key in list(self.graphs.keys()) + list(self.failed):
+            group = tuple(sorted(key.group)) or (rank,)
+            out[(group, key.model, key.height * 8, key.width * 8, key.batch)] = None
+        return tuple(out)
 
     @property
     def active(self) -> bool:
