@@ -63,6 +63,13 @@ option that controls each is in brackets; docs/planner.md measures them):
    round end E, chosen among whole-step ends between the longest single step and
    ``align_max_frac`` x tau to minimise idle GPU time (plus ``round_overhead_s`` per assignment).
 
+11. Warm-up [``warmup_allocation``] (only when the cost model has ``capture_steps`` > 0 and the view
+   carries warm keys; policy/warmup.py): the first step at a shape a group has not captured costs the
+   capture. Feasibility (LIVE) and the survival tests count it; a request asks for a free warm group
+   of its size first (scale-up too); background pieces only take a degree whose step and expected
+   warm-up fit the round; a cold group runs the steps that fit the round after its capture. The
+   option also charges it in the allocation and the round's options (measured worse, docs/planner.md).
+
 0. Model placement (only when the executor places models: the view has a ``placement``): demand
    per model decides loads (replication) and evictions, and the steps below run once per model on
    the devices holding it (policy/placement.py).
@@ -122,6 +129,10 @@ class _Item:
         if not self.warm_s:
             return steps * self.t_min
         return min(steps * t + (0.0 if k == warm else self.warm_s.get(k, 0.0)) for k, t in self.times.items())
+
+    def warmup(self, k: int) -> float:
+        """The warm-up expected at degree ``k`` (0 when a group of that size is warm or not priced)."""
+        return self.warm_s.get(k, 0.0) if self.warm_s else 0.0
 
     def group_warmup_s(self, group: tuple[int, ...]) -> float:
         """What the first step on ``group`` adds (0 when warm or not priced)."""
@@ -526,7 +537,7 @@ class TetriServePolicy:
         for x in items:
             if room() <= 0:
                 return out
-            small = [k for k in x.times if k <= min(self.late_max_gpus, room()) and x.times[k] <= tau + EPS]
+            small = [k for k in x.times if k <= min(self.late_max_gpus, room()) and x.times[k] + x.warmup(k) <= tau + EPS]
             if not small:
                 waiting.append(x)
                 continue
@@ -539,7 +550,7 @@ class TetriServePolicy:
             out.append(x)
         for x in waiting:
             for k in sorted(x.times):
-                if x.times[k] > tau + EPS or k > room():
+                if x.times[k] + x.warmup(k) > tau + EPS or k > room():
                     continue
                 g = placer.place(k, self._warm_prefer(x, placer, k, x.prefer))
                 if g is not None:

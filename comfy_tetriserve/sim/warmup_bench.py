@@ -40,14 +40,16 @@ def with_capture_steps(cost: ProfileCostModel, capture_steps: float) -> ProfileC
 
 
 def run_case(case: tuple) -> float:
-    """SAR of one (profile, variant, capture_steps, mix, scale, seed, num_requests, rate, num_gpus)."""
-    profile, variant, capture, mix, scale, seed, num_requests, rate, num_gpus = case
+    """SAR of one (profile, variant, capture_steps, mix, scale, seed, num_requests, rate, num_gpus
+    [, TetriServe options])."""
+    profile, variant, capture, mix, scale, seed, num_requests, rate, num_gpus, *rest = case
+    options = dict(rest[0]) if rest else {}
     base = load_cost_model(profile)
     charged = with_capture_steps(base, capture if variant != "no capture" else 0.0)
     planner = charged if variant != "ignored" else with_capture_steps(base, 0.0)
     trace = make_trace(WorkloadSpec(num_requests=num_requests, rate_per_min=rate, num_steps=50, model="flux-dev",
                                     mix=mix, slo_scale=scale, seed=seed))
-    res = simulate(trace, make_policy("tetriserve"), planner, SimConfig(num_gpus=num_gpus), true_cost=charged,
+    res = simulate(trace, make_policy("tetriserve", **options), planner, SimConfig(num_gpus=num_gpus), true_cost=charged,
                    cost_name=profile)
     return res.sar()
 
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=12.0, help="arrivals per minute")
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--warmup-allocation", action="store_true",
+                    help="the priced planner also prices warm-up in its allocation and round options")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     cases = []
@@ -73,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             for mix in args.mixes:
                 for scale in args.scales:
                     for seed in range(args.seeds):
+                        options = (("warmup_allocation", True),) if args.warmup_allocation else ()
                         cases.append((args.profile, variant, capture, mix, scale, seed, args.requests, args.rate,
-                                      args.gpus))
+                                      args.gpus, options))
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         sars = list(pool.map(run_case, cases))
     table: dict[str, dict[str, dict[str, float]]] = {}
     for case, sar in zip(cases, sars):
-        _, variant, capture, mix, scale, _, *_ = case
+        _, variant, capture, mix, scale, *_ = case
         name = variant if variant == "no capture" else f"{variant}, capture {capture:g} steps"
         table.setdefault(name, {}).setdefault(mix, {}).setdefault(f"{scale:g}", []).append(sar)
     out = {name: {mix: {s: statistics.fmean(v) for s, v in by_scale.items()} for mix, by_scale in by_mix.items()}
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"profile": args.profile, "seeds": args.seeds,
+                                              "warmup_allocation": args.warmup_allocation,
                                               "requests": args.requests, "sar": out}, indent=1) + "\n")
     return 0
 

@@ -21,8 +21,9 @@ on a CUDA device, from a CUDA graph captured at the first evaluation of each ``G
 
 Elsewhere (CPU, or the flag off) it is the plain eager call: a no-op wrapper. The flag defaults to
 off until a GPU run has measured it (``scripts/gpu_check.py``, docs/engine.md). The first step at a
-new key pays the warm-up and capture; the planner can price it through
-``cost.warmup_time_s`` (the profile's ``extra["capture_steps"]``).
+new key pays the warm-up and capture; ``warm_keys`` names the keys held as the planner sees them
+(core/warmup.py), the worker reports them to the pool, and the planner prices a cold key's first step
+through ``cost.warmup_time_s`` (the profile's ``extra["capture_steps"]``).
 """
 from __future__ import annotations
 

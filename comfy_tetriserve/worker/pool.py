@@ -452,14 +452,14 @@ class WorkerPool(PoolMemory):
         outstanding = self._outstanding.get(rank)
         if outstanding is not None:
             outstanding.discard(task_id)
+        if stats.get("warm_keys") is not None and rank not in self.dead:  # it captured since its last report
+            self._warm.set_device(rank, stats["warm_keys"])
         task = self._tasks.get(task_id)
         if task is None:  # a survivor of an assignment a dead peer broke: it may take work again
             if rank not in self.dead and outstanding is not None and not outstanding:
                 self._notify(WorkerFault())
             return
         task.pending.discard(rank)
-        if stats.get("warm_keys") is not None:  # the worker captured since its last report
-            self._warm.set_device(rank, stats["warm_keys"])
         if error:
             task.errors.append(error)
             task.retryable = task.retryable or bool(stats.get("retryable"))
