@@ -242,3 +242,31 @@ def test_the_pricing_planner_beats_the_ignoring_one_when_captures_are_large():
     assert free >= priced  # capture costs something even when priced
     # pricing in the allocation too (an option, measured worse on the long traces) still runs
     assert 0.0 < run_case(("h200", "priced", *case[2:], (("warmup_allocation", True),))) <= 1.0
+
+
+def test_forecast_counts_a_cold_keys_capture_once():
+    from comfy_tetriserve.sim.forecast import forecast_finish
+
+    cost = CapturedCost(capture_steps=10.0)
+    a = make_request(request_id="a", res=512, num_steps=20, deadline_s=100.0)
+    b = make_request(request_id="b", res=512, num_steps=20, deadline_s=200.0)
+    view = make_view([a, b], num_gpus=1)  # one device: b runs after a on the same group
+    t = cost.step_time_s("flux-dev", 512, 512, 1, 1)
+    plain = forecast_finish(view, make_policy("sp1"), cost)
+    cold = forecast_finish(dataclasses.replace(view, warm=frozenset()), make_policy("sp1"), cost)
+    assert plain == {"a": pytest.approx(20 * t), "b": pytest.approx(40 * t)}  # nothing known: nothing priced
+    assert cold == {"a": pytest.approx(30 * t), "b": pytest.approx(50 * t)}  # one capture, before a's steps
+
+
+def test_the_service_wires_the_executors_warm_keys_into_its_engine():
+    from service_helpers import make_service_app
+
+    from comfy_tetriserve.service.app import SERVICE
+
+    cost = CapturedCost(base_s=0.02, capture_steps=7.0)
+    app, executor = make_service_app(cost=cost)
+    svc = app[SERVICE]
+    assert svc.engine.warm_keys == executor.warm_keys and svc.engine.view(0.0).warm == frozenset()
+    assert svc.cost.capture_steps == 7.0 and svc.cost.uncorrected().capture_steps == 7.0  # wrappers forward it
+    app, _ = make_service_app()  # no capture cost: the simulated executor reports nothing, nothing is priced
+    assert app[SERVICE].engine.view(0.0).warm is None
