@@ -53,3 +53,23 @@ def test_cluster_section_report_shape():
     assert set(c["moves"]["skewed"]["1.0"]) == {"moves_per_request", "move_s_per_move"}
     assert c["setting"]["rate_per_min"] == 24.0 and c["setting"]["num_requests"] == 24
     assert "relative_gain_vs_best_routing" in c["gains"]["skewed"]
+
+
+def test_cluster_bounds_order_and_hold_every_policy():
+    """Pooled bound (16 GPUs, no group beyond a box) >= per-box bound behind a router >= that router's SAR;
+    pooled >= every policy; isolated >= pooled; a group cap below the box lowers the bound."""
+    from comfy_tetriserve.sim.bound import sar_upper_bound
+    from comfy_tetriserve.sim.cluster_bound import summarise, trace_bounds
+
+    spec = WorkloadSpec(num_requests=40, rate_per_min=24.0, num_steps=50, model="flux-dev", mix="skewed",
+                        slo_scale=1.2, seed=1)
+    b = trace_bounds(spec, "h200", ClusterSimConfig(), time_limit_s=30.0, routers=("least-loaded",))
+    assert b["pooled_status"] == "optimal" and b["num_requests"] == 40
+    assert b["isolated"] >= b["pooled"] >= b["per_box"]["per-box least"] >= b["sar"]["per-box least"] - 1e-12
+    assert all(b["pooled"] >= v - 1e-12 for v in b["sar"].values())
+    assert b["isolated"] - b["pooled"] >= 0.05  # the pooled program is much tighter than the isolated bound here
+    two_2048 = [r for r in TRACE if r.height == 2048][:2]
+    assert sar_upper_bound(two_2048, COST, 16, max_degree=4).num_on_time < sar_upper_bound(two_2048, COST, 16).num_on_time
+    m = summarise({"skewed": {"1.2": [b]}})["skewed"]
+    assert m["max_gain_over_best_routing"] == pytest.approx(
+        b["pooled"] / max(b["sar"][per_box_name(r)] for r in ROUTERS) - 1)
