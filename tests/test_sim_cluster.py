@@ -6,7 +6,7 @@ import pytest
 from comfy_tetriserve.cost import load_cost_model
 from comfy_tetriserve.policy import make_policy
 from comfy_tetriserve.sim.bench import Bench, BenchConfig
-from comfy_tetriserve.sim.cluster import (CLUSTER_POLICY, ROUTERS, ClusterSimConfig, ClusterSimulation, per_box_name,
+from comfy_tetriserve.sim.cluster import (CLUSTER_POLICY, JOINT_POLICY, ROUTERS, ClusterSimConfig, ClusterSimulation, per_box_name,
                                           route)
 from comfy_tetriserve.sim.workload import WorkloadSpec, make_trace
 
@@ -47,12 +47,13 @@ def test_cluster_section_report_shape():
                               mixes=("skewed",), num_requests=12))
     report = bench.run(("cluster",), echo=lambda _: None)
     c = report["cluster"]
-    assert set(c["sar"]["skewed"]["1.0"]) == {CLUSTER_POLICY, *(per_box_name(r) for r in ROUTERS),
+    assert set(c["sar"]["skewed"]["1.0"]) == {CLUSTER_POLICY, JOINT_POLICY, *(per_box_name(r) for r in ROUTERS),
                                               "sp1 cluster", "sp2 cluster", "sp4 cluster", "sp8 cluster"}
     assert all(0.0 <= v <= 1.0 for v in c["sar"]["skewed"]["1.0"].values())
     assert set(c["moves"]["skewed"]["1.0"]) == {"moves_per_request", "move_s_per_move"}
     assert c["setting"]["rate_per_min"] == 24.0 and c["setting"]["num_requests"] == 24
     assert "relative_gain_vs_best_routing" in c["gains"]["skewed"]
+    assert c["sar"]["skewed"]["1.0"][CLUSTER_POLICY] <= c["isolated_bound"]["skewed"]["1.0"] + 1e-12
 
 
 def test_cluster_bounds_order_and_hold_every_policy():
@@ -71,5 +72,6 @@ def test_cluster_bounds_order_and_hold_every_policy():
     two_2048 = [r for r in TRACE if r.height == 2048][:2]
     assert sar_upper_bound(two_2048, COST, 16, max_degree=4).num_on_time < sar_upper_bound(two_2048, COST, 16).num_on_time
     m = summarise({"skewed": {"1.2": [b]}})["skewed"]
+    assert b["bound"] == min(b["pooled"], b["isolated"])
     assert m["max_gain_over_best_routing"] == pytest.approx(
-        b["pooled"] / max(b["sar"][per_box_name(r)] for r in ROUTERS) - 1)
+        b["bound"] / max(b["sar"][per_box_name(r)] for r in ROUTERS) - 1)
