@@ -70,3 +70,10 @@ def test_cluster_simulation_keeps_groups_in_boxes_and_finishes_every_job(mix):
     assert recs and all(len({g // 8 for g in r.gpu_ids}) == 1 for r in recs)
     assert all(st.status.value == "finished" for st in sim.engine.states())
     assert {g // 8 for r in recs for g in r.gpu_ids} == {0, 1}
+
+
+def test_forecast_variant_and_model_placement_are_the_inner_policys():
+    p = make_policy("tetriserve-boxes")
+    f = p.for_forecast()
+    assert isinstance(f, BoxRoundsPolicy) and f.inner == p.inner.for_forecast() and f.name == p.name
+    assert p.places_models is True

@@ -9,6 +9,7 @@ shared queue of waiting jobs, so each box's rounds end when that box's assignmen
 waiting job can go to whichever box plans next (a move between boxes at a step boundary).
 
 Boxes are the connected parts of the view's groups (groups never span a box, ``plan.node_groups``).
+A view with a model placement (stage 0) goes to the inner policy whole.
 Boxes with nothing running plan first (a fresh round, first pick of the queue), then the others by
 free GPUs; a job assigned on one box is not offered to the next. On a view with one box it is the
 inner policy unchanged.
@@ -51,7 +52,18 @@ class BoxRoundsPolicy:
         self.name = name or f"{getattr(inner, 'name', 'policy')}-boxes"
         self._boxes: dict[tuple, tuple[tuple[int, ...], ...]] = {}
 
+    @property
+    def places_models(self) -> bool:
+        return bool(getattr(self.inner, "places_models", False))
+
+    def for_forecast(self) -> "BoxRoundsPolicy":
+        """The inner policy's forecast variant, planned box by box as well (sim.forecast)."""
+        inner = self.inner.for_forecast() if hasattr(self.inner, "for_forecast") else self.inner
+        return BoxRoundsPolicy(inner, name=self.name)
+
     def plan_round(self, view: SchedulerView, cost: CostModel) -> RoundPlan:
+        if view.placement is not None:  # model placement (stage 0) plans its own sub-views: the inner whole
+            return self.inner.plan_round(view, cost)
         boxes = self._boxes.get(view.groups)
         if boxes is None:
             boxes = self._boxes[view.groups] = boxes_of(view.groups)
