@@ -199,7 +199,7 @@ def test_worker_death_inside_a_node_loses_nothing(h):
 
     async def body():
         async with running_service(app) as url, TetriServeClient(url) as client:
-            settings = [{"model": "sd3", "steps": 120, "seed": 31}, {"model": "sd3", "steps": 40, "seed": 32}]
+            settings = [{"model": "sd3", "steps": 60, "seed": 31}, {"model": "sd3", "steps": 20, "seed": 32}]
             jobs = [await client.submit(encode_job(job_tensors("sd3", st["seed"]), st)) for st in settings]
             hit = jobs[0]["job_id"]
             t0 = time.monotonic()
