@@ -21,7 +21,8 @@ psutil = pytest.importorskip("psutil")
 torch = pytest.importorskip("torch")
 
 from comfy_tetriserve.cluster.executor import ClusterExecutor, trajectory_bytes  # noqa: E402
-from comfy_tetriserve.core.executor import DevicesUnavailable, Executor, MovingExecutor, RecoverableExecutor  # noqa: E402
+from comfy_tetriserve.core.executor import (DevicesUnavailable, Executor, MovingExecutor,  # noqa: E402
+                                            RecoverableExecutor)
 from comfy_tetriserve.plan import node_groups  # noqa: E402
 from comfy_tetriserve.types import Assignment, RoundPlan  # noqa: E402
 from comfy_tetriserve.worker.tiny import write_tiny_checkpoint  # noqa: E402

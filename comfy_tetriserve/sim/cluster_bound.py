@@ -49,7 +49,8 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
     if milp:
         pooled = sar_upper_bound(trace, cost, num_gpus, tau_s=tau_s, time_limit_s=time_limit_s,
                                  max_degree=cluster.gpus_per_node)
-        out.update(pooled=pooled.sar, pooled_status=pooled.status, pooled_gap=pooled.mip_gap if math.isfinite(pooled.mip_gap) else None,
+        gap = pooled.mip_gap if math.isfinite(pooled.mip_gap) else None  # no incumbent within the limit: None
+        out.update(pooled=pooled.sar, pooled_status=pooled.status, pooled_gap=gap,
                    pooled_solve_s=pooled.solve_s, bound=min(iso, pooled.sar))
         for router in routers:
             boxes = route(trace, router, cost, cluster, seed=spec.seed)
