@@ -395,16 +395,32 @@ class ClusterExecutor:
             slot.agent.release.remote(request_id)  # fire and forget: a lost node forgets anyway
 
     # ------------------------------------------------------------ execution
+    def _moves_to(self, req: _Request, node: int) -> bool:
+        """Running on ``node`` moves the request (what ``_place`` counts as a move)."""
+        return req.node != node and (req.node is not None or req.checkpoint.step_index > 0)
+
+    def move_s(self, assignment: Assignment) -> float:
+        """The priced time (``MoveCost``) of moving ``assignment``'s requests to its node: their
+        checkpoints' bytes over the inter-node link, one transfer per moved request; 0 if none moves."""
+        node = self.topology.node_of(assignment.gpu_ids)
+        total = 0.0
+        for rid in assignment.request_ids:
+            req = self._requests.get(rid)
+            if req is not None and self._moves_to(req, node):
+                total += self.move_cost.time_s(trajectory_bytes(req.checkpoint))
+        return total
+
     async def _place(self, req: _Request, node: int) -> None:
         """Admit the request on ``node`` with its latest checkpoint (a move when it was elsewhere)."""
         if req.node == node:
             return
         slot = self._slots[node]
+        moved = self._moves_to(req, node)
         t0 = time.perf_counter()
         await slot.agent.admit.remote(req.job_ref, req.checkpoint)
         took = time.perf_counter() - t0
         rid = req.job.request_id
-        if req.node is not None or req.checkpoint.step_index > 0:
+        if moved:
             nbytes = trajectory_bytes(req.checkpoint)
             self.num_moves += 1
             self._moves.append(Move(rid, -1 if req.node is None else req.node, node, nbytes,

@@ -213,3 +213,13 @@ class RecoverableExecutor(Executor, Protocol):
     def needs_restart(self) -> str | None: ...
 
     async def restart(self) -> None: ...
+
+
+@runtime_checkable
+class MovingExecutor(Executor, Protocol):
+    """An executor over several boxes (the cluster executor): an assignment on another box than the
+    one holding a request first moves the request there. ``move_s(assignment)`` is the priced time of
+    those moves (0 when nothing moves); the service adds it to the assignment's expected end, so the
+    planner sees it in ``running_until_at``, as the cluster simulation does."""
+
+    def move_s(self, assignment: Assignment) -> float: ...

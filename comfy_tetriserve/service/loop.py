@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..core.engine import Engine
-from ..core.executor import DevicesUnavailable, Executor
+from ..core.executor import DevicesUnavailable, Executor, MovingExecutor
 from ..sampling.latents import process_latent_out
 from ..errors import Conflict, ServiceUnavailable, TetriServeError
 from ..types import Assignment, AssignmentResult, GenRequest, RequestSnapshot, RequestStatus
@@ -78,6 +78,7 @@ class EngineLoop:
         self.config = config
         self.forecast = forecast
         self.simulated = bool(getattr(executor, "simulated", False))
+        self._moving = isinstance(executor, MovingExecutor)  # cluster mode: assignments may move jobs first
         self.accepting = False
         self._wake = asyncio.Event()
         self._flight: dict[tuple[str, ...], asyncio.Task] = {}
@@ -390,16 +391,19 @@ class EngineLoop:
                     "the policy places none of the waiting jobs on the devices left"):
                 self.wake()  # nothing runs and nothing was placed: without them the jobs would wait forever
             return
-        self.engine.apply_plan(plan, now)
+        move_s = self._move_s(plan)
+        self.engine.apply_plan(plan, now, {a.request_ids: now + self.engine.predict_s(a) + s
+                                           for a, s in zip(plan.assignments, move_s) if s > 0})
         for load in plan.loads:  # planned model loads (core/live_placement.py): devices busy until they end
             self._background(self._run_load(load))
-        for a in plan.assignments:
+        for a, s in zip(plan.assignments, move_s):
+            moved = {"move_s": s} if s > 0 else {}
             for rid in a.request_ids:
                 job = self.store.jobs[rid]
                 job.gpu_ids = a.gpu_ids
                 job.first_step_at = job.first_step_at or now
                 self._emit(job, "placed", gpu_ids=list(a.gpu_ids), sp_degree=a.sp_degree, num_steps=a.num_steps,
-                           round=plan.round_index, steps_done=job.steps_done)
+                           round=plan.round_index, steps_done=job.steps_done, **moved)
             self._flight[a.request_ids] = asyncio.ensure_future(self._run_assignment(a))
 
     async def _run_load(self, load) -> None:
@@ -431,6 +435,13 @@ class EngineLoop:
             if job is not None:
                 self._end(job, JobStatus.FAILED, now, error=error)
                 self._background(self._release(snap.request_id))
+
+    def _move_s(self, plan) -> list[float]:
+        """Per assignment, the priced time of moving its requests to another box first (cluster mode;
+        0 elsewhere): the engine's expected end includes it, as in the cluster simulation."""
+        if not self._moving:
+            return [0.0] * len(plan.assignments)
+        return [self.executor.move_s(a) for a in plan.assignments]
 
     async def _run_assignment(self, a: Assignment) -> None:
         first = self.engine.state(a.request_ids[0]).request
