@@ -108,8 +108,8 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     if executor is None:
         executor = build_executor(config, model_cost.uncorrected())
     if policy is None:
-        policy = build_policy(config.policy)
-    policy_name = getattr(policy, "name", config.policy)
+        policy = build_policy(config.policy_name)
+    policy_name = getattr(policy, "name", config.policy_name)
 
     clock = Clock()
     hub = EventLog(limit=HUB_EVENTS, coalesce=())

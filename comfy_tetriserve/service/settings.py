@@ -33,7 +33,8 @@ class ServiceConfig:
     lora_dir: tuple[str, ...] = field((), help="folders jobs may name LoRA files from (e.g. ComfyUI's loras); repeatable")
     dtype: str = field("bf16", help="weight dtype of models loaded at start (fp8_*: stored as fp8, as ComfyUI's "
                                     "UNETLoader does)", choices=WEIGHT_DTYPES)
-    policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
+    policy: str = field("auto", help="scheduling policy (a registered name, or module:factory); 'auto': tetriserve "
+                                     "on one box, tetriserve-boxes with --cluster ray")
     cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
     profile_as: tuple[str, ...] = field(
         ("flux=flux-dev", "sd3=sd3-medium", "qwen_image=flux-dev", "wan=flux-dev"),
@@ -95,6 +96,13 @@ class ServiceConfig:
         "auto", help="SQLite file of the job history (every job accepted and how it ended: /v1/usage, and a restarted "
                      "service tells clients which jobs it lost); 'auto': <cache>/history-<port>.sqlite3; 'off': none")
     history_retention_days: float = field(90.0, help="jobs are kept in the history this many days (0: forever)")
+
+    @property
+    def policy_name(self) -> str:
+        """The policy to build: ``policy``, with 'auto' resolved for one box or a cluster."""
+        if self.policy != "auto":
+            return self.policy
+        return "tetriserve-boxes" if self.cluster == "ray" else "tetriserve"
 
     @property
     def max_body_bytes(self) -> int:
