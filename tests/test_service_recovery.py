@@ -365,7 +365,9 @@ def test_deaths_that_follow_a_peers_fault_in_the_same_assignment_quarantine_noth
         async with running_service(app) as url, TetriServeClient(url) as client:
             for n in range(2):
                 job = await client.submit(job_body({"steps": 200, "seed": n}, res=512))
-                await wait_for(lambda: svc.store.jobs[job["job_id"]].status.value == "running", what="running")
+                # running on the devices: the executor holds the assignment (the job's status turns "running"
+                # when the loop dispatches it, a moment before)
+                await wait_for(lambda: any(job["job_id"] in ids for ids in executor._running), what="running")
                 group = svc.store.jobs[job["job_id"]].gpu_ids
                 # as the stall watchdog does: every rank of the assignment, first one way round, then the other,
                 # so each device dies once first (under a job) and once after its peer (collateral)
