@@ -368,6 +368,10 @@ class FlopScaledCostModel:
     def parallel_capacity(self) -> int | None:
         return parallel_capacity(self.base)
 
+    @property
+    def capture_steps(self) -> float:
+        return float(getattr(self.base, "capture_steps", 0.0) or 0.0)
+
 
 # ------------------------------------------------------------------------ online correction
 class OnlineCostModel:

@@ -167,7 +167,9 @@ class SchedulerView:
 
     ``gpu_ids`` are the healthy GPUs; ``busy_gpu_ids`` those still running an earlier
     assignment (not plannable now). ``groups`` are the placements the executor can run
-    (process groups that exist), each a sorted tuple of GPU ids.
+    (process groups that exist), each a sorted tuple of GPU ids. ``warm``: the keys
+    (group, model, height, width, batch) the executor has captured (core/warmup.py); None when
+    the executor does not report them (then no warm-up is priced).
     """
 
     now: float
@@ -177,6 +179,7 @@ class SchedulerView:
     requests: tuple[RequestSnapshot, ...]
     busy_gpu_ids: frozenset[int] = frozenset()
     placement: PlacementView | None = None
+    warm: frozenset | None = None
 
     @property
     def free_gpu_ids(self) -> tuple[int, ...]:

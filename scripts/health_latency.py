@@ -7,18 +7,20 @@
 Starts ``comfy-tetriserve serve --devices sim:8`` (TetriServe, the h200 profile, steps slowed 100x so
 jobs stay open) in its own process, fills it with OPEN_JOBS 1024 px FLUX-dev jobs with deadlines, then
 for SECONDS submits RATE jobs per second (and cancels as many of the oldest, so the open count holds)
-while a separate connection asks GET /v1/health every 20 ms. Prints p50 / p99 / max of the health
+while a prober in its own process asks GET /v1/health every 20 ms. Prints p50 / p99 / max of the health
 answers and of the submits. The load runs in this process, the service in its own.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -58,14 +60,22 @@ async def submit(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple
     return answer["job_id"], time.perf_counter() - t
 
 
-async def probe_health(url: str, stop: asyncio.Event, out: list[float]) -> None:
+async def probe_health(url: str, seconds: float) -> list[float]:
+    out = []
     async with aiohttp.ClientSession() as session:
-        while not stop.is_set():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
             t = time.perf_counter()
             async with session.get(url + "/v1/health") as resp:
                 await resp.read()
             out.append(time.perf_counter() - t)
             await asyncio.sleep(0.02)
+    return out
+
+
+def probe_health_process(url: str, seconds: float) -> list[float]:
+    """The health prober, in a process of its own: the load's client work cannot delay its timings."""
+    return asyncio.run(probe_health(url, seconds))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -87,10 +97,10 @@ async def run(args: argparse.Namespace) -> None:
             open_ids: deque[str] = deque()
             for i in range(args.open_jobs):
                 open_ids.append((await submit(session, url, bodies[i % len(bodies)]))[0])
-            health: list[float] = []
             submits: list[float] = []
-            stop = asyncio.Event()
-            prober = asyncio.ensure_future(probe_health(url, stop, health))
+            prober_pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            prober_pool.submit(int).result()  # started before the load begins
+            prober = asyncio.get_running_loop().run_in_executor(prober_pool, probe_health_process, url, args.seconds)
 
             async def one(body: bytes) -> None:  # a submit, then the oldest open job cancelled
                 job_id, took = await submit(session, url, body)
@@ -107,8 +117,8 @@ async def run(args: argparse.Namespace) -> None:
                 tasks.append(asyncio.ensure_future(one(bodies[i % len(bodies)])))
                 i += 1
             await asyncio.gather(*tasks)
-            stop.set()
-            await prober
+            health = await prober
+            prober_pool.shutdown()
             achieved = i / (time.perf_counter() - t0)
             async with session.get(url + "/v1/jobs") as resp:
                 still_open = sum(1 for j in (await resp.json())["jobs"]

@@ -20,8 +20,9 @@ ray = pytest.importorskip("ray", reason="cluster mode needs the cluster extra (r
 psutil = pytest.importorskip("psutil")
 torch = pytest.importorskip("torch")
 
-from comfy_tetriserve.cluster.executor import ClusterExecutor  # noqa: E402
-from comfy_tetriserve.core.executor import DevicesUnavailable, Executor, RecoverableExecutor  # noqa: E402
+from comfy_tetriserve.cluster.executor import ClusterExecutor, trajectory_bytes  # noqa: E402
+from comfy_tetriserve.core.executor import (DevicesUnavailable, Executor, MovingExecutor,  # noqa: E402
+                                            RecoverableExecutor)
 from comfy_tetriserve.plan import node_groups  # noqa: E402
 from comfy_tetriserve.types import Assignment, RoundPlan  # noqa: E402
 from comfy_tetriserve.worker.tiny import write_tiny_checkpoint  # noqa: E402
@@ -79,7 +80,7 @@ async def run_plan(ex, job, plan, release=True):
 
 def test_topology_one_world_per_node_and_groups_inside_nodes(h):
     ex = h.ex
-    assert isinstance(ex, Executor) and isinstance(ex, RecoverableExecutor)
+    assert isinstance(ex, Executor) and isinstance(ex, RecoverableExecutor) and isinstance(ex, MovingExecutor)
     assert ex.gpu_ids == (0, 1, 2, 3)
     assert ex.groups == node_groups([(0, 1), (2, 3)]) == ((0, 1), (2, 3), (0,), (1,), (2,), (3,))
     nodes = ex.nodes()
@@ -131,12 +132,19 @@ def test_job_moved_between_nodes_equals_the_single_device_run(h):
     assert ex.node_of_request("moved") == 0
     mid = ex.checkpoint("moved").x.clone()
     before = ex.num_moves
+    # the price the service adds to the assignment's expected end (the planner's running_until_at)
+    assert ex.move_s(Assignment(("moved",), (0,), 5)) == 0.0
+    planned_s = ex.move_s(Assignment(("moved",), (2, 3), 5))
+    assert planned_s > ex.move_cost.alpha_s > 0
+    assert planned_s == pytest.approx(ex.move_cost.time_s(trajectory_bytes(ex.checkpoint("moved"))))
     r = h(ex.execute(Assignment(("moved",), (2, 3), 5)))  # node 0 -> node 1 at step 3
     assert r.error is None and r.steps_done == 5 and r.assignment.gpu_ids == (2, 3)
     assert ex.node_of_request("moved") == 1 and ex.num_moves == before + 1
     move = ex.moves()["recent"][-1]
     assert (move["from_node"], move["to_node"]) == (0, 1) and move["num_bytes"] >= mid.numel() * 4
     assert move["priced_s"] == pytest.approx(ex.move_cost.time_s(move["num_bytes"]))
+    assert move["priced_s"] == pytest.approx(planned_s)
+    assert ex.move_s(Assignment(("moved",), (3,), 1)) == 0.0  # it is there now
     out = h(ex.fetch_result("moved"))
     h(ex.release("moved"))
     assert rel(out, ref) <= 1e-5
@@ -164,6 +172,62 @@ def test_every_listening_socket_is_on_loopback(h):
                 ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
                 assert ip.is_loopback, f"{p.name()} (pid {p.pid}) listens on {c.laddr.ip}:{c.laddr.port}"
     assert seen >= 3
+
+
+def test_worker_death_inside_a_node_loses_nothing(h):
+    """A worker of node 1 dies (SIGKILL) while a job runs there; the node itself stays. The service
+    handles it like a worker death on one box: the job's assignment ends lost, the node's pool is
+    rebuilt (node 0's workers keep running), the job resumes from its checkpoint, and every result
+    equals its single-device run. The executor then restarts for the tests after this one."""
+    import signal
+    from types import SimpleNamespace
+
+    from comfy_tetriserve.client import TetriServeClient, decode_result, encode_job
+    from comfy_tetriserve.service.app import create_app
+    from comfy_tetriserve.service.state import SERVICE
+    from comfy_tetriserve.worker.models import load_transformer
+    from factories import PowerLawCost
+    from service_helpers import make_config, running_service
+    from test_service_workers import direct_run, job_tensors
+
+    ex = h.ex
+    config = make_config(devices="cpu:4", model=(f"sd3={h.sd3_path}",), dtype="fp32", lease_s=30.0,
+                         shutdown_grace_s=5.0)
+    app = create_app(config, executor=ex, policy=HighestFirst(), cost=PowerLawCost(base_s=0.05, degrees=(1, 2)))
+    svc = app[SERVICE]
+    ref_h = SimpleNamespace(refs={"sd3": load_transformer(h.sd3_path, dtype="fp32")}, config=config)
+    pids = {w["gpu_id"]: w["pid"] for w in ex.workers()}
+
+    async def body():
+        async with running_service(app) as url, TetriServeClient(url) as client:
+            settings = [{"model": "sd3", "steps": 60, "seed": 31}, {"model": "sd3", "steps": 20, "seed": 32}]
+            jobs = [await client.submit(encode_job(job_tensors("sd3", st["seed"]), st)) for st in settings]
+            hit = jobs[0]["job_id"]
+            t0 = time.monotonic()
+            while svc.store.jobs[hit].steps_done < 3 and time.monotonic() - t0 < 60:  # checkpoints on node 1
+                await asyncio.sleep(0.02)
+            assert svc.store.jobs[hit].gpu_ids == (2, 3)
+            os.kill(pids[3], signal.SIGKILL)
+            for job, st in zip(jobs, settings):
+                await client.wait(job["job_id"], timeout_s=150)
+                latent = decode_result(await client.result(job["job_id"]))[0]["latent"]
+                assert rel(latent, direct_run(ref_h, "sd3", job_tensors("sd3", st["seed"]), st)) <= 1e-5
+            recs = [rec for rec in svc.engine.records() if hit in rec.request_ids]
+            assert len(recs) >= 2 and recs[0].gpu_ids == (2, 3)  # lost on node 1, then resumed
+            t0 = time.monotonic()
+            status = await client.executor()
+            while status["num_restarts"] < 1 and time.monotonic() - t0 < 120:  # node 1's pool rebuilds
+                await asyncio.sleep(0.2)
+                status = await client.executor()
+            assert status["num_faults"] >= 1 and status["num_restarts"] >= 1 and status["state"] == "ok"
+            assert [n["alive"] for n in status["nodes"]] == [True, True] and status["healthy_gpu_ids"] == [0, 1, 2, 3]
+            now = {w["gpu_id"]: w["pid"] for w in status["workers"]}
+            # node 1's pool was rebuilt, node 0's workers never stopped
+            assert now[0] == pids[0] and now[1] == pids[1] and now[2] != pids[2] and now[3] != pids[3]
+
+    h(body())
+    h(ex.start())  # the service closed the executor on its way out
+    assert [n["alive"] for n in ex.nodes()] == [True, True]
 
 
 def test_removed_node_mid_job_loses_nothing_and_results_stay_exact(h):
@@ -222,7 +286,9 @@ class HighestFirst:
 
 
 def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_devices(h):
-    """Runs after the node removal: the service on the cluster serves on node 0, a node joins, jobs run there."""
+    """Runs after the node removal: a service on the cluster with one spare slot (``spare_nodes=1``: the
+    cluster may grow by a box) serves on node 0; a new box joins and fills the spare slot, jobs run there;
+    it leaves mid-job (nothing lost); another box joins and takes the lost slot's place."""
     from types import SimpleNamespace
 
     from comfy_tetriserve.client import TetriServeClient, decode_result, encode_job
@@ -233,7 +299,11 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
     from service_helpers import make_config, running_service
     from test_service_workers import direct_run, job_tensors
 
-    ex = h.ex
+    h(h.ex.close())  # the module's executor (node 0 only now) makes way for one with a spare slot
+    ex = ClusterExecutor(h.cluster.address, devices_per_node="cpu:2", checkpoint_every_s=0.0, num_threads=1,
+                         spare_nodes=1)
+    h.ex = ex  # closed by the fixture
+    assert [n.node_id.startswith("spare-") for n in ex.topology.nodes] == [False, True]
     config = make_config(devices="cpu:4", model=(f"sd3={h.sd3_path}",), dtype="fp32", lease_s=30.0,
                          shutdown_grace_s=5.0)
     app = create_app(config, executor=ex, policy=HighestFirst(), cost=PowerLawCost(base_s=0.05, degrees=(1, 2)))
@@ -253,11 +323,12 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
         async with running_service(app) as url, TetriServeClient(url) as client:
             status = await client.executor()
             assert [n["alive"] for n in status["nodes"]] == [True, False] and status["healthy_gpu_ids"] == [0, 1]
-            assert svc.engine.healthy_gpu_ids == (0, 1)  # node 1 is gone: its devices are out of the plan
+            assert "spare" in status["nodes"][1]["error"] and status["state"] == "ok"
+            assert svc.engine.healthy_gpu_ids == (0, 1)  # the spare slot's ids are reserved, out of the plan
             done = await run_jobs(client, [21, 22])
             assert {g for rec in svc.engine.records() for rid in rec.request_ids if rid in done
                     for g in rec.gpu_ids} <= {0, 1}
-            # a node joins: it takes the lost node's place (GPU ids 2, 3), loads the models, then takes work
+            # a new box joins: it fills the spare slot (GPU ids 2, 3), loads the models, then takes work
             # (Ray starts a node from the main thread only: the loop pauses while the processes start)
             joined = h.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
             t0 = time.monotonic()
@@ -271,7 +342,7 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
             done = await run_jobs(client, [23])
             assert [rec.gpu_ids for rec in svc.engine.records() if done[0] in rec.request_ids] == [(2, 3)]
             status = await client.executor()
-            assert status["healthy_gpu_ids"] == [0, 1, 2, 3] and status["moves"]["num_moves"] >= 1
+            assert status["healthy_gpu_ids"] == [0, 1, 2, 3]
             # the joined node leaves while a job runs on it: the job finishes on node 0, exactly
             st = {"model": "sd3", "steps": 150, "seed": 24}
             job = await client.submit(encode_job(job_tensors("sd3", 24), st))
@@ -288,5 +359,13 @@ def test_service_keeps_serving_without_the_lost_node_and_a_joining_node_adds_dev
             status = await client.executor()
             assert [n["alive"] for n in status["nodes"]] == [True, False] and status["healthy_gpu_ids"] == [0, 1]
             assert status["num_faults"] >= 1 and status["state"] == "ok"
+            # another box joins: it takes the lost box's place (its GPU ids) and serves
+            h.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
+            t0 = time.monotonic()
+            while svc.engine.healthy_gpu_ids != (0, 1, 2, 3) and time.monotonic() - t0 < 120:
+                await asyncio.sleep(0.2)
+            assert svc.engine.healthy_gpu_ids == (0, 1, 2, 3)
+            done = await run_jobs(client, [25])
+            assert [rec.gpu_ids for rec in svc.engine.records() if done[0] in rec.request_ids] == [(2, 3)]
 
     h(body())

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comfy_tetriserve.cluster.topology import MoveCost, NodeSpec, Topology, parse_devices_per_node
+from comfy_tetriserve.cluster.topology import MoveCost, NodeSpec, Topology, parse_devices_per_node, with_spares
 from comfy_tetriserve.cost import load_cost_model
 from comfy_tetriserve.errors import InvalidRequest, PlanError
 from comfy_tetriserve.plan import aligned_groups, node_groups, validate_plan
@@ -50,6 +50,19 @@ def test_topology_numbers_devices_node_by_node():
             parse_devices_per_node(bad)
     # a 1024 px FLUX latent (16 x 128 x 128 fp32, 1 MiB) over 100 Gb/s: 1 ms + 84 us
     assert MoveCost().time_s(16 * 128 * 128 * 4) == pytest.approx(1e-3 + 1048576 / 12.5e9)
+
+
+def test_spare_nodes_reserve_ids_and_groups_for_boxes_that_join_later():
+    up = Topology((NodeSpec("a", "10.0.0.1", ("cuda:0", "cuda:1", "cuda:2", "cuda:3")),
+                   NodeSpec("b", "10.0.0.2", ("cuda:0", "cuda:1", "cuda:2", "cuda:3"))))
+    grown = with_spares(up, 2)
+    assert grown.node_gpu_ids() == ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11), (12, 13, 14, 15))
+    assert [n.node_id for n in grown.nodes[2:]] == ["spare-0", "spare-1"] and grown.nodes[3].devices == up.nodes[0].devices
+    assert set(up.groups) < set(grown.groups) and (8, 9, 10, 11) in grown.groups
+    assert not any(set(g) & {3, 4} == {3, 4} or set(g) & {7, 8} == {7, 8} for g in grown.groups)  # never across boxes
+    assert with_spares(up, 0) == up
+    with pytest.raises(InvalidRequest):
+        with_spares(up, -1)
 
 
 @st.composite
@@ -123,6 +136,8 @@ def test_cluster_settings_are_checked():
         ServiceConfig(cluster="ray", devices_per_node="cuda:4").validate()
     with pytest.raises(InvalidRequest, match="inter_node_gbps"):
         ServiceConfig(inter_node_gbps=0).validate()
+    with pytest.raises(InvalidRequest, match="spare_nodes"):
+        ServiceConfig(spare_nodes=-1).validate()
     ServiceConfig(cluster="ray", devices_per_node="cpu:2").validate()
 
 

@@ -380,3 +380,23 @@ def test_start_checks_inputs():
     assert torch.allclose(traj.x, torch.full_like(latent, 0.6))
     legacy = S.Trajectory(x=latent, sigmas=torch.tensor([1.0, 0.0]), step_index=0, sampler="euler")
     assert S.step(legacy, wobbly_denoiser).done
+
+
+@pytest.mark.parametrize("sampler", list(S.SAMPLERS))
+def test_a_step_never_reads_a_tensor_on_the_host(sampler, monkeypatch):
+    """Every sampler branches on the host copy of the sigmas: no step turns a tensor into a Python bool
+    or number (on a GPU that waits for the device every step). The trajectory is first made (that
+    reads the sigmas once), then every step runs with Tensor.__bool__/__float__/item refusing."""
+    traj = start(sampler, steps=5, options={"eta": 1.0} if "eta" in S.SAMPLER_OPTIONS[sampler] else None)
+    expected = run(traj)
+
+    def refuse(self, *args):
+        raise AssertionError("a tensor was read on the host inside a sampler step")
+
+    for name in ("__bool__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with pytest.raises(AssertionError, match="read on the host"):
+        bool(torch.ones(1))  # the trap is armed
+    got = run(traj)
+    monkeypatch.undo()
+    assert torch.equal(got.x, expected.x)

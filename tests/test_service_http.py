@@ -101,6 +101,40 @@ def test_openapi_document_is_generated_and_valid_openapi_3_1():
     assert settings["properties"]["steps"]["type"] == ["integer", "null"]
 
 
+def test_openapi_paths_come_from_the_route_table():
+    """Every API route is in the document with its path parameters, and a route without an operation
+    cannot slip through: building the paths refuses it."""
+    from aiohttp import web
+
+    from comfy_tetriserve.service.openapi import documented, paths_of
+    from comfy_tetriserve.service.routes import routes
+
+    doc = openapi_document()
+    api = {(r.method.lower(), r.path.replace("{name:.+}", "{name}")) for r in routes
+           if hasattr(r, "handler") and r.path.startswith("/v1/")}
+    assert api == {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    model = doc["paths"]["/v1/models/{name}"]["get"]["parameters"]
+    assert model == [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    cancel = doc["paths"]["/v1/jobs/{job_id}/cancel"]["post"]
+    assert [p["name"] for p in cancel["parameters"]] == ["job_id"] and set(cancel["responses"]) >= {"202", "404"}
+
+    extra = web.RouteTableDef()
+
+    @extra.get("/v1/things/{thing_id}")
+    @documented("thing", "A thing", ok={200: ("thing", "Job")}, errors=(404,))
+    async def thing(request):  # pragma: no cover - never served
+        return web.Response()
+
+    @extra.get("/v1/undocumented")
+    async def undocumented(request):  # pragma: no cover - never served
+        return web.Response()
+
+    with pytest.raises(TypeError, match="undocumented"):
+        paths_of(extra)
+    one = paths_of([r for r in extra if r.handler is thing])
+    assert one["/v1/things/{thing_id}"]["get"]["parameters"][0]["name"] == "thing_id"
+
+
 def test_a_bare_serve_on_sim_devices_offers_flux_and_sd3():
     async def body():
         config = ServiceConfig(devices="sim:2", journal="off", housekeeping_s=0.05)

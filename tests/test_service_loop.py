@@ -197,9 +197,9 @@ def test_measured_step_times_feed_the_cost_model_and_drift_metrics():
             assert (model, h, w, batch, degree) == ("flux-sim", 512, 512, 2, 2)
             predicted = cost.step_time_s(model, h, w, batch, degree)
             # simulated steps sleep 1.5x the prediction (~35 ms); a busy machine only makes them longer
-            assert 0.9 * 1.5 * predicted <= measured <= 3 * 1.5 * predicted
+            assert 0.9 * 1.5 * predicted <= measured <= 1.5 * predicted + 1.0
         drift_line = next(line for line in text.splitlines() if line.startswith("tetriserve_step_time_drift_ratio{"))
-        assert 'sp_degree="2"' in drift_line and 1.3 < float(drift_line.split()[-1]) < 4.5
+        assert 'sp_degree="2"' in drift_line and 1.3 < float(drift_line.split()[-1]) < 30
         assert 'tetriserve_cost_model_drift_ratio{key="flux-sim@2"} 1.25' in text
 
     asyncio.run(body())

@@ -17,8 +17,9 @@ Faults: a node whose agent dies (the node left, its raylet died) takes its devic
 the jobs resume on other nodes from their checkpoints; ``on_fault`` reports the node's devices (the
 service's quarantine rules apply). A worker death inside a node is the node's worker pool's fault
 handling; ``needs_restart`` then names the node and ``restart()`` rebuilds that node's pool. A node
-that joins later takes the place of a lost node with as many devices (its devices come back, the
-models load there before it takes work).
+that joins later takes the place of a lost node with as many devices, or a spare slot
+(``spare_nodes``: GPU ids reserved at start for boxes that join later); its devices join the plan
+once the models have loaded there.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..types import Assignment, AssignmentResult
 from ..core.executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
 from . import require_ray
-from .topology import MoveCost, NodeSpec, Topology, node_devices, parse_devices_per_node
+from .topology import SPARE_PREFIX, MoveCost, NodeSpec, Topology, node_devices, parse_devices_per_node, with_spares
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +107,16 @@ class ClusterExecutor:
                  checkpoint_every_s: float | None = 1.0, move_cost: MoveCost = MoveCost(),
                  collective_timeout_s: float = 300.0, num_threads: int | None = None,
                  monitor_s: float = 0.5, ray_init: dict[str, Any] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, spare_nodes: int = 0) -> None:
         ray = require_ray()
         self._ray = ray
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, **(ray_init or {})}
             ray.init(address=address or "auto", **kwargs)
         self.devices_per_node = devices_per_node
-        self.topology = discover(ray, devices_per_node)
-        self._slots = [_Slot(spec) for spec in self.topology.nodes]
+        self.topology = with_spares(discover(ray, devices_per_node), spare_nodes)
+        self._slots = [_Slot(spec, reason=None if not spec.node_id.startswith(SPARE_PREFIX)
+                             else "spare: waiting for a box to join") for spec in self.topology.nodes]
         self._node_ids = self.topology.node_gpu_ids()
         self._gpu_ids = self.topology.gpu_ids
         self._groups = self.topology.groups
@@ -216,7 +218,8 @@ class ClusterExecutor:
     async def start(self) -> None:
         if any(s.alive for s in self._slots):
             return
-        await asyncio.gather(*(self._start_slot(i) for i in range(len(self._slots))))
+        await asyncio.gather(*(self._start_slot(i) for i, s in enumerate(self._slots)
+                               if not s.spec.node_id.startswith(SPARE_PREFIX)))
         self._monitor = asyncio.ensure_future(self._watch())
         log.info("cluster up: %d nodes, %d devices, %d groups", len(self._slots), len(self._gpu_ids),
                  len(self._groups))
@@ -294,7 +297,7 @@ class ClusterExecutor:
         self._notify(WorkerFault(gpu_ids=self._node_ids[i], reason=reason, request_ids=request_ids))
 
     async def _adopt_new_nodes(self) -> None:
-        """A node that joined with as many devices as a lost one takes its place (its GPU ids)."""
+        """A node that joined with as many devices as a lost one (or a spare slot) takes its place (its GPU ids)."""
         used = {s.spec.node_id for s in self._slots if s.alive}
         try:
             candidates = discover(self._ray, self.devices_per_node).nodes
@@ -392,16 +395,32 @@ class ClusterExecutor:
             slot.agent.release.remote(request_id)  # fire and forget: a lost node forgets anyway
 
     # ------------------------------------------------------------ execution
+    def _moves_to(self, req: _Request, node: int) -> bool:
+        """Running on ``node`` moves the request (what ``_place`` counts as a move)."""
+        return req.node != node and (req.node is not None or req.checkpoint.step_index > 0)
+
+    def move_s(self, assignment: Assignment) -> float:
+        """The priced time (``MoveCost``) of moving ``assignment``'s requests to its node: their
+        checkpoints' bytes over the inter-node link, one transfer per moved request; 0 if none moves."""
+        node = self.topology.node_of(assignment.gpu_ids)
+        total = 0.0
+        for rid in assignment.request_ids:
+            req = self._requests.get(rid)
+            if req is not None and self._moves_to(req, node):
+                total += self.move_cost.time_s(trajectory_bytes(req.checkpoint))
+        return total
+
     async def _place(self, req: _Request, node: int) -> None:
         """Admit the request on ``node`` with its latest checkpoint (a move when it was elsewhere)."""
         if req.node == node:
             return
         slot = self._slots[node]
+        moved = self._moves_to(req, node)
         t0 = time.perf_counter()
         await slot.agent.admit.remote(req.job_ref, req.checkpoint)
         took = time.perf_counter() - t0
         rid = req.job.request_id
-        if req.node is not None or req.checkpoint.step_index > 0:
+        if moved:
             nbytes = trajectory_bytes(req.checkpoint)
             self.num_moves += 1
             self._moves.append(Move(rid, -1 if req.node is None else req.node, node, nbytes,

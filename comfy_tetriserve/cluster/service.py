@@ -16,4 +16,5 @@ def build_cluster_executor(config):
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
     return ClusterExecutor(address, devices_per_node=config.devices_per_node,
                            checkpoint_every_s=config.checkpoint_every_s,
-                           move_cost=MoveCost(bytes_per_s=config.inter_node_gbps * 1e9 / 8))
+                           move_cost=MoveCost(bytes_per_s=config.inter_node_gbps * 1e9 / 8),
+                           spare_nodes=config.spare_nodes)

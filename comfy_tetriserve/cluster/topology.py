@@ -72,6 +72,18 @@ class Topology:
         return tuple(g - first for g in gpu_ids)
 
 
+def with_spares(topology: Topology, num_spares: int) -> Topology:
+    """``topology`` with ``num_spares`` placeholder nodes after the real ones, each with the first node's
+    devices: GPU ids and groups a box that joins later fills (node id ``spare-K``, no address)."""
+    if num_spares < 0:
+        raise InvalidRequest(f"spare nodes must be >= 0, got {num_spares}")
+    spares = tuple(NodeSpec(f"{SPARE_PREFIX}{k}", "", topology.nodes[0].devices) for k in range(num_spares))
+    return Topology(topology.nodes + spares)
+
+
+SPARE_PREFIX = "spare-"
+
+
 def parse_devices_per_node(spec: str) -> tuple[str, int]:
     """"gpu": one worker per GPU of each node (nodes without GPUs take no part); "cpu:N": N CPU workers per node."""
     spec = spec.strip()

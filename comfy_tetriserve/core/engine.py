@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..cost import CostModel
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..plan import aligned_groups, validate_plan
+from .warmup import cold_warmup_s
 from ..types import (
     Assignment,
     AssignmentResult,
@@ -69,6 +70,8 @@ class Engine:
 
     ``policy`` is any object with ``plan_round(view, cost) -> RoundPlan``; ``groups`` the
     placements the executor can run (default: aligned power-of-two blocks of ``gpu_ids``).
+    ``warm_keys``: a callable returning the executor's warm keys (core/warmup.py), put in every
+    view; predictions add the warm-up of an assignment whose key is cold on its group.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Engine:
         *,
         record_limit: int = 10_000,
         timer: Callable[[], float] = time.perf_counter,
+        warm_keys: Callable[[], frozenset] | None = None,
     ) -> None:
         if not gpu_ids:
             raise InvalidRequest("an engine needs at least one GPU")
@@ -99,6 +103,7 @@ class Engine:
         self.round_index = 0
         self.decision_times_s: deque[float] = deque(maxlen=100_000)
         self._timer = timer
+        self.warm_keys = warm_keys
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: GenRequest) -> RequestState:
@@ -192,6 +197,7 @@ class Engine:
             groups=self.groups,
             requests=tuple(snaps),
             busy_gpu_ids=frozenset(self._busy),
+            warm=self.warm_keys() if self.warm_keys is not None else None,
         )
 
     def plan(self, now: float) -> RoundPlan | None:
@@ -244,7 +250,11 @@ class Engine:
         """Cost-model time of an assignment (all members share the shape, so ask for the batch)."""
         st = self._states[a.request_ids[0]]
         r = st.request
-        return a.num_steps * self.cost.step_time_s(r.model, r.height, r.width, r.batch * len(a.request_ids), a.sp_degree)
+        batch = r.batch * len(a.request_ids)
+        run = a.num_steps * self.cost.step_time_s(r.model, r.height, r.width, batch, a.sp_degree)
+        if self.warm_keys is not None:  # the first step at a cold key pays its capture
+            run += cold_warmup_s(self.cost, self.warm_keys(), a.gpu_ids, r.model, r.height, r.width, batch)
+        return run
 
     def apply_result(self, result: AssignmentResult, now: float) -> tuple[RequestState, ...]:
         """An assignment ended. Frees its GPUs and advances (or closes) its requests."""

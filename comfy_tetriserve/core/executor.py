@@ -18,6 +18,12 @@ Life of a request on an executor:
 request's, so the request may resume from its checkpoint. It raises ``DevicesUnavailable`` when
 asked to run on devices it knows are down (nothing ran).
 
+An executor whose devices capture step shapes (CUDA graphs: the first step at a new shape on a
+device group costs the capture) reports which are warm (``WarmKeysReporter.warm_keys()``): the
+keys (group, model, height, width, batch) captured on every member of the group, or None when it
+captures nothing. The engine puts them in the planner's view and prices the first step at a cold
+key (core/warmup.py). Executors without the method warm up for free.
+
 An executor that can recover from device faults (``RecoverableExecutor``) also reports which
 devices cannot take work now, whether it needs a restart, calls ``on_fault`` when a device
 fails or comes back, and rebuilds itself on ``restart()``.
@@ -176,6 +182,18 @@ class Executor(Protocol):
 
 
 @runtime_checkable
+class WarmKeysReporter(Protocol):
+    """An executor that reports its warm keys (see the module docstring)."""
+
+    def warm_keys(self) -> frozenset | None: ...
+
+
+def warm_keys_source(executor) -> "Callable[[], frozenset | None] | None":
+    """The executor's ``warm_keys`` method for ``Engine(warm_keys=...)``, None when it has none."""
+    return executor.warm_keys if isinstance(executor, WarmKeysReporter) else None
+
+
+@runtime_checkable
 class RecoverableExecutor(Executor, Protocol):
     """An executor that survives device faults (the worker pool); the service drives its recovery.
 
@@ -195,3 +213,13 @@ class RecoverableExecutor(Executor, Protocol):
     def needs_restart(self) -> str | None: ...
 
     async def restart(self) -> None: ...
+
+
+@runtime_checkable
+class MovingExecutor(Executor, Protocol):
+    """An executor over several boxes (the cluster executor): an assignment on another box than the
+    one holding a request first moves the request there. ``move_s(assignment)`` is the priced time of
+    those moves (0 when nothing moves); the service adds it to the assignment's expected end, so the
+    planner sees it in ``running_until_at``, as the cluster simulation does."""
+
+    def move_s(self, assignment: Assignment) -> float: ...

@@ -13,6 +13,12 @@ names the family; any other path is only checked to exist, and its family is gue
 name ("sd3" in it: SD3, otherwise FLUX). Shapes follow the real models (FLUX.1-dev: 24 heads,
 T5 context 4096, pooled 768, guidance; SD3-medium: 24 heads, context 4096, pooled 2048).
 
+Warm-up: with a cost model whose ``capture_steps`` > 0 (a profile measured with CUDA graphs) each
+device keeps a graph cache as GPU workers do (core/warmup.py, ``max_graphs`` keys a device): the
+first step of an assignment whose key (group, shape) is cold on its group takes ``warmup_time_s``
+more, and ``warm_keys()`` reports the keys warm on their whole group (None with ``capture_steps``
+0: nothing is captured, nothing to price).
+
 Faults (drills and tests of the service's recovery): ``fail_device(g)`` makes device ``g`` die as
 a worker would: the assignment on it ends ``lost`` keeping the steps up to its latest checkpoint
 (as on the worker pool: one at the end of each assignment, and one inside it once
@@ -32,11 +38,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ..cost import CostModel, priced_size
+from ..cost import CostModel, priced_size, warmup_time_s
 from ..errors import Conflict, InvalidRequest, NotFound, WorkerError
 from ..plan import aligned_groups
 from ..types import PIXELS_PER_TOKEN, Assignment, AssignmentResult
 from .executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
+from .warmup import MAX_GRAPHS, WarmTracker, capture_steps, warm_key
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ class SimulatedExecutor:
     def __init__(self, num_gpus: int, cost: CostModel, *, time_scale: float = 1.0,
                  groups: tuple[tuple[int, ...], ...] | None = None, load_delay_s: float = 0.0,
                  restart_delay_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 checkpoint_every_s: float | None = 1.0) -> None:
+                 checkpoint_every_s: float | None = 1.0, max_graphs: int = MAX_GRAPHS) -> None:
         if num_gpus < 1:
             raise InvalidRequest("a simulated executor needs at least one device")
         if not time_scale > 0:
@@ -102,6 +109,8 @@ class SimulatedExecutor:
         self.num_restarts = 0
         self.on_fault: Callable[[WorkerFault], None] | None = None
         #: (request_ids, gpu_ids, num_steps) of recent assignments (the last 10000), for tests and the demo
+        #: the devices' graph caches (only when the cost model prices a capture)
+        self.warm = WarmTracker(max_graphs) if capture_steps(cost) > 0 else None
         self.history: deque[tuple[tuple[str, ...], tuple[int, ...], int]] = deque(maxlen=10_000)
 
     @property
@@ -114,6 +123,10 @@ class SimulatedExecutor:
 
     async def start(self) -> None:
         self._closed = False
+
+    def warm_keys(self) -> frozenset | None:
+        """Keys (group, model, height, width, batch) captured on their whole group; None: no capture."""
+        return self.warm.keys() if self.warm is not None else None
 
     # ------------------------------------------------------------ faults
     @property
@@ -156,6 +169,8 @@ class SimulatedExecutor:
                 raise WorkerError("simulated restart failure")
             self.dead.clear()
             self.stalled.clear()
+            if self.warm is not None:  # new worker processes: no graph survives
+                self.warm.clear()
             self.num_restarts += 1
         finally:
             self._restarting = False
@@ -187,14 +202,27 @@ class SimulatedExecutor:
             raise Conflict(f"request {job.request_id} admitted twice")
         self._requests[job.request_id] = _SimRequest(job)
 
-    def step_time_s(self, assignment: Assignment) -> float:
+    def _shape(self, assignment: Assignment) -> tuple[str, int, int, int]:
         job = self._requests[assignment.request_ids[0]].job
         height, width = int(job.latent.shape[-2]) * 8, int(job.latent.shape[-1]) * 8
         height -= height % PIXELS_PER_TOKEN
         width -= width % PIXELS_PER_TOKEN
         height, width = priced_size(height, width, job.num_reference_tokens)  # FLUX Kontext references
         batch = sum(self._requests[r].job.batch for r in assignment.request_ids)
-        return self.time_scale * self.cost.step_time_s(job.model, height, width, batch, assignment.sp_degree)
+        return job.model, height, width, batch
+
+    def step_time_s(self, assignment: Assignment) -> float:
+        model, height, width, batch = self._shape(assignment)
+        return self.time_scale * self.cost.step_time_s(model, height, width, batch, assignment.sp_degree)
+
+    def warmup_s(self, assignment: Assignment) -> float:
+        """What the assignment's first step adds: the capture when its key is cold on its group."""
+        if self.warm is None:
+            return 0.0
+        model, height, width, batch = self._shape(assignment)
+        if self.warm.is_warm(warm_key(assignment.gpu_ids, model, height, width, batch)):
+            return 0.0
+        return self.time_scale * warmup_time_s(self.cost, model, height, width, batch, assignment.sp_degree)
 
     async def execute(self, assignment: Assignment, on_step: StepCallback | None = None) -> AssignmentResult:
         if self._closed:
@@ -216,6 +244,7 @@ class SimulatedExecutor:
         checkpoint = {rid: self._requests[rid].steps_done for rid in ids}
         self.history.append((ids, assignment.gpu_ids, assignment.num_steps))
         step_s = self.step_time_s(assignment)
+        warmup_s = self.warmup_s(assignment)
         started_at = self._clock()
         step_times: list[float] = []
         kept, kept_at = 0, started_at  # steps of this assignment up to its latest checkpoint
@@ -227,7 +256,7 @@ class SimulatedExecutor:
                 # Sleep to an absolute target so per-step overheads do not accumulate; a stop
                 # takes effect at the next step boundary, as on real workers.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(lost_flag.wait(), max(started_at + (len(step_times) + 1) * step_s - t0, 0.0))
+                    await asyncio.wait_for(lost_flag.wait(), max(started_at + warmup_s + (len(step_times) + 1) * step_s - t0, 0.0))
                 while self.stalled.intersection(assignment.gpu_ids) and ids not in self._lost:  # hangs
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(lost_flag.wait(), 0.05)
@@ -235,6 +264,8 @@ class SimulatedExecutor:
                     break
                 measured = self._clock() - t0
                 step_times.append(measured)
+                if self.warm is not None and len(step_times) == 1:  # the first step captured the key
+                    self.warm.use(warm_key(assignment.gpu_ids, *self._shape(assignment)))
                 for rid in assignment.request_ids:
                     req = self._requests.get(rid)
                     if req is None:

@@ -27,6 +27,7 @@ class Policy(Protocol):
 #: name -> (module inside comfy_tetriserve.policy, factory callable name)
 REGISTRY: dict[str, tuple[str, str]] = {
     "tetriserve": ("tetris", "make_tetriserve"),
+    "tetriserve-boxes": ("boxes", "make_tetriserve_boxes"),
     "sp1": ("baselines", "make_sp1"),
     "sp2": ("baselines", "make_sp2"),
     "sp4": ("baselines", "make_sp4"),

@@ -68,6 +68,13 @@ option that controls each is in brackets; docs/planner.md measures them):
    round end E, chosen among whole-step ends between the longest single step and
    ``align_max_frac`` x tau to minimise idle GPU time (plus ``round_overhead_s`` per assignment).
 
+11. Warm-up [``warmup_allocation``] (only when the cost model has ``capture_steps`` > 0 and the view
+   carries warm keys; policy/warmup.py): the first step at a shape a group has not captured costs the
+   capture. Feasibility (LIVE) and the survival tests count it; a request asks for a free warm group
+   of its size first (scale-up too); background pieces only take a degree whose step and expected
+   warm-up fit the round; a cold group runs the steps that fit the round after its capture. The
+   option also charges it in the allocation and the round's options (measured worse, docs/planner.md).
+
 0. Model placement (only when the executor places models: the view has a ``placement``): demand
    per model decides loads (replication) and evictions, and the steps below run once per model on
    the devices holding it (policy/placement.py).
@@ -87,6 +94,7 @@ from ..types import Assignment, RequestSnapshot, RoundPlan, SchedulerView
 from .common import EPS, Placer, plan_allocation, usable_degrees, widest_group
 from .packing import admit_by_deadline, choose_round_end, group_knapsack
 from .placement import plan_with_placement
+from .warmup import WarmPricing, plan_allocation_warm
 
 #: knapsack value of one survivor; the tie-break adds less than this over all requests of a round
 SURVIVE = 1_000_000_000
@@ -114,6 +122,29 @@ class _Item:
     scaled: bool = False  # granted a degree beyond its plan by elastic scale-up
     fast_first: bool = False  # its two-degree plan runs the fast share first (stagger)
     group: tuple[int, ...] = ()
+    #: warm-up (policy/warmup.py), empty unless priced: per degree, what a cold group's first step
+    #: adds (cold_s) and what the planner expects to pay (warm_s: 0 where a group of that size is warm)
+    cold_s: dict[int, float] = field(default_factory=dict)
+    warm_s: dict[int, float] = field(default_factory=dict)
+    warm_groups: frozenset = frozenset()
+
+    def finish_s(self, steps: int | None = None, warm: int = 0) -> float:
+        """Time to run ``steps`` (default: all left) at the fastest degree, warm-up included
+        (degree ``warm`` counted as warm: this round runs it)."""
+        steps = self.left if steps is None else steps
+        if not self.warm_s:
+            return steps * self.t_min
+        return min(steps * t + (0.0 if k == warm else self.warm_s.get(k, 0.0)) for k, t in self.times.items())
+
+    def warmup(self, k: int) -> float:
+        """The warm-up expected at degree ``k`` (0 when a group of that size is warm or not priced)."""
+        return self.warm_s.get(k, 0.0) if self.warm_s else 0.0
+
+    def group_warmup_s(self, group: tuple[int, ...]) -> float:
+        """What the first step on ``group`` adds (0 when warm or not priced)."""
+        if not self.cold_s or group in self.warm_groups:
+            return 0.0
+        return self.cold_s.get(len(group), 0.0)
 
     @property
     def prefer(self) -> tuple[int, ...]:
@@ -154,6 +185,7 @@ class TetriServePolicy:
     scale_up_commit_s: float = 0.0
     tau_slack_frac: float = 0.0
     use_parallel_capacity: bool = True
+    warmup_allocation: bool = False
     stagger: bool = True
 
     def __post_init__(self) -> None:
@@ -191,6 +223,7 @@ class TetriServePolicy:
         background: list[_Item] = []
         degrees_of: dict[str, tuple[int, ...]] = {}
         shapes: dict[tuple, tuple[dict[int, float], float]] = {}
+        pricing = WarmPricing(view, cost)
         for snap in view.plannable:
             r = snap.request
             shape = shapes.get(r.shape_key)
@@ -203,7 +236,9 @@ class TetriServePolicy:
             times, t_min = shape
             deadline = r.deadline_at if r.deadline_at is not None else math.inf
             item = _Item((snap,), times, t_min, snap.steps_left, deadline)
-            if r.deadline_at is not None and now + item.left * t_min <= deadline + EPS:  # LIVE
+            if pricing.active:
+                self._price_warmup(item, pricing, r.shape_key)
+            if r.deadline_at is not None and now + item.finish_s() <= deadline + EPS:  # LIVE
                 live.append(item)
             else:  # LATE or BEST_EFFORT
                 background.append(item)
@@ -216,13 +251,14 @@ class TetriServePolicy:
         margin = self.plan_margin_frac * contention
         for item in live:
             budget = item.deadline - now
-            alloc = plan_allocation(item.times, item.left, budget * (1.0 - margin)) or \
-                plan_allocation(item.times, item.left, budget)
+            allocate = plan_allocation if not (item.warm_s and self.warmup_allocation) else \
+                (lambda t, n, b, w=item.warm_s: plan_allocation_warm(t, w, n, b))
+            alloc = allocate(item.times, item.left, budget * (1.0 - margin)) or allocate(item.times, item.left, budget)
             item.plan = alloc.steps
             item.slack_s = budget - alloc.time_s
             item.work_s = alloc.gpu_time_s
         if self.batching and len(live) > 1:
-            live = self._batch(live, cost, now, n)
+            live = self._batch(live, cost, now, n, pricing)
         doomed: list[_Item] = []
         if self.admission and live:
             live, doomed = self._admit(live, self._running_work(view, cost, n), now, n,
@@ -326,7 +362,7 @@ class TetriServePolicy:
     def _options(self, x: _Item, now: float, tau: float, fresh: bool, free: int, num_items: int) -> None:
         """Fill x.options with (gpus, steps, value) and x.none_value (see the module docstring)."""
         horizon = now + tau
-        survive_none = horizon + x.left * x.t_min <= x.deadline + EPS
+        survive_none = horizon + x.finish_s() <= x.deadline + EPS
         members = len(x.snaps)
         urgency = min(int(1000.0 / (1.0 + 20.0 * max(x.slack_s, 0.0))), 999)
         # the tie-break must never outweigh one survivor: "edf" weighs rank r by 2^(num_items - r)
@@ -358,8 +394,17 @@ class TetriServePolicy:
             if k > free or k in seen:
                 continue
             seen.add(k)
-            if q >= x.left:  # finishes in this round: judged by its own end, not the round's
+            w = x.warm_s.get(k, 0.0) if x.warm_s and self.warmup_allocation else 0.0
+            if w > 0:  # a cold degree: its capture comes out of the round (at least one step runs)
+                q = max(1, min(q, int((tau - w) / t + EPS)))
+                if q >= x.left:
+                    survive = now + q * t + w <= x.deadline + EPS
+                else:
+                    survive = now + max(tau, q * t + w) + x.finish_s(x.left - q, k) <= x.deadline + EPS
+            elif q >= x.left:  # finishes in this round: judged by its own end, not the round's
                 survive = now + q * t <= x.deadline + EPS
+            elif x.warm_s:
+                survive = now + max(tau, q * t) + x.finish_s(x.left - q, k) <= x.deadline + EPS
             else:
                 survive = now + max(tau, q * t) + (x.left - q) * x.t_min <= x.deadline + EPS
             value = members * unit * survive
@@ -469,13 +514,13 @@ class TetriServePolicy:
         placed = []
         for x in order:
             pref = x.prefer if prefer else ()
-            g = placer.place(x.chosen[0], pref)
+            g = placer.place(x.chosen[0], self._warm_prefer(x, placer, x.chosen[0], pref))
             if g is None:
                 for k in sorted((k for k in x.times if k < x.chosen[0]), reverse=True):
                     q = min(x.left, int(tau / x.times[k] + EPS))
                     if q < 1 and not fresh:
                         continue
-                    g = placer.place(k, pref)
+                    g = placer.place(k, self._warm_prefer(x, placer, k, pref))
                     if g is not None:
                         x.chosen = (k, max(q, 1))
                         break
@@ -519,7 +564,7 @@ class TetriServePolicy:
                 x.times = dict(x.times)
                 x.times.pop(2 * k)  # not placeable: do not try this item again at 2k
                 continue
-            g = max(cands, key=lambda c: (set(x.group) <= set(c), placer._fit_score(c)))
+            g = max(cands, key=lambda c: (c in x.warm_groups, set(x.group) <= set(c), placer._fit_score(c)))
             placer.take(g)
             t2 = x.times[2 * k]
             steps_time = x.chosen[1] * x.times[k]
@@ -547,12 +592,12 @@ class TetriServePolicy:
         for x in items:
             if room() <= 0:
                 return out
-            small = [k for k in x.times if k <= min(self.late_max_gpus, room()) and x.times[k] <= tau + EPS]
+            small = [k for k in x.times if k <= min(self.late_max_gpus, room()) and x.times[k] + x.warmup(k) <= tau + EPS]
             if not small:
                 waiting.append(x)
                 continue
             k = max(small)
-            g = placer.place(k, x.prefer)
+            g = placer.place(k, self._warm_prefer(x, placer, k, x.prefer))
             if g is None:
                 waiting.append(x)
                 continue
@@ -560,9 +605,9 @@ class TetriServePolicy:
             out.append(x)
         for x in waiting:
             for k in sorted(x.times):
-                if x.times[k] > tau + EPS or k > room():
+                if x.times[k] + x.warmup(k) > tau + EPS or k > room():
                     continue
-                g = placer.place(k, x.prefer)
+                g = placer.place(k, self._warm_prefer(x, placer, k, x.prefer))
                 if g is not None:
                     x.chosen, x.group, x.slack_s = (k, min(x.left, int(tau / x.times[k] + EPS))), g, math.inf
                     out.append(x)
@@ -602,9 +647,11 @@ class TetriServePolicy:
         for x, k, t, cap in rows:
             if x.scaled and commit > 0:
                 cap = min(cap, max(1, int(commit / t + EPS)))
-            x.chosen = (k, max(1, min(cap, int(end / t + EPS))))
+            w = x.group_warmup_s(x.group) if x.cold_s else 0.0  # a cold group's capture comes first
+            x.chosen = (k, max(1, min(cap, int((end - w) / t + EPS) if w > 0 else int(end / t + EPS))))
 
-    def _batch(self, live: list[_Item], cost: CostModel, now: float, n: int) -> list[_Item]:
+    def _batch(self, live: list[_Item], cost: CostModel, now: float, n: int,
+               pricing: WarmPricing | None = None) -> list[_Item]:
         """Pair identical small requests into one item when the pair meets both deadlines and saves GPU time."""
         groups: dict[tuple, list[_Item]] = {}
         for x in live:
@@ -622,7 +669,7 @@ class TetriServePolicy:
             i = 0
             while i + 1 < len(xs):
                 a, b = xs[i], xs[i + 1]
-                pair = self._try_pair(a, b, cost, now)
+                pair = self._try_pair(a, b, cost, now, pricing)
                 if pair is not None:
                     merged.update((id(a), id(b)))
                     out_extra.append(pair)
@@ -631,7 +678,8 @@ class TetriServePolicy:
                     i += 1
         return [x for x in live if id(x) not in merged] + out_extra
 
-    def _try_pair(self, a: _Item, b: _Item, cost: CostModel, now: float) -> _Item | None:
+    def _try_pair(self, a: _Item, b: _Item, cost: CostModel, now: float,
+                  pricing: WarmPricing | None = None) -> _Item | None:
         """The pair as one item, or None. Its plan keeps ``batch_margin_frac`` of the budget in
         reserve: a pair exists only when several identical requests are live at once (a burst), and
         a pair planned to end just at the earlier deadline loses both requests at the first delay."""
@@ -639,18 +687,46 @@ class TetriServePolicy:
         times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch * 2, k) for k in a.times}
         left = max(a.left, b.left)
         deadline = min(a.deadline, b.deadline)
-        alloc = plan_allocation(times, left, (deadline - now) * (1.0 - self.batch_margin_frac))
+        budget = (deadline - now) * (1.0 - self.batch_margin_frac)
+        probe = _Item(a.snaps + b.snaps, times, min(times.values()), min(a.left, b.left), deadline)
+        if pricing is not None and pricing.active:
+            self._price_warmup(probe, pricing, (r.model, r.height, r.width, r.batch * 2))
+        alloc = (plan_allocation_warm(times, probe.warm_s, left, budget)
+                 if probe.warm_s and self.warmup_allocation else plan_allocation(times, left, budget))
         if alloc is None:
             return None
         alone = (a.left * sum(k * a.times[k] * s for k, s in a.plan) / max(a.left, 1)
                  + b.left * sum(k * b.times[k] * s for k, s in b.plan) / max(b.left, 1))
         if alloc.gpu_time_s >= alone - EPS:
             return None
-        item = _Item(a.snaps + b.snaps, times, min(times.values()), min(a.left, b.left), deadline)
+        item = probe
         item.plan = tuple((k, min(s, item.left)) for k, s in alloc.steps)
         item.slack_s = deadline - now - alloc.time_s
         item.work_s = alloc.gpu_time_s
         return item
+
+    @staticmethod
+    def _price_warmup(item: _Item, pricing: WarmPricing, shape: tuple) -> None:
+        """Fill the item's warm-up fields (policy/warmup.py); left empty when every degree is warm."""
+        cold = pricing.cold_s(shape, item.times)
+        if not any(cold.values()):
+            return
+        item.cold_s = cold
+        item.warm_groups = pricing.warm_groups(shape)
+        warm_s = pricing.degree_warmup_s(shape, cold)
+        item.warm_s = warm_s if any(warm_s.values()) else {}
+
+    @staticmethod
+    def _warm_prefer(x: _Item, placer: Placer, k: int, prefer: tuple[int, ...]) -> tuple[int, ...]:
+        """The group to ask the placer for at degree ``k``: ``prefer`` when it is warm (or warm-up
+        is not priced), else a free warm group of size k, the one overlapping ``prefer`` most."""
+        if not x.cold_s or (len(prefer) == k and prefer in x.warm_groups):
+            return prefer
+        warm = [g for g in placer.free_groups(k) if g in x.warm_groups]
+        if not warm:
+            return prefer
+        pset = set(prefer)
+        return max(warm, key=lambda g: (len(pset.intersection(g)), -placer.pos[g[0]]))
 
     def _fallback(self, view: SchedulerView, cost: CostModel, items: list[_Item]) -> RoundPlan:
         """Never stall an idle engine: the oldest request gets one step on the largest free group."""

@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ..cost import CostModel
 from ..core.engine import Engine
-from ..core.executor import Executor
+from ..core.executor import Executor, warm_keys_source
 from ..errors import TetriServeError
 from .auth import token_middleware
 from .catalog import ModelCatalog
@@ -108,8 +108,8 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
     if executor is None:
         executor = build_executor(config, model_cost.uncorrected())
     if policy is None:
-        policy = build_policy(config.policy)
-    policy_name = getattr(policy, "name", config.policy)
+        policy = build_policy(config.policy_name)
+    policy_name = getattr(policy, "name", config.policy_name)
 
     clock = Clock()
     hub = EventLog(limit=HUB_EVENTS, coalesce=())
@@ -121,6 +121,7 @@ def create_app(config: ServiceConfig, *, executor: Executor | None = None, polic
         from ..core.live_placement import ExecutorPlacementEngine
 
         engine = ExecutorPlacementEngine(policy, model_cost, executor.gpu_ids, executor.groups, executor=executor)
+    engine.warm_keys = warm_keys_source(executor)  # first steps at cold keys priced (core/warmup.py)
     configured = models_to_load(config)
 
     def on_model_event(event: dict) -> None:

@@ -225,6 +225,11 @@ class ModelCost:
         """Forwarded from the wrapped model (the CostModel's optional ``parallel_capacity``)."""
         return parallel_capacity(self.base)
 
+    @property
+    def capture_steps(self) -> float:
+        """Forwarded from the wrapped model (the warm-up a first step at a new shape costs)."""
+        return float(getattr(self.base, "capture_steps", 0.0) or 0.0)
+
     def uncorrected(self) -> CostModel:
         """These aliases and degrees over the raw (uncorrected) model: what a simulated executor runs at."""
         return _Uncorrected(self)
@@ -251,6 +256,10 @@ class _Uncorrected:
 
     def allowed_degrees(self, model: str) -> tuple[int, ...]:
         return self._owner.allowed_degrees(model)
+
+    @property
+    def capture_steps(self) -> float:
+        return self._owner.capture_steps
 
 
 class ModelCatalog:

@@ -54,7 +54,10 @@ class JobStatus(enum.Enum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in _TERMINAL  # a set of members: this runs for every stored job on every submit
+
+
+_TERMINAL = frozenset((JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED))
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..core.engine import Engine
-from ..core.executor import DevicesUnavailable, Executor
+from ..core.executor import DevicesUnavailable, Executor, MovingExecutor
 from ..sampling.latents import process_latent_out
 from ..errors import Conflict, ServiceUnavailable, TetriServeError
-from ..types import Assignment, AssignmentResult, RequestStatus
+from ..types import Assignment, AssignmentResult, GenRequest, RequestSnapshot, RequestStatus
 from .catalog import ModelCost
 from .events import EventLog
 from .jobs import Clock, Job, JobStatus, JobStore, Placement
@@ -43,9 +44,10 @@ log = logging.getLogger(__name__)
 
 SAFETY_WAKE_S = 1.0  # plan at least this often even without events (policies waiting for time)
 PREDICTION_REFRESH_S = 0.5  # re-forecast open jobs after assignments end, at most this often
-#: The forecast replays every open job through the planner on the event loop: about 3 ms with 8 open jobs,
-#: 30 ms with 64 and 200 ms with 256 (h200 profile, tetriserve). A submit waits for one only while it costs
-#: less than this; beyond, the receipt carries the simple estimate and a refresh follows shortly.
+#: The forecast replays every open job through the planner: about 3 ms with 8 open jobs, 30 ms with 64 and
+#: 200 ms with 256 (h200 profile, tetriserve). It runs in the forecast thread, never on the event loop. A
+#: submit waits for one (shared by every submit that arrives meanwhile) only while it costs less than this;
+#: beyond, the receipt carries the simple estimate and a refresh follows shortly.
 FORECAST_SYNC_BUDGET_S = 0.05
 #: Refreshes (after assignments end, and the ones that follow submits) are spaced so that they take at most
 #: this share of the event loop's time; submit-time forecasts, each under the budget above, come on top.
@@ -76,6 +78,7 @@ class EngineLoop:
         self.config = config
         self.forecast = forecast
         self.simulated = bool(getattr(executor, "simulated", False))
+        self._moving = isinstance(executor, MovingExecutor)  # cluster mode: assignments may move jobs first
         self.accepting = False
         self._wake = asyncio.Event()
         self._flight: dict[tuple[str, ...], asyncio.Task] = {}
@@ -89,6 +92,9 @@ class EngineLoop:
         self._forecaster = ThreadPoolExecutor(1, thread_name_prefix="tetriserve-forecast")
         self._forecast_running = False
         self._forecast_again = False
+        # submits waiting for their receipt's forecast: one forecast in the thread answers all that wait
+        self._receipts: list[tuple[GenRequest, asyncio.Future]] = []
+        self._receipt_running = False
         self._stopping = False
         self._closed = False
         self.recovery = ExecutorRecovery(executor, engine, config, clock, hub, self.wake, self._stop_inflight)
@@ -171,6 +177,9 @@ class EngineLoop:
         fault = self.executor_fault()
         if fault:
             raise ServiceUnavailable(fault)
+        predicted = None
+        if self.forecast is not None and self._forecast_cost_s <= FORECAST_SYNC_BUDGET_S:
+            predicted = await self._receipt_forecast(job.request)  # in the forecast thread; None if it failed
         await self.executor.admit(sampling_job)
         if not self.accepting:
             await self.executor.release(job.job_id)
@@ -188,15 +197,63 @@ class EngineLoop:
                                     submitted_at=self.clock.to_wall(job.submitted_at),
                                     deadline_at=self.clock.to_wall(job.deadline_at))
         self.metrics.on_submit(job.tenant)
-        if self.forecast is None or self._forecast_cost_s <= FORECAST_SYNC_BUDGET_S:
-            self._refresh_predictions(job.job_id)
-        else:  # too many open jobs to forecast on every submit: estimate now, forecast soon
+        if predicted is not None:  # forecast a moment ago, with the job as if it had arrived then
+            job.predicted_finish_at = predicted
+        elif self.forecast is None:
+            job.predicted_finish_at = estimate_finish(self.engine.view(self.clock.now()), job.job_id, self.cost)
+        else:  # too many open jobs to forecast on every submit (or it failed): estimate now, forecast soon
             job.predicted_finish_at = estimate_finish(self.engine.view(self.clock.now()), job.job_id, self.cost)
             self._schedule_refresh()
         self._emit(job, "queued", predicted_finish_at=self.clock.to_wall(job.predicted_finish_at),
                    deadline_at=self.clock.to_wall(job.deadline_at), feasible=job.feasible)
         self.wake()
         return job
+
+    async def _receipt_forecast(self, request: GenRequest) -> float | None:
+        """The forecast finish of a job about to be admitted (None if the forecast failed or did not cover it)."""
+        future = asyncio.get_running_loop().create_future()
+        self._receipts.append((request, future))
+        if not self._receipt_running:
+            self._start_receipt_forecast()
+        return await future
+
+    def _start_receipt_forecast(self) -> None:
+        batch, self._receipts = self._receipts, []
+        self._receipt_running = True
+        view = self.engine.view(self.clock.now())
+        known = {s.request_id for s in view.requests}
+        view = dataclasses.replace(view, requests=view.requests + tuple(
+            RequestSnapshot(request=r, steps_done=0) for r, _ in batch if r.request_id not in known))
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._forecaster, self._timed_forecast, view)
+        except RuntimeError:  # the forecast thread is shut down (the service is closing): no forecast
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            self._receipt_forecast_done(future, batch)
+            return
+        future.add_done_callback(lambda f: self._receipt_forecast_done(f, batch))
+
+    def _receipt_forecast_done(self, future, batch: list[tuple[GenRequest, asyncio.Future]]) -> None:
+        self._receipt_running = False
+        finish: dict[str, float] = {}
+        if not future.cancelled() and future.exception() is None:
+            finish, took = future.result()
+            self._forecast_cost_s = took if self._forecast_cost_s == 0.0 else 0.5 * (self._forecast_cost_s + took)
+            self._forecast_done_at = time.monotonic()
+            for rid, at in finish.items():  # the open jobs' predictions are fresh too
+                job = self.store.jobs.get(rid)
+                if job is not None and not job.status.is_terminal:
+                    job.predicted_finish_at = at
+        elif not future.cancelled():
+            self._forecast_failures += 1
+            log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
+                    "forecast failed (%d times); using the simple estimate", self._forecast_failures,
+                    exc_info=future.exception() if self._forecast_failures == 1 else None)
+        for request, waiter in batch:
+            if not waiter.done():
+                waiter.set_result(finish.get(request.request_id))
+        if self._receipts and not self._closed:
+            self._start_receipt_forecast()
 
     def _refresh_interval_s(self) -> float:
         return max(PREDICTION_REFRESH_S, self._forecast_cost_s / FORECAST_DUTY)
@@ -217,33 +274,15 @@ class EngineLoop:
         else:
             self._refresh_predictions()
 
-    def _refresh_predictions(self, job_id: str | None = None) -> None:
-        """Forecast every open job's finish (``job_id``: the one that must get a value now, on the loop; without
-        it the forecast runs in the forecast thread and the predictions change when it answers)."""
-        if job_id is None and self.forecast is not None:
+    def _refresh_predictions(self) -> None:
+        """Refresh every open job's predicted finish: the forecast in the forecast thread (the predictions
+        change when it answers), or the simple estimate where there is no forecast."""
+        if self.forecast is not None:
             self._start_background_forecast()
             return
         view = self.engine.view(self.clock.now())
-        if self.forecast is not None:
-            t0 = time.perf_counter()
-            try:
-                finish = self.forecast(view, self.engine.policy, self.cost)
-            except Exception:  # noqa: BLE001 - a forecast is advice; never fail a submit over it
-                self._forecast_failures += 1
-                log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
-                        "forecast failed (%d times); using the simple estimate", self._forecast_failures,
-                        exc_info=self._forecast_failures == 1)
-            else:
-                took = time.perf_counter() - t0
-                self._forecast_cost_s = took if self._forecast_cost_s == 0.0 else 0.5 * (self._forecast_cost_s + took)
-                self._forecast_done_at = time.monotonic()
-                for rid, at in finish.items():
-                    if rid in self.store.jobs:
-                        self.store.jobs[rid].predicted_finish_at = at
-                if job_id is None or job_id in finish:
-                    return
-        for rid in ([job_id] if job_id is not None else [j.job_id for j in self.store.open_jobs()]):
-            self.store.jobs[rid].predicted_finish_at = estimate_finish(view, rid, self.cost)
+        for job in self.store.open_jobs():
+            job.predicted_finish_at = estimate_finish(view, job.job_id, self.cost)
         self._forecast_done_at = time.monotonic()
 
     def _start_background_forecast(self) -> None:
@@ -352,16 +391,19 @@ class EngineLoop:
                     "the policy places none of the waiting jobs on the devices left"):
                 self.wake()  # nothing runs and nothing was placed: without them the jobs would wait forever
             return
-        self.engine.apply_plan(plan, now)
+        move_s = self._move_s(plan)
+        self.engine.apply_plan(plan, now, {a.request_ids: now + self.engine.predict_s(a) + s
+                                           for a, s in zip(plan.assignments, move_s) if s > 0})
         for load in plan.loads:  # planned model loads (core/live_placement.py): devices busy until they end
             self._background(self._run_load(load))
-        for a in plan.assignments:
+        for a, s in zip(plan.assignments, move_s):
+            moved = {"move_s": s} if s > 0 else {}
             for rid in a.request_ids:
                 job = self.store.jobs[rid]
                 job.gpu_ids = a.gpu_ids
                 job.first_step_at = job.first_step_at or now
                 self._emit(job, "placed", gpu_ids=list(a.gpu_ids), sp_degree=a.sp_degree, num_steps=a.num_steps,
-                           round=plan.round_index, steps_done=job.steps_done)
+                           round=plan.round_index, steps_done=job.steps_done, **moved)
             self._flight[a.request_ids] = asyncio.ensure_future(self._run_assignment(a))
 
     async def _run_load(self, load) -> None:
@@ -393,6 +435,13 @@ class EngineLoop:
             if job is not None:
                 self._end(job, JobStatus.FAILED, now, error=error)
                 self._background(self._release(snap.request_id))
+
+    def _move_s(self, plan) -> list[float]:
+        """Per assignment, the priced time of moving its requests to another box first (cluster mode;
+        0 elsewhere): the engine's expected end includes it, as in the cluster simulation."""
+        if not self._moving:
+            return [0.0] * len(plan.assignments)
+        return [self.executor.move_s(a) for a in plan.assignments]
 
     async def _run_assignment(self, a: Assignment) -> None:
         first = self.engine.state(a.request_ids[0]).request

@@ -2,12 +2,14 @@
 
 Generated: the component schemas come from the typed bodies (api_models.py, and ``JobSettings``
 in schemas.py, the JSON a submit body carries in its safetensors metadata under ``tetriserve``),
-the same types that validate requests; this module adds only the paths. Schemas are JSON Schema
+the same types that validate requests; the paths come from the route table, each handler carrying
+its operation (``documented``), path parameters from the route's path. Schemas are JSON Schema
 2020-12 (what OpenAPI 3.1 uses).
 """
 from __future__ import annotations
 
 import copy
+import re
 from functools import lru_cache
 
 from pydantic import TypeAdapter
@@ -18,7 +20,6 @@ from . import api_models
 from .schemas import SETTINGS_ADAPTER, JobSettings
 
 REF_TEMPLATE = "#/components/schemas/{model}"
-_TOKEN = {"type": "string", "pattern": api_models.TOKEN_PATTERN}
 
 
 class CompactJsonSchema(GenerateJsonSchema):
@@ -87,97 +88,72 @@ def _ok(status: int, description: str, ref: str | None = None, content: dict | N
     return {str(status): {"description": description, **body}}
 
 
-def _job_id() -> list:
-    return [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+def query(name: str, schema: dict, description: str | None = None) -> dict:
+    out = {"name": name, "in": "query", "required": False, "schema": schema}
+    return {**out, "description": description} if description else out
 
 
-def _after() -> dict:
-    return {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
-            "description": "send only events with seq greater than this"}
+def header(name: str, schema: dict) -> dict:
+    return {"name": name, "in": "header", "required": False, "schema": schema}
 
 
-_NDJSON = {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/Event"}}}
-_SAFETENSORS = {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}
+def json_body(ref: str, required: bool = True) -> dict:
+    return {"required": required, **_json(ref)}
 
-PATHS: dict = {
-    "/v1/health": {"get": {"operationId": "health", "summary": "Liveness, version and boot id",
-                           "responses": _ok(200, "alive", "Health")}},
-    "/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
-                                 "responses": _ok(200, "OpenAPI document", content={"application/json": {"schema": {"type": "object"}}})}},
-    "/v1/executor": {"get": {"operationId": "executorStatus",
-                             "summary": "The devices' health: recovery state, faults, restarts, workers",
-                             "responses": {**_ok(200, "executor", "Executor"), **_err(401)}}},
-    "/v1/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics (text format 0.0.4)",
-                            "responses": _ok(200, "metrics", content={"text/plain": {"schema": {"type": "string"}}})}},
-    "/v1/board": {"get": {"operationId": "board", "summary": "Recent and current assignments, jobs, SAR",
-                          "parameters": [{"name": "window_s", "in": "query", "required": False,
-                                          "schema": {"type": "number", "minimum": 1, "maximum": 3600}}],
-                          "responses": {**_ok(200, "board", "Board"), **_err(400, 401)}}},
-    "/v1/events": {"get": {"operationId": "serviceEvents", "summary": "Service-wide NDJSON event stream",
-                           "parameters": [_after()],
-                           "responses": {**_ok(200, "stream", content=_NDJSON), **_err(400, 401, 429)}}},
-    "/v1/models": {"get": {"operationId": "listModels", "summary": "Configured, loadable and loaded models",
-                           "responses": {**_ok(200, "models", "ModelList"), **_err(401)}}},
-    "/v1/models/load": {"post": {"operationId": "loadModel", "summary": "Load a model by configured name or file name",
-                                 "requestBody": {"required": True, **_json("ModelLoadRequest")},
-                                 "responses": {**_ok(200, "already loaded", "Model"), **_ok(202, "loading", "Model"),
-                                               **_err(400, 401, 404, 413)}}},
-    "/v1/models/unload": {"post": {"operationId": "unloadModel",
-                                   "summary": "Free a loaded model's weights on every worker (a later job loads it again)",
-                                   "requestBody": {"required": True, **_json("ModelUnloadRequest")},
-                                   "responses": {**_ok(200, "unloaded", "Model"), **_err(400, 401, 404, 409, 413)}}},
-    "/v1/models/{name}": {"get": {"operationId": "modelStatus", "summary": "One model's load state",
-                                  "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-                                  "responses": {**_ok(200, "model", "Model"), **_err(400, 401, 404)}}},
-    "/v1/leases": {"post": {"operationId": "createLease", "summary": "Open a lease (heartbeat it or its jobs are cancelled)",
-                            "requestBody": {"required": False, **_json("LeaseRequest")},
-                            "responses": {**_ok(201, "lease", "Lease"), **_err(400, 401, 413, 429)}}},
-    "/v1/leases/{lease_id}/heartbeat": {"post": {
-        "operationId": "heartbeat", "summary": "Renew a lease",
-        "parameters": [{"name": "lease_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-        "responses": {**_ok(200, "renewed", "Lease"), **_err(401, 404)}}},
-    "/v1/leases/{lease_id}": {"delete": {
-        "operationId": "releaseLease", "summary": "Close a lease and cancel its unfinished jobs",
-        "parameters": [{"name": "lease_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-        "responses": {**_ok(200, "released", "Lease"), **_err(401, 404)}}},
-    "/v1/usage": {"get": {
-        "operationId": "usage", "summary": "GPU-hours, SAR and latency by tenant or model and by day (job history)",
-        "parameters": [
-            {"name": name, "in": "query", "required": False, "description": desc, "schema": {"type": "string"}}
-            for name, desc in (("since", "unix seconds or ISO 8601 date (default: until minus 7 days)"),
-                               ("until", "unix seconds or ISO 8601 date (default: now)"))
-        ] + [{"name": "by", "in": "query", "required": False, "schema": {"enum": ["tenant", "model"]}}],
-        "responses": {**_ok(200, "usage", "Usage"), **_err(400, 401)}}},
-    "/v1/jobs": {
-        "post": {"operationId": "submitJob",
-                 "summary": "Submit a job: a safetensors body, settings (JobSettings) as JSON in metadata key 'tetriserve'",
-                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": _TOKEN},
-                                {"name": "X-TetriServe-Lease", "in": "header", "required": False, "schema": _TOKEN}],
-                 "requestBody": {"required": True, "content": _SAFETENSORS},
-                 "responses": {**_ok(202, "accepted", "Job"), **_ok(200, "existing job with this key", "Job"),
-                               **_err(400, 401, 404, 408, 409, 413, 429, 503)}},
-        "get": {"operationId": "listJobs", "summary": "Jobs the service holds",
-                "parameters": [{"name": "tenant", "in": "query", "required": False, "schema": {"type": "string"}},
-                               {"name": "lease", "in": "query", "required": False, "schema": {"type": "string"}}],
-                "responses": {**_ok(200, "jobs", "JobList"), **_err(401)}}},
-    "/v1/jobs/{job_id}": {"get": {"operationId": "jobStatus", "summary": "A job's status", "parameters": _job_id(),
-                                  "responses": {**_ok(200, "status", "Job"), **_err(401, 404, 410)}}},
-    "/v1/jobs/{job_id}/events": {"get": {
-        "operationId": "jobEvents", "summary": "A job's NDJSON event stream (ends after its terminal event)",
-        "parameters": _job_id() + [_after()],
-        "responses": {**_ok(200, "stream", content=_NDJSON), **_err(400, 401, 404, 410, 429)}}},
-    "/v1/jobs/{job_id}/result": {"get": {
-        "operationId": "jobResult", "summary": "The result: safetensors with tensor 'latent'",
-        "parameters": _job_id(),
-        "responses": {**_ok(200, "result", content=_SAFETENSORS), **_err(401, 404, 409, 410)}}},
-    "/v1/jobs/{job_id}/cancel": {"post": {
-        "operationId": "cancelJob", "summary": "Cancel a job (frees its devices by the next step boundary)",
-        "parameters": _job_id(), "responses": {**_ok(202, "cancelling or cancelled", "Job"), **_err(401, 404, 409, 410)}}},
-}
+
+AFTER = query("after", {"type": "integer", "minimum": 0}, "send only events with seq greater than this")
+TOKEN = {"type": "string", "pattern": api_models.TOKEN_PATTERN}
+NDJSON = {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/Event"}}}
+SAFETENSORS = {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}
+
+def documented(operation_id: str, summary: str, *, ok: dict[int, tuple[str, object]], errors: tuple[int, ...] = (),
+               query: tuple[dict, ...] = (), headers: tuple[dict, ...] = (), body: dict | None = None):
+    """Attach a route's operation to its handler (``ok``: status -> (description, component name, or a
+    content map, or None)); the document's paths are generated from the route table with these, and path
+    parameters from the route's path."""
+    responses: dict = {}
+    for status, (description, what) in ok.items():
+        responses.update(_ok(status, description, what if isinstance(what, str) else None,
+                             what if isinstance(what, dict) else None))
+    responses.update(_err(*errors))
+    spec = {"operationId": operation_id, "summary": summary, "parameters": [*query, *headers],
+            "responses": responses}
+    if body is not None:
+        spec["requestBody"] = body
+    def attach(handler):
+        handler.openapi = spec
+        return handler
+    return attach
+
+
+def _path_params(path: str) -> tuple[str, list]:
+    """An aiohttp path (``/v1/models/{name:.+}``) as an OpenAPI path and its path parameters."""
+    names = re.findall(r"{(\w+)(?::[^}]*)?}", path)
+    clean = re.sub(r"{(\w+)(?::[^}]*)?}", r"{\1}", path)
+    return clean, [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+
+
+def paths_of(route_defs) -> dict:
+    """The ``paths`` of every API route (``/v1/...``) in an aiohttp route table; a route without
+    ``documented`` metadata is an error, so the document cannot miss one."""
+    paths: dict = {}
+    for route in route_defs:
+        if not hasattr(route, "handler") or not route.path.startswith("/v1/"):
+            continue  # static files and the HTML pages
+        spec = getattr(route.handler, "openapi", None)
+        if spec is None:
+            raise TypeError(f"{route.method} {route.path} ({route.handler.__name__}) has no @documented operation")
+        path, params = _path_params(route.path)
+        operation = {**spec, "parameters": params + spec["parameters"]}
+        if not operation["parameters"]:
+            del operation["parameters"]
+        paths.setdefault(path, {})[route.method.lower()] = operation
+    return paths
 
 
 @lru_cache(maxsize=1)
 def _document() -> dict:
+    from .routes import routes  # the route table imports this module for its decorators
     return {
         "openapi": "3.1.0",
         "info": {"title": "comfy_tetriserve scheduler service", "version": __version__,
@@ -186,7 +162,7 @@ def _document() -> dict:
         "components": {"schemas": component_schemas(),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{}, {"bearer": []}],
-        "paths": PATHS,
+        "paths": paths_of(routes),
     }
 
 

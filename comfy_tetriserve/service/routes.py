@@ -28,7 +28,7 @@ from .api_models import LeaseRequest, ModelLoadRequest, parse_request
 from .encoding import decode_body
 from .events import stream_ndjson
 from .jobs import Job, JobStatus
-from .openapi import openapi_document
+from .openapi import AFTER, NDJSON, SAFETENSORS, TOKEN, documented, header, json_body, openapi_document, query
 from .loras import with_loras
 from .image_inputs import priced_size
 from .schemas import check_tensors, check_token, parse_body, resolve_job
@@ -106,6 +106,7 @@ def job_json(svc: Service, job: Job) -> dict:
 
 # ------------------------------------------------------------------ service
 @routes.get("/v1/health")
+@documented("health", "Liveness, version and boot id", ok={200: ("alive", "Health")})
 async def health(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     return web.json_response({
@@ -118,17 +119,23 @@ async def health(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/executor")
+@documented("executorStatus", "The devices' health: recovery state, faults, restarts, workers",
+            ok={200: ("executor", "Executor")}, errors=(401,))
 async def executor_status(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     return web.json_response(svc.executor_json())
 
 
 @routes.get("/v1/openapi.json")
+@documented("openapi", "This document",
+            ok={200: ("OpenAPI document", {"application/json": {"schema": {"type": "object"}}})})
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
 @routes.get("/v1/metrics")
+@documented("metrics", "Prometheus metrics (text format 0.0.4)",
+            ok={200: ("metrics", {"text/plain": {"schema": {"type": "string"}}})})
 async def metrics(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     text = svc.render_metrics()
@@ -137,6 +144,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/board")
+@documented("board", "Recent and current assignments, jobs, SAR", ok={200: ("board", "Board")}, errors=(400, 401),
+            query=(query("window_s", {"type": "number", "minimum": 1, "maximum": 3600}),))
 async def board(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     window = query_number(request, "window_s", DEFAULT_WINDOW_S, 1.0, MAX_WINDOW_S)
@@ -158,6 +167,8 @@ def stream_slot(svc: Service):
 
 
 @routes.get("/v1/events")
+@documented("serviceEvents", "Service-wide NDJSON event stream", ok={200: ("stream", NDJSON)},
+            errors=(400, 401, 429), query=(AFTER,))
 async def service_events(request: web.Request) -> web.StreamResponse:
     svc: Service = request.app[SERVICE]
     after = int(query_number(request, "after", 0, 0, 2**62, integer=True))
@@ -167,12 +178,16 @@ async def service_events(request: web.Request) -> web.StreamResponse:
 
 # ------------------------------------------------------------------- models
 @routes.get("/v1/models")
+@documented("listModels", "Configured, loadable and loaded models", ok={200: ("models", "ModelList")},
+            errors=(401,))
 async def list_models(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     return web.json_response({"models": svc.catalog.listing()})
 
 
 @routes.post("/v1/models/load")
+@documented("loadModel", "Load a model by configured name or file name", body=json_body("ModelLoadRequest"),
+            ok={200: ("already loaded", "Model"), 202: ("loading", "Model")}, errors=(400, 401, 404, 413))
 async def load_model(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     body = parse_request(ModelLoadRequest, await read_json(request, svc, tuple(ModelLoadRequest.model_fields)))
@@ -183,6 +198,8 @@ async def load_model(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/models/unload")
+@documented("unloadModel", "Free a loaded model's weights on every worker (a later job loads it again)",
+            body=json_body("ModelUnloadRequest"), ok={200: ("unloaded", "Model")}, errors=(400, 401, 404, 409, 413))
 async def unload_model(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     data = await read_json(request, svc, ("model",))
@@ -190,6 +207,7 @@ async def unload_model(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/models/{name:.+}")
+@documented("modelStatus", "One model's load state", ok={200: ("model", "Model")}, errors=(400, 401, 404))
 async def model_status(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     return web.json_response(svc.catalog.describe(request.match_info["name"]))
@@ -197,6 +215,8 @@ async def model_status(request: web.Request) -> web.Response:
 
 # ------------------------------------------------------------------- leases
 @routes.post("/v1/leases")
+@documented("createLease", "Open a lease (heartbeat it or its jobs are cancelled)",
+            body=json_body("LeaseRequest", required=False), ok={201: ("lease", "Lease")}, errors=(400, 401, 413, 429))
 async def create_lease(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     body = parse_request(LeaseRequest, await read_json(request, svc, tuple(LeaseRequest.model_fields)))
@@ -208,12 +228,15 @@ async def create_lease(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/leases/{lease_id}/heartbeat")
+@documented("heartbeat", "Renew a lease", ok={200: ("renewed", "Lease")}, errors=(401, 404))
 async def heartbeat(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     return web.json_response(svc.store.renew(request.match_info["lease_id"]).to_json(svc.clock))
 
 
 @routes.delete("/v1/leases/{lease_id}")
+@documented("releaseLease", "Close a lease and cancel its unfinished jobs", ok={200: ("released", "Lease")},
+            errors=(401, 404))
 async def release_lease(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     lease = svc.store.drop_lease(request.match_info["lease_id"])
@@ -237,6 +260,11 @@ def _digest_and_parse(body: bytes, config):
 
 
 @routes.post("/v1/jobs")
+@documented("submitJob", "Submit a job: a safetensors body, settings (JobSettings) as JSON in metadata key 'tetriserve'",
+            headers=(header(KEY_HEADER, TOKEN), header(LEASE_HEADER, TOKEN)),
+            body={"required": True, "content": SAFETENSORS},
+            ok={202: ("accepted", "Job"), 200: ("existing job with this key", "Job")},
+            errors=(400, 401, 404, 408, 409, 413, 429, 503))
 async def submit(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     if not svc.loop.accepting:
@@ -291,6 +319,8 @@ async def submit(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs")
+@documented("listJobs", "Jobs the service holds", ok={200: ("jobs", "JobList")}, errors=(401,),
+            query=(query("tenant", {"type": "string"}), query("lease", {"type": "string"})))
 async def list_jobs(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     tenant = request.query.get("tenant")
@@ -301,12 +331,15 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs/{job_id}")
+@documented("jobStatus", "A job's status", ok={200: ("status", "Job")}, errors=(401, 404, 410))
 async def job_status(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     return web.json_response(job_json(svc, svc.store.get(request.match_info["job_id"])))
 
 
 @routes.get("/v1/jobs/{job_id}/events")
+@documented("jobEvents", "A job's NDJSON event stream (ends after its terminal event)",
+            ok={200: ("stream", NDJSON)}, errors=(400, 401, 404, 410, 429), query=(AFTER,))
 async def job_events(request: web.Request) -> web.StreamResponse:
     svc: Service = request.app[SERVICE]
     job = svc.store.get(request.match_info["job_id"])
@@ -316,6 +349,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/v1/jobs/{job_id}/result")
+@documented("jobResult", "The result: safetensors with tensor 'latent'", ok={200: ("result", SAFETENSORS)},
+            errors=(401, 404, 409, 410))
 async def job_result(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     job = svc.store.get(request.match_info["job_id"])
@@ -329,6 +364,8 @@ async def job_result(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/jobs/{job_id}/cancel")
+@documented("cancelJob", "Cancel a job (frees its devices by the next step boundary)",
+            ok={202: ("cancelling or cancelled", "Job")}, errors=(401, 404, 409, 410))
 async def cancel_job(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     job = svc.store.get(request.match_info["job_id"])
@@ -338,6 +375,11 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 # -------------------------------------------------------------------- usage
 @routes.get("/v1/usage")
+@documented("usage", "GPU-hours, SAR and latency by tenant or model and by day (job history)",
+            ok={200: ("usage", "Usage")}, errors=(400, 401),
+            query=(query("since", {"type": "string"}, "unix seconds or ISO 8601 date (default: until minus 7 days)"),
+                   query("until", {"type": "string"}, "unix seconds or ISO 8601 date (default: now)"),
+                   query("by", {"enum": ["tenant", "model"]})))
 async def usage_report(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     now = time.time()

@@ -33,7 +33,8 @@ class ServiceConfig:
     lora_dir: tuple[str, ...] = field((), help="folders jobs may name LoRA files from (e.g. ComfyUI's loras); repeatable")
     dtype: str = field("bf16", help="weight dtype of models loaded at start (fp8_*: stored as fp8, as ComfyUI's "
                                     "UNETLoader does)", choices=WEIGHT_DTYPES)
-    policy: str = field("tetriserve", help="scheduling policy (a registered name, or module:factory)")
+    policy: str = field("auto", help="scheduling policy (a registered name, or module:factory); 'auto': tetriserve "
+                                     "on one box, tetriserve-boxes with --cluster ray")
     cost: str = field("h200", help="cost model: 'h200' (shipped profile), a profile JSON path, or module:factory")
     profile_as: tuple[str, ...] = field(
         ("flux=flux-dev", "sd3=sd3-medium", "qwen_image=flux-dev", "wan=flux-dev"),
@@ -88,10 +89,20 @@ class ServiceConfig:
     devices_per_node: str = field("gpu", help="cluster mode: 'gpu' (one worker per GPU of every node with GPUs) or "
                                               "cpu:N (N CPU workers on every node, for tests)")
     inter_node_gbps: float = field(100.0, help="cluster mode: bandwidth between nodes in Gbit/s, prices a job's move")
+    spare_nodes: int = field(0, help="cluster mode: boxes that may join later beyond those up at start (each with as "
+                                     "many devices as the first box); their GPU ids are reserved and join the plan "
+                                     "when a box arrives")
     journal: str = field(
         "auto", help="SQLite file of the job history (every job accepted and how it ended: /v1/usage, and a restarted "
                      "service tells clients which jobs it lost); 'auto': <cache>/history-<port>.sqlite3; 'off': none")
     history_retention_days: float = field(90.0, help="jobs are kept in the history this many days (0: forever)")
+
+    @property
+    def policy_name(self) -> str:
+        """The policy to build: ``policy``, with 'auto' resolved for one box or a cluster."""
+        if self.policy != "auto":
+            return self.policy
+        return "tetriserve-boxes" if self.cluster == "ray" else "tetriserve"
 
     @property
     def max_body_bytes(self) -> int:
@@ -121,7 +132,7 @@ class ServiceConfig:
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
         for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults",
-                     "history_retention_days"):
+                     "history_retention_days", "spare_nodes"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be >= 0")
         for name in ("max_open_jobs", "max_open_jobs_per_tenant", "max_steps", "max_batch",

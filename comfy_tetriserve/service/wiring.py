@@ -114,9 +114,14 @@ def estimate_finish(view: SchedulerView, request_id: str, cost: CostModel) -> fl
     num_gpus = max(len(view.gpu_ids), 1)
     total_s = 0.0
     own_s = 0.0
+    step_s: dict[tuple, float] = {}  # open jobs share few shapes: one cost lookup per shape
     for snap in view.requests:
         r = snap.request
-        total_s += snap.steps_left * cost.step_time_s(r.model, r.height, r.width, r.batch, 1)
+        shape = (r.model, r.height, r.width, r.batch)
+        t = step_s.get(shape)
+        if t is None:
+            t = step_s[shape] = cost.step_time_s(r.model, r.height, r.width, r.batch, 1)
+        total_s += snap.steps_left * t
         if snap.request_id == request_id:
             degrees = [d for d in cost.allowed_degrees(r.model) if d <= num_gpus] or [1]
             own_s = snap.steps_left * min(cost.step_time_s(r.model, r.height, r.width, r.batch, d) for d in degrees)

@@ -62,7 +62,7 @@ ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {
 PROBE_POLICIES = ("tetriserve", "edf", "sp2-admit", "sp4-admit", "sp8-admit", "rssp-admit", "edf-admit")
 SECTIONS = ("sar", "rate", "ablation", "granularity", "bound", "decision", "steps", "overload", "multimodel",
             "probes", "video", "cluster")
-#: run by default (``cluster`` simulates two boxes at twice the load, about 18 minutes: ask for it)
+#: run by default (``cluster`` simulates two boxes at twice the load, about 6 minutes on 2 cores: ask for it)
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "cluster")
 
 

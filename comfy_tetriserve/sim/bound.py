@@ -47,8 +47,10 @@ class BoundResult:
 
 
 def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int = 8, *, tau_s: float = 0.25,
-                    time_limit_s: float = 60.0, mip_rel_gap: float = 0.0) -> BoundResult:
-    """Solve the program above for ``trace`` (requests without a deadline are ignored)."""
+                    time_limit_s: float = 60.0, mip_rel_gap: float = 0.0,
+                    max_degree: int | None = None) -> BoundResult:
+    """Solve the program above for ``trace`` (requests without a deadline are ignored). ``max_degree``
+    caps a request's degree below ``num_gpus`` (several boxes pooled: a group never exceeds one box)."""
     import time
 
     import numpy as np
@@ -65,7 +67,7 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
     z_index: list[tuple[int, int, int, float]] = []  # (request, round, degree, steps per full round)
     share: dict[tuple[int, int], float] = {}
     for i, r in enumerate(reqs):
-        degrees = [k for k in cost.allowed_degrees(r.model) if k <= num_gpus]
+        degrees = [k for k in cost.allowed_degrees(r.model) if k <= min(num_gpus, max_degree or num_gpus)]
         times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in degrees}
         first = int((r.arrival_at - t0) // tau_s)
         last = int((r.deadline_at - t0) // tau_s)

@@ -5,7 +5,10 @@ Two boxes of ``gpus_per_node`` simulated GPUs (the paper's H200 profile) at twic
 - **cluster-wide**: one engine and one policy over every GPU; groups are each box's aligned blocks
   (``plan.node_groups``: never across boxes); a job whose next group is on the other box moves
   there at the step boundary, priced ``inter_alpha_s + latent bytes / inter_bytes_per_s``
-  (``ClusterSimulation.migration_s``), as the cluster executor moves a checkpoint.
+  (``ClusterSimulation.migration_s``), as the cluster executor moves a checkpoint. The policy is
+  TetriServe planned box by box over one queue, each box on its own round cadence
+  (``policy/boxes.py``, ``tetriserve-boxes``); **cluster-wide joint rounds** is plain TetriServe
+  over all 16 GPUs (a new round only when both boxes' assignments have ended).
 - **per-box**: one TetriServe per box, jobs split at arrival by a router, the way studios split
   artists today: round-robin, least-loaded (the box with the least open work, in degree-1
   step-seconds) or power-of-two-choices (two boxes drawn at random with replacement, the less
@@ -26,12 +29,16 @@ from typing import Any
 from ..plan import node_groups
 from ..policy import make_policy
 from ..types import Assignment, GenRequest
+from .bound import isolated_bound
 from .simulator import SimConfig, Simulation
 from .workload import WorkloadSpec, make_trace
 
 ROUTERS = ("round-robin", "least-loaded", "power-of-two")
 FIXED = ("sp1", "sp2", "sp4", "sp8")
 CLUSTER_POLICY = "cluster-wide"
+JOINT_POLICY = "cluster-wide joint rounds"
+#: the simulation task of each cluster-wide column
+CLUSTER_TASKS = {CLUSTER_POLICY: "tetriserve-boxes", JOINT_POLICY: "tetriserve"}
 ROUTER_SHORT = {"round-robin": "rr", "least-loaded": "least", "power-of-two": "p2c"}
 
 
@@ -127,6 +134,7 @@ def run_cluster_task(args: tuple[str, WorkloadSpec, str, ClusterSimConfig]) -> d
         moves, move_s = sim.num_moves, sim.move_s
     timed = [o for o in outcomes if o.request.deadline_at is not None]
     return {"sar": sum(o.met for o in timed) / len(timed) if timed else float("nan"), "moves": moves,
+            "isolated_bound": isolated_bound(trace, cost, cluster.gpus_per_node),
             "move_s": move_s, "num_requests": len(outcomes), "per_box": per_box}
 
 
@@ -139,14 +147,15 @@ def section(bench) -> tuple[dict[str, Any], str]:
     cluster = ClusterSimConfig()
     rate = 2 * c.rate_per_min
     num_requests = 2 * c.num_requests
-    names = [CLUSTER_POLICY] + [per_box_name(r) for r in ROUTERS] + [f"{p} cluster" for p in FIXED]
+    names = list(CLUSTER_TASKS) + [per_box_name(r) for r in ROUTERS] + [f"{p} cluster" for p in FIXED]
     keys, tasks = [], []
     for mix in c.mixes:
         for scale in c.scales:
             for seed in range(c.seeds):
                 spec = WorkloadSpec(num_requests=num_requests, rate_per_min=rate, num_steps=c.num_steps, model=c.model,
                                     mix=mix, slo_scale=scale, seed=seed)
-                for name, task in zip(names, ["tetriserve"] + [f"route:{r}" for r in ROUTERS] + list(FIXED)):
+                for name, task in zip(names, list(CLUSTER_TASKS.values()) + [f"route:{r}" for r in ROUTERS]
+                                      + list(FIXED)):
                     keys.append((mix, f"{scale:.1f}", name))
                     tasks.append((task, spec, c.profile, cluster))
     results = _map(run_cluster_task, tasks, bench.jobs)
@@ -162,6 +171,10 @@ def section(bench) -> tuple[dict[str, Any], str]:
                 "moves_per_request": statistics.fmean(r["moves"] / max(r["num_requests"], 1) for r in runs),
                 "move_s_per_move": statistics.fmean(r["move_s"] / r["moves"] for r in runs if r["moves"]) if any(
                     r["moves"] for r in runs) else 0.0}
+    iso: dict = {}  # the isolated bound of the same traces (bound.isolated_bound, one box)
+    for (mix, s, name), runs in grid.items():
+        if name == CLUSTER_POLICY:
+            iso.setdefault(mix, {})[s] = statistics.fmean(r["isolated_bound"] for r in runs)
     gains = {}
     for mix, by_scale in sar.items():
         best_box = {s: max(v[per_box_name(r)] for r in ROUTERS) for s, v in by_scale.items()}
@@ -170,12 +183,13 @@ def section(bench) -> tuple[dict[str, Any], str]:
         best_router_mean = max(statistics.fmean(v[per_box_name(r)] for v in by_scale.values()) for r in ROUTERS)
         gains[mix] = {
             "mean_sar_cluster": mean_cluster, "mean_sar_best_routing": best_router_mean,
+            "mean_sar_cluster_joint_rounds": statistics.fmean(v[JOINT_POLICY] for v in by_scale.values()),
             "mean_sar_best_routing_per_scale": mean_best,
             "relative_gain_vs_best_routing": mean_cluster / best_router_mean - 1 if best_router_mean else None,
             "beats_every_per_box_variant_at_every_scale": all(
                 v[CLUSTER_POLICY] >= v[per_box_name(r)] - 1e-12 for v in by_scale.values() for r in ROUTERS),
         }
-    out = {"sar": sar, "moves": moves, "gains": gains, "policies": names,
+    out = {"sar": sar, "moves": moves, "gains": gains, "policies": names, "isolated_bound": iso,
            "setting": {"num_nodes": cluster.num_nodes, "gpus_per_node": cluster.gpus_per_node, "rate_per_min": rate,
                        "num_requests": num_requests, "seeds": c.seeds, "inter_node_bytes_per_s": cluster.inter_bytes_per_s,
                        "inter_node_alpha_s": cluster.inter_alpha_s, "profile": c.profile,

@@ -5,7 +5,9 @@ the new request into the view and reads the forecast. The loop is the engine's b
 miniature (running assignments end at ``running_until_at`` with their ``steps_in_flight``; the
 policy plans whenever GPUs are free and work waits; each new assignment lasts its steps times
 the cost model's step time) and it validates every plan like the engine does. It assumes the
-cost model is right and no request is cancelled; it is a forecast, not a promise.
+cost model is right and no request is cancelled; it is a forecast, not a promise. When the view has
+warm keys (core/warmup.py), an assignment at a key cold on its group also takes ``warmup_time_s``
+and the key is warm from then on (no eviction within the forecast).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import dataclasses
 import heapq
 import math
 
-from ..cost import CostModel
+from ..cost import CostModel, warmup_time_s
 from ..plan import validate_plan
 from ..types import RequestSnapshot, SchedulerView
 
@@ -62,9 +64,10 @@ def forecast_finish(view: SchedulerView, policy, cost: CostModel, *, max_plans: 
                 seq += 1
     round_index = view.round_index
     stop_at = now + horizon_s
+    warm = view.warm
     for _ in range(max_plans):
         v = SchedulerView(now=now, round_index=round_index, gpu_ids=view.gpu_ids, groups=view.groups,
-                          requests=tuple(snaps.values()), busy_gpu_ids=frozenset(busy))
+                          requests=tuple(snaps.values()), busy_gpu_ids=frozenset(busy), warm=warm)
         if v.free_gpu_ids and v.plannable:
             plan = policy.plan_round(v, cost)
             validate_plan(v, plan, cost.allowed_degrees)
@@ -72,8 +75,12 @@ def forecast_finish(view: SchedulerView, policy, cost: CostModel, *, max_plans: 
                 round_index += 1
             for a in plan.assignments:
                 r = snaps[a.request_ids[0]].request
-                dur = a.num_steps * cost.step_time_s(r.model, r.height, r.width, r.batch * len(a.request_ids),
-                                                     a.sp_degree)
+                batch = r.batch * len(a.request_ids)
+                dur = a.num_steps * cost.step_time_s(r.model, r.height, r.width, batch, a.sp_degree)
+                key = (a.gpu_ids, r.model, r.height, r.width, batch)
+                if warm is not None and key not in warm:  # the first step at a cold key captures it
+                    dur += warmup_time_s(cost, r.model, r.height, r.width, batch, a.sp_degree)
+                    warm = warm | {key}
                 heapq.heappush(ends, (now + dur, seq, a.request_ids, a.gpu_ids, a.num_steps))
                 seq += 1
                 for g in a.gpu_ids:

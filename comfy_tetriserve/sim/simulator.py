@@ -6,6 +6,12 @@ assignments start at once; their ends are computed, not awaited:
 
     end = start + dispatch_overhead_s [+ migration_s if the group changed] + sum of step times
 
+Warm-up (CUDA-graph capture, core/warmup.py): when the true or the planner's cost model has
+``capture_steps`` > 0, the simulation models each device's graph cache (``warm_keys_per_device``
+keys, least recently used out): an assignment whose key (group, shape) is cold on its group takes
+``warmup_time_s`` of the true cost more, the planner's prediction adds its own cost's warm-up,
+and the planner sees the warm keys in its view. With ``capture_steps`` 0 on both nothing changes.
+
 Step times come from ``true_cost`` (default: the planner's own cost model), optionally with
 seeded Gaussian jitter of coefficient of variation ``step_jitter_cv`` (the paper measured under
 1%). The planner sees running_until_at = its own prediction (dispatch + migration + predicted
@@ -27,8 +33,9 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..cost import CostModel
+from ..cost import CostModel, warmup_time_s
 from ..core.engine import Engine
+from ..core.warmup import MAX_GRAPHS, WarmTracker, capture_steps, warm_key
 from ..plan import aligned_groups, all_subset_groups
 from ..types import Assignment, AssignmentResult, GenRequest, RequestState, RequestStatus
 
@@ -45,6 +52,7 @@ class SimConfig:
     shared_cores: float = 0.0  # > 0: devices share this many cores (see the module docstring)
     shared_exponent: float = 1.15
     seed: int = 0
+    warm_keys_per_device: int = MAX_GRAPHS  # graphs a device keeps (worker/graphs.py)
     max_events: int = 10_000_000
 
 
@@ -125,8 +133,12 @@ class Simulation:
         self.cost = cost
         self.true_cost = true_cost or cost
         self.policy = policy
+        #: the devices' graph caches, when either cost model prices warm-up (core/warmup.py)
+        self.warm = (WarmTracker(config.warm_keys_per_device)
+                     if capture_steps(self.cost) > 0 or capture_steps(self.true_cost) > 0 else None)
         self.engine = Engine(policy, cost, range(config.num_gpus),
-                             tuple(groups) if groups is not None else make_groups(config))
+                             tuple(groups) if groups is not None else make_groups(config),
+                             warm_keys=self.warm.keys if self.warm is not None else None)
         self._rng = random.Random(config.seed)
         self._arrivals = sorted(trace, key=lambda r: (r.arrival_at, r.request_id))
         self._ends: list[tuple[float, int, Assignment, float]] = []  # (end_at, seq, assignment, started_at)
@@ -225,6 +237,9 @@ class Simulation:
                 run = sum(max(t_step * (1 + self._rng.gauss(0.0, cv)), 0.0) for _ in range(a.num_steps))
             else:
                 run = a.num_steps * t_step
+            if self.warm is not None and not self.warm.use(warm_key(a.gpu_ids, r.model, r.height, r.width, batch)):
+                predicted += warmup_time_s(self.cost, r.model, r.height, r.width, batch, a.sp_degree)
+                run += warmup_time_s(self.true_cost, r.model, r.height, r.width, batch, a.sp_degree)
             expected[a.request_ids] = now + overhead + predicted
             actual.append((a, overhead + run))
             for rid in a.request_ids:

@@ -21,8 +21,9 @@ on a CUDA device, from a CUDA graph captured at the first evaluation of each ``G
 
 Elsewhere (CPU, or the flag off) it is the plain eager call: a no-op wrapper. The flag defaults to
 off until a GPU run has measured it (``scripts/gpu_check.py``, docs/engine.md). The first step at a
-new key pays the warm-up and capture; the planner can price it through
-``cost.warmup_time_s`` (the profile's ``extra["capture_steps"]``).
+new key pays the warm-up and capture; ``warm_keys`` names the keys held as the planner sees them
+(core/warmup.py), the worker reports them to the pool, and the planner prices a cold key's first step
+through ``cost.warmup_time_s`` (the profile's ``extra["capture_steps"]``).
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.warmup import MAX_GRAPHS, WarmKey
 from .stepcache import LruCache
 
 log = logging.getLogger(__name__)
 
 WARMUP_RUNS = 2
-MAX_GRAPHS = 16
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,21 @@ class ModelForwards:
         self.failed: set[GraphKey] = set()
         self.num_captures = 0
         self._pools: dict[str, object] = {}
+
+    @property
+    def version(self) -> int:
+        """Changes whenever the set of captured (or given-up) keys may have changed."""
+        return self.num_captures + len(self.failed)
+
+    def warm_keys(self, rank: int) -> tuple[WarmKey, ...]:
+        """The keys held here as the planner names them (core/warmup.py): (group, model, height,
+        width, batch) in pixels; one device's group is (rank,). Keys whose capture failed count as
+        warm: they run eagerly and cost no further warm-up."""
+        out = {}
+        for key in list(self.graphs.keys()) + list(self.failed):
+            group = tuple(sorted(key.group)) or (rank,)
+            out[(group, key.model, key.height * 8, key.width * 8, key.batch)] = None
+        return tuple(out)
 
     @property
     def active(self) -> bool:

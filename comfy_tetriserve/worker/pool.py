@@ -61,6 +61,7 @@ from ..plan import aligned_groups
 from ..types import Assignment, AssignmentResult
 from ..sampling.image_cond import check_image_conditioning
 from ..core.executor import DevicesUnavailable, ModelInfo, SamplingJob, StepCallback, WorkerFault
+from ..core.warmup import WarmTracker
 from .condshare import SharedConditioning, free_block, share_conditioning
 from .pool_memory import PoolMemory
 from .runner import Conditioning, WorkerConfig, worker_main
@@ -161,6 +162,8 @@ class WorkerPool(PoolMemory):
         #: capture each step shape's model evaluation as a CUDA graph on GPU workers (off: eager;
         #: no effect on CPU workers; graphs.py)
         self.cuda_graphs = bool(cuda_graphs)
+        #: keys each worker holds a CUDA graph for, from their reports (core/warmup.py)
+        self._warm = WarmTracker()
         self.clock = clock
         self._procs: list = []
         self._cmd: list = []
@@ -199,6 +202,14 @@ class WorkerPool(PoolMemory):
     @property
     def groups(self) -> tuple[Group, ...]:
         return self._groups
+
+    def warm_keys(self) -> frozenset | None:
+        """Keys (group, model, height, width, batch) every member of the group holds a CUDA graph for
+        (reported by the workers with each assignment that captured); None when the workers capture
+        nothing (graphs off, or not on CUDA): their steps cost the same from the first on."""
+        if not (self.cuda_graphs and all(d.startswith("cuda") for d in self.devices)):
+            return None
+        return self._warm.keys()
 
     @property
     def alive(self) -> bool:
@@ -249,6 +260,7 @@ class WorkerPool(PoolMemory):
         self._closing = False
         self.broken = None
         self.dead = {}
+        self._warm.clear()  # new processes hold no graph
         self._outstanding = {rank: set() for rank in self._gpu_ids}
         self._last_words = {}
         self._store_dir = tempfile.mkdtemp(prefix="tetriserve-pool-")
@@ -422,6 +434,7 @@ class WorkerPool(PoolMemory):
             reason += f" after {self._last_words[rank]}"
         log.error(reason)
         self.dead[rank] = reason
+        self._warm.forget_device(rank)
         self.broken = self.broken or reason
         if rank < len(self._ready) and not self._ready[rank].done():
             self._ready[rank].set_exception(WorkerError(reason))
@@ -439,6 +452,8 @@ class WorkerPool(PoolMemory):
         outstanding = self._outstanding.get(rank)
         if outstanding is not None:
             outstanding.discard(task_id)
+        if stats.get("warm_keys") is not None and rank not in self.dead:  # it captured since its last report
+            self._warm.set_device(rank, stats["warm_keys"])
         task = self._tasks.get(task_id)
         if task is None:  # a survivor of an assignment a dead peer broke: it may take work again
             if rank not in self.dead and outstanding is not None and not outstanding:

@@ -406,6 +406,7 @@ class Worker:
         self.inbox: queue.Queue = queue.Queue()
         self.injected: str | None = None  # a drill's fault for the next step
         self.forwards = ModelForwards(cfg.cuda_graphs, self.device)
+        self.warm_version = 0  # forwards.version at the last report of warm keys to the pool
 
     def send(self, *msg) -> None:
         self.res.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
@@ -610,6 +611,9 @@ class Worker:
         checkpoints = {rid: traj.to("cpu") for rid, traj in zip(rids, trajs)} if leader and trajs else None
         if error is not None and self.device.type != "cuda":
             timer.ready()  # the steps before the failure (on CUDA only those already read: no sync now)
+        if self.forwards.active and self.forwards.version != self.warm_version:  # captures: tell the pool
+            self.warm_version = self.forwards.version
+            stats["warm_keys"] = self.forwards.warm_keys(self.cfg.rank)
         self.send("done", task_id, self.cfg.rank, steps_done, tuple(timer.times), checkpoints, error, stats)
 
     def _raise_injected(self) -> None:

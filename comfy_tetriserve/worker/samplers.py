@@ -139,6 +139,13 @@ class Trajectory:
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
     options: Mapping[str, float] = field(default_factory=dict)
     noise_device: str | None = None
+    #: the sigmas as Python floats, for the samplers' branches (a comparison of a device tensor would
+    #: wait for the device every step); filled once from ``sigmas`` and carried along by ``replace``
+    host_sigmas: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.host_sigmas) != self.sigmas.numel():
+            object.__setattr__(self, "host_sigmas", tuple(self.sigmas.detach().double().cpu().tolist()))
 
     @property
     def num_steps(self) -> int:
@@ -205,6 +212,12 @@ class _Step:
     noise: Callable[[], torch.Tensor]
     option: Callable[[str], float]
     memory: dict[str, torch.Tensor]
+    host: tuple[float, ...] = ()  # the sigmas on the host: branch on these, never on a device tensor
+
+    @property
+    def next_is_last(self) -> bool:
+        """Whether this step ends at sigma 0."""
+        return self.host[self.i + 1] == 0
 
 
 def _euler(x: torch.Tensor, s: _Step) -> torch.Tensor:
@@ -219,7 +232,7 @@ def _euler_ancestral(x: torch.Tensor, s: _Step) -> torch.Tensor:
     sigma, sigma_next = s.sigmas[s.i], s.sigmas[s.i + 1]
     eta, s_noise = s.option("eta"), s.option("s_noise")
     denoised = s.model(x, sigma)
-    if sigma_next == 0:
+    if s.next_is_last:
         return denoised
     sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
     alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
@@ -236,7 +249,7 @@ def _heun(x: torch.Tensor, s: _Step) -> torch.Tensor:
     denoised = s.model(x, sigma)
     d = (x - denoised) / sigma
     dt = sigma_next - sigma
-    if sigma_next == 0:
+    if s.next_is_last:
         return x + d * dt
     x_2 = x + d * dt
     d_2 = (x_2 - s.model(x_2, sigma_next)) / sigma_next
@@ -249,7 +262,7 @@ def _dpmpp_2m(x: torch.Tensor, s: _Step) -> torch.Tensor:
     t, t_next = sigma.log().neg(), sigma_next.log().neg()
     h = t_next - t
     old = s.memory.get("old_denoised")
-    if old is not None and sigma_next != 0:
+    if old is not None and not s.next_is_last:
         r = (t - s.sigmas[s.i - 1].log().neg()) / h
         denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
     else:
@@ -266,10 +279,10 @@ def _dpmpp_2s_ancestral(x: torch.Tensor, s: _Step) -> torch.Tensor:
     sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
     alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
     renoise = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2) ** 0.5
-    if sigma_next == 0:
+    if s.next_is_last:
         x = x + ((x - denoised) / sigma) * (sigma_down - sigma)
     else:
-        if sigma == 1.0:
+        if s.host[s.i] == 1.0:
             sigma_s = 0.9999
         else:
             lam, lam_down = ((1 - sigma) / sigma).log(), ((1 - sigma_down) / sigma_down).log()
@@ -278,7 +291,7 @@ def _dpmpp_2s_ancestral(x: torch.Tensor, s: _Step) -> torch.Tensor:
         d_mid = s.model(ratio_s * x + (1 - ratio_s) * denoised, sigma_s)
         ratio = sigma_down / sigma
         x = ratio * x + (1 - ratio) * d_mid
-    if sigma_next > 0 and eta > 0:
+    if s.host[s.i + 1] > 0 and eta > 0:
         x = (alpha_next / alpha_down) * x + s.noise() * s_noise * renoise
     return x
 
@@ -286,7 +299,7 @@ def _dpmpp_2s_ancestral(x: torch.Tensor, s: _Step) -> torch.Tensor:
 def _lcm(x: torch.Tensor, s: _Step) -> torch.Tensor:
     sigma_next = s.sigmas[s.i + 1]
     x = s.model(x, s.sigmas[s.i])
-    if sigma_next > 0:
+    if s.host[s.i + 1] > 0:
         x = noise_scaling(sigma_next, s.noise(), x)
     return x
 
@@ -302,7 +315,7 @@ def _ipndm(x: torch.Tensor, s: _Step) -> torch.Tensor:
     d = (x - denoised) / sigma
     history = [s.memory[f"d_{k}"] for k in range(1, max_order) if f"d_{k}" in s.memory]  # newest first
     order = min(max_order, s.i + 1, len(history) + 1)
-    if sigma_next == 0:
+    if s.next_is_last:
         x_next = denoised
     elif order == 1:
         x_next = x + (sigma_next - sigma) * d
@@ -324,7 +337,7 @@ def _gradient_estimation(x: torch.Tensor, s: _Step) -> torch.Tensor:
     dt = sigma_next - sigma
     old_d = s.memory.get("old_d")
     s.memory["old_d"] = d
-    if sigma_next == 0:
+    if s.next_is_last:
         return denoised
     x = x + d * dt
     if old_d is not None and s.i >= 1:
@@ -390,7 +403,7 @@ def _advance(traj: Trajectory, denoise_fn: DenoiseFn) -> Trajectory:
     memory = {k: v for k, v in traj.memory.items() if k != RNG_KEY}
     s_in = x.new_ones([x.shape[0]])
     ctx = _Step(traj.sigmas, traj.step_index, lambda v, sigma: denoise_fn(v, sigma * s_in), noise, traj.option,
-                memory)
+                memory, traj.host_sigmas)
     x_new = _STEP_FNS[traj.sampler](x, ctx)
     if state is not None:
         ctx.memory[RNG_KEY] = state
