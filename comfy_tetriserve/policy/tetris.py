@@ -32,7 +32,10 @@ option that controls each is in brackets; docs/planner.md measures them):
 5. Packing (the paper's group knapsack over GPUs): each admitted request offers "run nothing" or
    q = min(steps planned at k, floor(tau / T_k)) steps at a degree k of its allocation
    [``mix_order``: only the slower, cheaper degree of a two-degree plan first; the re-plan moves
-   steps to the faster degree as the budget shrinks]. When a step at k outlasts the round, the
+   steps to the faster degree as the budget shrinks]. *Stagger* [``stagger``]: in a fresh round,
+   when the plans' projected GPU demand (each plan's phases back to back from now) peaks above the
+   free GPUs, some two-degree plans run their fast share first, earliest deadline first, so that
+   the requests of a burst do not all need their fast degree at the end at once. When a step at k outlasts the round, the
    smallest faster degree whose step fits is offered instead. A request *survives* an option if
    it can still finish at its fastest degree from the round's end (a request that finishes within
    the option is judged by its own end). A DP over capacity maximises survivors; ties
@@ -58,7 +61,9 @@ option that controls each is in brackets; docs/planner.md measures them):
    rounds are ``background_round_s`` long, so an arrival waits at most that (or one step).
 9. Selective batching [``batching``]: LIVE requests of identical shape and at most
    ``batch_max_tokens`` image tokens are paired into one item (one batched step) when the pair
-   meets the earlier deadline and needs less GPU time than the two apart.
+   meets the earlier deadline with ``batch_margin_frac`` of its budget in reserve and needs less
+   GPU time than the two apart (pairs form in bursts; a pair planned to end just at its deadline
+   loses both requests at the first delay).
 10. Round alignment [``align_rounds``]: every assignment runs as many steps as end by a common
    round end E, chosen among whole-step ends between the longest single step and
    ``align_max_frac`` x tau to minimise idle GPU time (plus ``round_overhead_s`` per assignment).
@@ -115,6 +120,7 @@ class _Item:
     rank: int = 0
     chosen: tuple[int, int] | None = None  # (degree, steps)
     scaled: bool = False  # granted a degree beyond its plan by elastic scale-up
+    fast_first: bool = False  # its two-degree plan runs the fast share first (stagger)
     group: tuple[int, ...] = ()
     #: warm-up (policy/warmup.py), empty unless priced: per degree, what a cold group's first step
     #: adds (cold_s) and what the planner expects to pay (warm_s: 0 where a group of that size is warm)
@@ -164,6 +170,7 @@ class TetriServePolicy:
     min_speedup: float = 1.05
     batching: bool = True
     batch_max_tokens: int = 1024
+    batch_margin_frac: float = 0.2
     late_max_gpus: int = 1
     align_rounds: bool = True
     align_max_frac: float = 1.5
@@ -179,6 +186,7 @@ class TetriServePolicy:
     tau_slack_frac: float = 0.0
     use_parallel_capacity: bool = True
     warmup_allocation: bool = False
+    stagger: bool = True
 
     def __post_init__(self) -> None:
         if self.tau_rule not in TAU_RULES and not self.tau_rule.startswith("fixed:"):
@@ -189,7 +197,7 @@ class TetriServePolicy:
             raise ValueError(f"mix_order must be one of {MIX_ORDERS}")
         if self.granularity_steps < 1:
             raise ValueError("granularity_steps must be >= 1")
-        for name in ("plan_margin_frac", "admit_margin_frac"):
+        for name in ("plan_margin_frac", "admit_margin_frac", "batch_margin_frac"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1)")
         if min(self.scale_up_reserve, self.scale_up_commit_s, self.tau_slack_frac, self.burst_window_s) < 0:
@@ -364,7 +372,7 @@ class TetriServePolicy:
         if self.mix_order == "fast-first":
             plan = plan[-1:]
         elif self.mix_order == "cheap-first":
-            plan = plan[:1]
+            plan = plan[-1:] if x.fast_first else plan[:1]
         x.options = []
         seen = set()
         for k, s_k in plan:
@@ -417,6 +425,8 @@ class TetriServePolicy:
         if self.tie_break == "edf":
             for rank, x in enumerate(sorted(items, key=lambda x: (x.deadline, x.ids))):
                 x.rank = rank
+        if self.stagger and fresh and self.mix_order == "cheap-first":
+            self._stagger(items, capacity)
         for x in items:
             self._options(x, now, tau, fresh, capacity, len(items))
         picks = group_knapsack([(x.none_value, [(k, v) for k, _, v in x.options]) for x in items], capacity)
@@ -427,6 +437,51 @@ class TetriServePolicy:
                 x.chosen = (k, q)
                 chosen.append(x)
         return chosen
+
+    def _stagger(self, items: list[_Item], capacity: int) -> None:
+        """Mark the two-degree plans that run their fast share first (``x.fast_first``).
+
+        Cheap-first makes every two-degree plan of a burst want its fast degree at the same time,
+        at the end, when the deadlines leave no slack: four 256 px requests on one GPU each all
+        need two each 0.9 s later. The plans' GPU demand over time (each phase at its planned
+        degree, back to back from now) is projected; while its peak exceeds ``capacity``, plans
+        are flipped to fast-first, earliest deadline first, when the flip lowers the peak and
+        the demand now still fits. Nothing changes when the peak fits (most rounds).
+        """
+        def phases(x: _Item, flipped: bool) -> list[tuple[int, float]]:
+            out = [(k, s * x.times[k]) for k, s in x.plan]
+            return out[::-1] if flipped and len(out) > 1 else out
+
+        def demand(flips: set[int]) -> tuple[int, int]:
+            """(peak demand over the plans, demand now)"""
+            events = []
+            now_demand = 0
+            for x in items:
+                t = 0.0
+                ph = phases(x, id(x) in flips)
+                now_demand += ph[0][0] if ph else 0
+                for k, d in ph:
+                    events += [(t, k), (t + d, -k)]
+                    t += d
+            cur = peak = 0
+            for _, k in sorted(events):  # at one instant ends (negative) come before starts
+                cur += k
+                peak = max(peak, cur)
+            return peak, now_demand
+
+        flips: set[int] = set()
+        peak, _ = demand(flips)
+        if peak <= capacity:
+            return
+        for x in sorted((x for x in items if len(x.plan) > 1), key=lambda x: (x.deadline, x.slack_s)):
+            trial = flips | {id(x)}
+            trial_peak, now_demand = demand(trial)
+            if now_demand <= capacity and trial_peak < peak:
+                flips, peak = trial, trial_peak
+                if peak <= capacity:
+                    break
+        for x in items:
+            x.fast_first = id(x) in flips
 
     def _place(self, chosen: list[_Item], placer: Placer, view: SchedulerView, now: float, tau: float,
                fresh: bool) -> list[_Item]:
@@ -625,15 +680,19 @@ class TetriServePolicy:
 
     def _try_pair(self, a: _Item, b: _Item, cost: CostModel, now: float,
                   pricing: WarmPricing | None = None) -> _Item | None:
+        """The pair as one item, or None. Its plan keeps ``batch_margin_frac`` of the budget in
+        reserve: a pair exists only when several identical requests are live at once (a burst), and
+        a pair planned to end just at the earlier deadline loses both requests at the first delay."""
         r = a.snaps[0].request
         times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch * 2, k) for k in a.times}
         left = max(a.left, b.left)
         deadline = min(a.deadline, b.deadline)
+        budget = (deadline - now) * (1.0 - self.batch_margin_frac)
         probe = _Item(a.snaps + b.snaps, times, min(times.values()), min(a.left, b.left), deadline)
         if pricing is not None and pricing.active:
             self._price_warmup(probe, pricing, (r.model, r.height, r.width, r.batch * 2))
-        alloc = (plan_allocation_warm(times, probe.warm_s, left, deadline - now)
-                 if probe.warm_s and self.warmup_allocation else plan_allocation(times, left, deadline - now))
+        alloc = (plan_allocation_warm(times, probe.warm_s, left, budget)
+                 if probe.warm_s and self.warmup_allocation else plan_allocation(times, left, budget))
         if alloc is None:
             return None
         alone = (a.left * sum(k * a.times[k] * s for k, s in a.plan) / max(a.left, 1)
