@@ -85,7 +85,7 @@ async def run(args: argparse.Namespace) -> None:
     env = dict(os.environ, PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "comfy_tetriserve", "serve", "--port", str(port), "--devices", "sim:8",
            "--model", "flux-dev=sim:flux", "--policy", "tetriserve", "--cost", "h200", "--sim-time-scale", "100",
-           "--journal", "off", "--max-open-jobs", "2000", "--max-open-jobs-per-tenant", "2000"]
+           "--journal", "off", "--max-open-jobs", "2000", "--max-open-jobs-per-tenant", "2000", *args.serve_arg]
     log = open(args.service_log, "wb") if args.service_log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd if not args.url else [sys.executable, "-c", "import time; time.sleep(1e6)"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -151,6 +151,9 @@ def main() -> None:
                                               "names every callback that held the loop over 100 ms)")
     parser.add_argument("--url", help="drive a service already running there (started like the one above)")
     parser.add_argument("--service-root", help="run the service of this checkout (default: this one)")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="one more argument for the service's command line (repeat: --serve-arg=--gil-switch-ms "
+                             "--serve-arg=5)")
     asyncio.run(run(parser.parse_args()))
 
 

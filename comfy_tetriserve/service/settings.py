@@ -92,6 +92,8 @@ class ServiceConfig:
     spare_nodes: int = field(0, help="cluster mode: boxes that may join later beyond those up at start (each with as "
                                      "many devices as the first box); their GPU ids are reserved and join the plan "
                                      "when a box arrives")
+    gil_switch_ms: float = field(0.5, help="the service process's GIL switch interval (Python's default: 5 ms); "
+                                           "shorter lets the event loop answer sooner while threads parse submits")
     journal: str = field(
         "auto", help="SQLite file of the job history (every job accepted and how it ended: /v1/usage, and a restarted "
                      "service tells clients which jobs it lost); 'auto': <cache>/history-<port>.sqlite3; 'off': none")
@@ -128,7 +130,7 @@ class ServiceConfig:
             raise InvalidRequest(f"port out of range: {self.port}")
         for name in ("lease_s", "result_ttl_s", "fetched_ttl_s", "max_body_mb", "body_timeout_s", "header_timeout_s",
                      "max_deadline_s", "events_ping_s", "housekeeping_s", "sim_time_scale", "restart_timeout_s",
-                     "device_fault_window_s", "inter_node_gbps"):
+                     "device_fault_window_s", "inter_node_gbps", "gil_switch_ms"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0")
         for name in ("rebuild_after_s", "stall_timeout_s", "checkpoint_every_s", "max_device_faults",
