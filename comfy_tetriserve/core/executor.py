@@ -32,13 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import WorkerError
 from ..types import Assignment, AssignmentResult
 
-if TYPE_CHECKING:  # torch stays out of this module at run time
-    import torch
+#: a torch.Tensor: the protocol carries tensors between the service and the workers, but core never
+#: imports torch (the layering test imports it with torch blocked)
+Tensor = Any
 
 #: on_step(request_id, step_index_done (1-based, over the whole trajectory), step_seconds)
 StepCallback = Callable[[str, int, float], None]
@@ -85,19 +86,19 @@ class SamplingJob:
 
     request_id: str
     model: str
-    latent: "torch.Tensor"  # [B, C, H/8, W/8]
-    noise: "torch.Tensor"  # same shape
-    sigmas: "torch.Tensor"  # [num_steps + 1]
-    context: "torch.Tensor"  # [B, tokens, dim]
-    pooled: "torch.Tensor"  # [B, pooled_dim]
+    latent: "Tensor"  # [B, C, H/8, W/8]
+    noise: "Tensor"  # same shape
+    sigmas: "Tensor"  # [num_steps + 1]
+    context: "Tensor"  # [B, tokens, dim]
+    pooled: "Tensor"  # [B, pooled_dim]
     sampler: str = "euler"
     seed: int = 0
     cfg: float = 1.0
     guidance: float | None = None  # FLUX-dev distilled guidance
-    neg_context: "torch.Tensor | None" = None
-    neg_pooled: "torch.Tensor | None" = None
+    neg_context: "Tensor | None" = None
+    neg_pooled: "Tensor | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
-    concat: "torch.Tensor | None" = None
+    concat: "Tensor | None" = None
     ref_latents: tuple = ()
     ref_method: str = "offset"
 
@@ -174,7 +175,7 @@ class Executor(Protocol):
         """Ask the in-flight assignment of these requests to end after its current step."""
         ...
 
-    async def fetch_result(self, request_id: str) -> "torch.Tensor": ...
+    async def fetch_result(self, request_id: str) -> "Tensor": ...
 
     async def release(self, request_id: str) -> None: ...
 
