@@ -235,25 +235,33 @@ class EngineLoop:
 
     def _receipt_forecast_done(self, future, batch: list[tuple[GenRequest, asyncio.Future]]) -> None:
         self._receipt_running = False
-        finish: dict[str, float] = {}
-        if not future.cancelled() and future.exception() is None:
-            finish, took = future.result()
-            self._forecast_cost_s = took if self._forecast_cost_s == 0.0 else 0.5 * (self._forecast_cost_s + took)
-            self._forecast_done_at = time.monotonic()
-            for rid, at in finish.items():  # the open jobs' predictions are fresh too
-                job = self.store.jobs.get(rid)
-                if job is not None and not job.status.is_terminal:
-                    job.predicted_finish_at = at
-        elif not future.cancelled():
-            self._forecast_failures += 1
-            log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
-                    "forecast failed (%d times); using the simple estimate", self._forecast_failures,
-                    exc_info=future.exception() if self._forecast_failures == 1 else None)
+        finish = self._take_forecast(future) or {}
         for request, waiter in batch:
             if not waiter.done():
                 waiter.set_result(finish.get(request.request_id))
         if self._receipts and not self._closed:
             self._start_receipt_forecast()
+
+    def _take_forecast(self, future) -> dict[str, float] | None:
+        """A threaded forecast's answer applied to the open jobs (and its cost noted); None if it failed
+        (logged) or was cancelled."""
+        if future.cancelled():
+            return None
+        exc = future.exception()
+        if exc is not None:
+            self._forecast_failures += 1
+            log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
+                    "forecast failed (%d times); using the simple estimate", self._forecast_failures,
+                    exc_info=exc if self._forecast_failures == 1 else None)
+            return None
+        finish, took = future.result()
+        self._forecast_cost_s = took if self._forecast_cost_s == 0.0 else 0.5 * (self._forecast_cost_s + took)
+        self._forecast_done_at = time.monotonic()
+        for rid, at in finish.items():
+            job = self.store.jobs.get(rid)
+            if job is not None and not job.status.is_terminal:
+                job.predicted_finish_at = at
+        return finish
 
     def _refresh_interval_s(self) -> float:
         return max(PREDICTION_REFRESH_S, self._forecast_cost_s / FORECAST_DUTY)
@@ -303,22 +311,10 @@ class EngineLoop:
         self._forecast_running = False
         if self._closed or future.cancelled():
             return
-        exc = future.exception()
-        if exc is not None:
-            self._forecast_failures += 1
-            log.log(logging.ERROR if self._forecast_failures == 1 else logging.DEBUG,
-                    "forecast failed (%d times); using the simple estimate", self._forecast_failures,
-                    exc_info=exc if self._forecast_failures == 1 else None)
+        if self._take_forecast(future) is None:  # failed: the simple estimate for every open job
             view = self.engine.view(self.clock.now())
             for job in self.store.open_jobs():
                 job.predicted_finish_at = estimate_finish(view, job.job_id, self.cost)
-        else:
-            finish, took = future.result()
-            self._forecast_cost_s = took if self._forecast_cost_s == 0.0 else 0.5 * (self._forecast_cost_s + took)
-            for rid, at in finish.items():
-                job = self.store.jobs.get(rid)
-                if job is not None and not job.status.is_terminal:
-                    job.predicted_finish_at = at
         self._forecast_done_at = time.monotonic()
         if self._forecast_again:
             self._forecast_again = False
