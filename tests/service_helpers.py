@@ -94,11 +94,11 @@ def make_service_app(*, num_gpus: int = 4, policy=None, cost=None, time_scale: f
 @contextlib.asynccontextmanager
 async def running_service(app: web.Application, port: int | None = None, host: str = "127.0.0.1"):
     """Serve ``app`` on a real TCP port; yields the base URL. Models configured are loaded first."""
-    port = port or free_port()
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port or 0)  # 0: the kernel picks a free port as it binds (no race)
     await site.start()
+    port = runner.addresses[0][1]
     svc = app[SERVICE]
     for name in list(svc.catalog.configured):
         await svc.catalog.wait_loaded(name)
