@@ -291,6 +291,9 @@ class ClusterExecutor:
             return
         slot.alive, slot.reason = False, reason
         log.error(reason)
+        # the monitor may see the death before the running assignment's stream does: name its jobs either way
+        running = tuple(rid for rid, req in self._requests.items() if req.node == i and req.running)
+        request_ids = tuple(dict.fromkeys(request_ids + running))
         for req in self._requests.values():
             if req.node == i:
                 req.node = None
