@@ -13,7 +13,7 @@ from comfy_tetriserve.policy import make_policy
 from comfy_tetriserve.sim.bench import Bench, BenchConfig
 from comfy_tetriserve.sim.bound import isolated_bound
 from comfy_tetriserve.sim.probes import PROBES, ScaledCostModel
-from comfy_tetriserve.sim.simulator import SimConfig, simulate
+from comfy_tetriserve.sim.simulator import SimConfig, Simulation, simulate
 from comfy_tetriserve.sim.workload import WorkloadSpec, make_trace
 
 COST = load_cost_model("h200")
@@ -58,6 +58,27 @@ def test_slow_engine_probe_runs_every_step_ten_percent_longer():
     res = simulate([r], make_policy("sp4"), COST, true_cost=slow).outcomes[0].latency_s
     assert (res - 0.001) == pytest.approx(1.1 * (base - 0.001))
     assert PROBES["slow-engine"].true_cost_scale == 1.1 and PROBES["bursty"].spec == {"burst_size": 5}
+
+
+def test_online_correction_learns_the_slow_engine_as_the_service_does():
+    slow = ScaledCostModel(COST, 1.1)
+    trace = make_trace(WorkloadSpec(num_requests=80, slo_scale=1.5, seed=4))
+    stale = Simulation(trace, make_policy("tetriserve"), COST, SimConfig(), true_cost=slow).run()
+    online = Simulation(trace, make_policy("tetriserve"), COST, SimConfig(online_correction=True),
+                        true_cost=slow).run()
+    assert stale.cost is COST  # no correction: plans with the profile throughout
+    learnt = online.cost.drift()
+    assert learnt and all(v == pytest.approx(1.1, abs=1e-9) for v in learnt.values()), learnt
+    assert online.cost.observations() == sum(  # every simulated step was fed, as the service feeds them
+        st.steps_done for st in online.engine.states())
+    # every policy plans with the corrected model: predictions now match the engine
+    assert online.cost.step_time_s("flux-dev", 1024, 1024, 1, 4) == pytest.approx(slow.step_time_s("flux-dev", 1024, 1024, 1, 4))
+    assert online.result().sar() > stale.result().sar()
+    # with the profile right, the correction changes nothing
+    plain = simulate(trace, make_policy("tetriserve"), COST)
+    same = simulate(trace, make_policy("tetriserve"), COST, SimConfig(online_correction=True))
+    assert [o.finished_at for o in same.outcomes] == [o.finished_at for o in plain.outcomes]
+    assert PROBES["slow-engine"].sim == {"online_correction": True}
 
 
 def test_isolated_bound_counts_requests_that_could_make_it_alone():

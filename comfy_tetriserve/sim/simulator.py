@@ -18,6 +18,11 @@ seeded Gaussian jitter of coefficient of variation ``step_jitter_cv`` (the paper
 steps), as the live service would. Late requests are served to completion (they count as misses).
 Every number produced here comes from the cost model named in ``SimResult.cost_name``.
 
+``online_correction`` plans as the service does: the planner's cost model is wrapped in the
+service's ``OnlineCostModel`` (cost.py), and every simulated step time of an assignment is fed to
+it when the assignment ends (the service feeds the measured step times of each assignment's
+result). Without it the planner keeps its profile however wrong it is (a stale profile).
+
 ``shared_cores`` models devices that share compute (CPU workers sharing cores): step times are
 the true cost's (measured one request at a time, a degree-k step on k busy devices), slowed by
 s(B) / s(k) while B devices are busy, s(b) = max(1, b / shared_cores) ** ``shared_exponent``
@@ -33,7 +38,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..cost import CostModel, warmup_time_s
+from ..cost import CostModel, OnlineCostModel, warmup_time_s
 from ..core.engine import Engine
 from ..core.warmup import MAX_GRAPHS, WarmTracker, capture_steps, warm_key
 from ..plan import aligned_groups, all_subset_groups
@@ -53,6 +58,7 @@ class SimConfig:
     shared_exponent: float = 1.15
     seed: int = 0
     warm_keys_per_device: int = MAX_GRAPHS  # graphs a device keeps (worker/graphs.py)
+    online_correction: bool = False  # plan with the service's OnlineCostModel, fed every simulated step
     max_events: int = 10_000_000
 
 
@@ -130,8 +136,11 @@ class Simulation:
     def __init__(self, trace: Sequence[GenRequest], policy, cost: CostModel, config: SimConfig = SimConfig(), *,
                  true_cost: CostModel | None = None, groups: Sequence[tuple[int, ...]] | None = None) -> None:
         self.config = config
-        self.cost = cost
         self.true_cost = true_cost or cost
+        #: the planner's cost model: ``cost``, or ``cost`` corrected online from the simulated steps
+        self.cost = OnlineCostModel(cost) if config.online_correction else cost
+        cost = self.cost
+        self._step_times: dict[int, tuple[float, ...]] = {}  # online correction: seq -> its steps' times
         self.policy = policy
         #: the devices' graph caches, when either cost model prices warm-up (core/warmup.py)
         self.warm = (WarmTracker(config.warm_keys_per_device)
@@ -210,6 +219,7 @@ class Simulation:
         while self._ends and self._ends[0][0] <= now + (1e-12 if shared else 0.0):
             end_at, seq, a, started = heapq.heappop(self._ends)
             self._work.pop(seq, None)
+            self._observe(seq, a, end_at - started)
             engine.apply_result(AssignmentResult(a, started, end_at, a.num_steps), end_at)
         while self._next < len(self._arrivals) and self._arrivals[self._next].arrival_at <= now:
             engine.submit(self._arrivals[self._next])
@@ -221,6 +231,20 @@ class Simulation:
                 self._start(plan, now)
         if shared:
             self._rebuild_ends(now)
+
+    def _observe(self, seq: int, a: Assignment, elapsed_s: float) -> None:
+        """Online correction: what the service does with an assignment's measured step times (on
+        shared cores, the steps' share of the elapsed time, slowed as they ran)."""
+        times = self._step_times.pop(seq, None)
+        if times is None:
+            return
+        if self.config.shared_cores > 0 and times:
+            per_step = max(elapsed_s - self.config.dispatch_overhead_s, 0.0) / len(times)
+            times = (per_step,) * len(times)
+        r = self.engine.state(a.request_ids[0]).request
+        batch = r.batch * len(a.request_ids)
+        for t in times:
+            self.cost.observe(r.model, r.height, r.width, batch, a.sp_degree, t)
 
     def _start(self, plan, now: float) -> None:
         engine, config = self.engine, self.config
@@ -234,18 +258,22 @@ class Simulation:
             t_step = self.true_cost.step_time_s(r.model, r.height, r.width, batch, a.sp_degree)
             if config.step_jitter_cv > 0:
                 cv = config.step_jitter_cv
-                run = sum(max(t_step * (1 + self._rng.gauss(0.0, cv)), 0.0) for _ in range(a.num_steps))
+                steps = tuple(max(t_step * (1 + self._rng.gauss(0.0, cv)), 0.0) for _ in range(a.num_steps))
+                run = sum(steps)
             else:
+                steps = (t_step,) * a.num_steps
                 run = a.num_steps * t_step
             if self.warm is not None and not self.warm.use(warm_key(a.gpu_ids, r.model, r.height, r.width, batch)):
                 predicted += warmup_time_s(self.cost, r.model, r.height, r.width, batch, a.sp_degree)
                 run += warmup_time_s(self.true_cost, r.model, r.height, r.width, batch, a.sp_degree)
             expected[a.request_ids] = now + overhead + predicted
-            actual.append((a, overhead + run))
+            actual.append((a, overhead + run, steps))
             for rid in a.request_ids:
                 self._last_gpus[rid] = a.gpu_ids
         engine.apply_plan(plan, now, expected)
-        for a, dur in actual:
+        for a, dur, steps in actual:
+            if config.online_correction:
+                self._step_times[self._seq] = steps
             if config.shared_cores > 0:
                 self._work[self._seq] = [a, now, dur]  # its end follows from the rates (_rebuild_ends)
             else:
