@@ -6,7 +6,7 @@ from factories import make_request
 
 from comfy_tetriserve.cost import load_cost_model
 from comfy_tetriserve.policy import make_policy
-from comfy_tetriserve.sim.bound import sar_upper_bound
+from comfy_tetriserve.sim.bound import degree_patterns, sar_upper_bound
 from comfy_tetriserve.sim.simulator import simulate
 from comfy_tetriserve.sim.workload import WorkloadSpec, make_trace
 
@@ -28,12 +28,42 @@ def test_tiny_cases():
     assert sar_upper_bound([make_request(deadline_s=None)], COST).status == "empty"
 
 
-@pytest.mark.parametrize("mix,scale,seed", [("uniform", 1.0, 0), ("skewed", 1.5, 1), ("skewed", 1.2, 2)])
-def test_bound_is_above_every_policy(mix, scale, seed):
-    trace = make_trace(WorkloadSpec(num_requests=30, mix=mix, slo_scale=scale, seed=seed))
+def test_degree_patterns_are_the_maximal_packings():
+    eight = degree_patterns([1, 2, 4, 8], 8)
+    assert len(eight) == 10 and all(sum(k * c for k, c in p.items()) == 8 for p in eight)
+    assert {8: 1} in eight and {4: 2} in eight and {4: 1, 2: 1, 1: 2} in eight and {1: 8} in eight
+    assert degree_patterns([1, 2, 4, 8], 4) == ({4: 1}, {2: 2}, {2: 1, 1: 2}, {1: 4})
+    # without degree 1 a pattern may leave a GPU idle: it is maximal when no allowed degree fits
+    assert degree_patterns([2, 4], 6) == ({4: 1, 2: 1}, {2: 3})
+    assert degree_patterns([3], 8) == ({3: 2},)
+
+
+def test_patterns_remove_rounds_no_packing_can_run():
+    # a 256 px request (1.5 s: degree 1 takes 1.53 s, so it needs a few steps at 2) and two 1024 px
+    # requests (3 s: degree 4 takes 2.76 s) arriving together. The fluid program keeps all three by
+    # averaging 1 + 4 + 4 GPUs over rounds; at an instant they need 9 of 8, and degree 8 for one
+    # 1024 px request does not help (it pauses the other), so at most two of them can make it
+    burst = [make_request(res=256, deadline_s=1.5), make_request(res=1024, deadline_s=3.0),
+             make_request(res=1024, deadline_s=3.0)]
+    assert sar_upper_bound(burst, COST, patterns=False).num_on_time == 3
+    tight = sar_upper_bound(burst, COST)
+    assert tight.num_on_time == 2 and tight.status == "optimal"
+    assert sar_upper_bound(burst, COST, tau_s=0.05).num_on_time == 2
+    for name in ("tetriserve", "edf", "sp4", "edf-admit"):
+        assert sum(o.met for o in simulate(burst, make_policy(name), COST).outcomes) <= 2, name
+    assert sum(o.met for o in simulate(burst, make_policy("tetriserve"), COST).outcomes) == 2
+
+
+@pytest.mark.parametrize("mix,scale,seed,burst", [("uniform", 1.0, 0, 1), ("skewed", 1.5, 1, 1), ("skewed", 1.2, 2, 1),
+                                                  ("uniform", 1.0, 1000, 5)])
+def test_bound_is_above_every_policy(mix, scale, seed, burst):
+    trace = make_trace(WorkloadSpec(num_requests=30, mix=mix, slo_scale=scale, seed=seed, burst_size=burst))
     b = sar_upper_bound(trace, COST)
     assert b.status == "optimal"
-    fine = sar_upper_bound(trace, COST, tau_s=0.1)  # any round length gives a valid bound
-    for name in ("tetriserve", "edf", "sp4", "rssp"):
+    # any round length gives a valid bound (the finer one without the pattern rows, for time)
+    fine = sar_upper_bound(trace, COST, tau_s=0.1, patterns=False)
+    fluid = sar_upper_bound(trace, COST, patterns=False)  # the looser program bounds the tighter one
+    assert fluid.num_on_time >= b.num_on_time
+    for name in ("tetriserve", "edf", "sp4", "rssp", "edf-admit"):
         on_time = sum(o.met for o in simulate(trace, make_policy(name), COST).outcomes)
         assert on_time <= b.num_on_time and on_time <= fine.num_on_time, name

@@ -23,6 +23,23 @@ also respect (whole steps, aligned groups, dispatch overheads) and knows the fut
 upper bound, not an achievable target. Dropping a request's work when it does not finish
 (sum_k z <= f x) loses nothing and tightens the relaxation. The finer tau, the tighter the
 round structure; every tau gives a valid bound.
+
+Instantaneous patterns (``patterns=True``, the default). The capacity row above only bounds a
+round's *average* GPU use, so it accepts rounds no schedule can run: a 256 px request at degree 1
+all round and two 1024 px requests at degree 4 for 100 % and 75 % of it average 8 GPUs, but for
+75 % of the round they need 9. At any instant the running degrees form a multiset of allowed
+degrees summing to at most N; extend it to a *maximal* one (no further allowed degree fits), a
+pattern p with m_p(k) slots of degree k (N = 8 with degrees 1, 2, 4, 8: the ten partitions of 8,
+{8}, {4,4}, {4,2,2}, ..., {1 x 8}). With w_rp the share of round r spent in pattern p:
+
+               sum_p w_rp <= 1                                       (every round r)
+               sum_{k in K} z_irk <= sum_{p: p has a slot in K} w_rp  (every set K of degrees:
+                                                                       i holds one slot at a time)
+               sum_i z_irk <= sum_p m_p(k) w_rp                       (every degree k: the k slots)
+
+Any schedule gives a feasible point (w from its patterns over time, z as
+before), so the bound stays valid; it only removes rounds that no instant-by-instant packing
+can realise.
 """
 from __future__ import annotations
 
@@ -46,11 +63,36 @@ class BoundResult:
     on_time_ids: tuple[str, ...]
 
 
+def degree_patterns(degrees: Sequence[int], num_gpus: int) -> tuple[dict[int, int], ...]:
+    """The maximal multisets of ``degrees`` summing to at most ``num_gpus`` (as {degree: count}):
+    every set of groups running at one instant fits in one of them."""
+    ds = sorted({int(k) for k in degrees if 1 <= k <= num_gpus}, reverse=True)
+    if not ds:
+        return ()
+    smallest = ds[-1]
+    out: list[dict[int, int]] = []
+
+    def extend(index: int, left: int, counts: dict[int, int]) -> None:
+        if index == len(ds):
+            if left < smallest:  # maximal: no allowed degree fits any more
+                out.append({k: c for k, c in counts.items() if c})
+            return
+        k = ds[index]
+        for c in range(left // k, -1, -1):
+            counts[k] = c
+            extend(index + 1, left - c * k, counts)
+        counts[k] = 0
+
+    extend(0, num_gpus, {})
+    return tuple(out)
+
+
 def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int = 8, *, tau_s: float = 0.25,
                     time_limit_s: float = 60.0, mip_rel_gap: float = 0.0,
-                    max_degree: int | None = None) -> BoundResult:
+                    max_degree: int | None = None, patterns: bool = True) -> BoundResult:
     """Solve the program above for ``trace`` (requests without a deadline are ignored). ``max_degree``
-    caps a request's degree below ``num_gpus`` (several boxes pooled: a group never exceeds one box)."""
+    caps a request's degree below ``num_gpus`` (several boxes pooled: a group never exceeds one box).
+    ``patterns=False`` drops the instantaneous-pattern rows (the looser fluid program)."""
     import time
 
     import numpy as np
@@ -116,6 +158,9 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
         rows.append(row), cols.append(i), vals.append(-float(r.num_steps))
         lb.append(0.0), ub.append(np.inf)
         row += 1
+    if patterns:
+        row, nv = _pattern_rows(z_index, n, num_gpus, rows, cols, vals, lb, ub, row, nv)
+    c = np.concatenate([c, np.zeros(nv - len(c))])
     a = coo_matrix((vals, (rows, cols)), shape=(row, nv)).tocsr()
     integrality = np.zeros(nv)
     integrality[:n] = 1
@@ -136,6 +181,58 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
     count = best if res.status == 0 else math.floor(bound_count + 1e-6)
     return BoundResult(n, count, count / n, tau_s, res.message if res.status != 0 else "optimal", gap,
                        solve_s, on_time)
+
+
+def _pattern_rows(z_index: list[tuple[int, int, int, float]], first: int, num_gpus: int,
+                  rows: list, cols: list, vals: list, lb: list, ub: list, row: int, nv: int) -> tuple[int, int]:
+    """Append the instantaneous-pattern rows (module docstring) for the z variables in ``z_index``
+    (z_j is variable ``first + j``); the w variables start at ``nv``. Returns (rows, variables)."""
+    inf = float("inf")
+    pats = degree_patterns({k for _, _, k, _ in z_index}, num_gpus)
+    by_round_degree: dict[tuple[int, int], list[int]] = {}
+    for j, (_, rd, k, _) in enumerate(z_index):
+        by_round_degree.setdefault((rd, k), []).append(j)
+    w_of: dict[tuple[int, int], int] = {}  # (round, pattern) -> variable
+    for rd in sorted({rd for _, rd, _, _ in z_index}):
+        for p in range(len(pats)):
+            w_of[(rd, p)] = nv
+            nv += 1
+            rows.append(row), cols.append(w_of[(rd, p)]), vals.append(1.0)
+        lb.append(-inf), ub.append(1.0)
+        row += 1
+    # one request at the degrees of a set K only while the pattern has a slot of a degree in K
+    # (at one instant a request holds one slot): every K that some pattern misses
+    all_degrees = sorted({k for _, _, k, _ in z_index})
+    subsets = []
+    for mask in range(1, 1 << len(all_degrees)):
+        ks = {k for b, k in enumerate(all_degrees) if mask >> b & 1}
+        having = [p for p, pat in enumerate(pats) if ks & set(pat)]
+        if len(having) < len(pats):
+            subsets.append((ks, having))
+    by_request_round: dict[tuple[int, int], dict[int, int]] = {}
+    for j, (i, rd, k, _) in enumerate(z_index):
+        by_request_round.setdefault((i, rd), {})[k] = j
+    for (i, rd), of_degree in by_request_round.items():
+        for ks, having in subsets:
+            if not ks <= of_degree.keys():  # a K beyond i's degrees repeats a smaller K's row
+                continue
+            js = [of_degree[k] for k in ks]
+            for j in js:
+                rows.append(row), cols.append(first + j), vals.append(1.0)
+            for p in having:
+                rows.append(row), cols.append(w_of[(rd, p)]), vals.append(-1.0)
+            lb.append(-inf), ub.append(0.0)
+            row += 1
+    for (rd, k), js in by_round_degree.items():
+        slots = [(w_of[(rd, p)], pat.get(k, 0)) for p, pat in enumerate(pats) if pat.get(k, 0)]
+        # all of them share the k slots
+        for j in js:
+            rows.append(row), cols.append(first + j), vals.append(1.0)
+        for w, m in slots:
+            rows.append(row), cols.append(w), vals.append(-float(m))
+        lb.append(-inf), ub.append(0.0)
+        row += 1
+    return row, nv
 
 
 def isolated_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int = 8, *,
