@@ -3,7 +3,7 @@
 For each trace of the cluster section (2 boxes x 8 GPUs, the full 600-request traces), three upper
 bounds on SAR, and the policies' SAR on the same trace:
 
-- ``pooled``: the offline program of ``sim/bound.py`` over all the cluster's GPUs pooled, with no
+- ``pooled``: the offline program of ``sim/bound.py`` (its fluid form unless ``--patterns``) over all the cluster's GPUs pooled, with no
   group larger than one box (``max_degree = gpus_per_node``). Every two-box schedule is one such
   schedule: at any instant the running degrees sum to at most the cluster's GPU count and each job
   runs on one group of at most one box; moves between boxes cost time the program does not charge.
@@ -35,9 +35,11 @@ from .workload import WorkloadSpec, make_trace
 
 def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *, time_limit_s: float = 90.0,
                  tau_s: float = 0.25, routers: Sequence[str] = ("least-loaded",), milp: bool = True,
-                 policies: bool = True) -> dict[str, Any]:
+                 policies: bool = True, patterns: bool = False) -> dict[str, Any]:
     """The bounds above for one trace (``milp``: also the programs; else only the isolated bound), and
-    (``policies``) every cluster-section policy's SAR on it. ``bound`` is the tightest of them."""
+    (``policies``) every cluster-section policy's SAR on it. ``bound`` is the tightest of them.
+    ``patterns``: the programs with bound.py's instantaneous-pattern rows (tighter, slower; off for
+    the 600-request traces, whose recorded bounds are of the fluid program)."""
     from .bench import _cost
 
     cost = _cost(profile)
@@ -48,7 +50,7 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
     out: dict[str, Any] = {"num_requests": len(timed), "isolated": iso, "bound": iso, "per_box": {}, "sar": {}}
     if milp:
         pooled = sar_upper_bound(trace, cost, num_gpus, tau_s=tau_s, time_limit_s=time_limit_s,
-                                 max_degree=cluster.gpus_per_node)
+                                 max_degree=cluster.gpus_per_node, patterns=patterns)
         gap = pooled.mip_gap if math.isfinite(pooled.mip_gap) else None  # no incumbent within the limit: None
         out.update(pooled=pooled.sar, pooled_status=pooled.status, pooled_gap=gap,
                    pooled_solve_s=pooled.solve_s, bound=min(iso, pooled.sar))
@@ -58,7 +60,7 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
             for box in boxes:
                 sub = [o.request for o in box.result(profile).outcomes]
                 on_time += sar_upper_bound(sub, cost, cluster.gpus_per_node, tau_s=tau_s,
-                                           time_limit_s=time_limit_s).num_on_time
+                                           time_limit_s=time_limit_s, patterns=patterns).num_on_time
             out["per_box"][per_box_name(router)] = on_time / len(timed) if timed else float("nan")
     if policies:
         for name, task in list(CLUSTER_TASKS.items()) + [(per_box_name(r), f"route:{r}") for r in ROUTERS]:
@@ -67,9 +69,9 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
 
 
 def _task(args: tuple) -> dict[str, Any]:
-    spec, profile, cluster, time_limit_s, routers, milp, policies = args
+    spec, profile, cluster, time_limit_s, routers, milp, policies, patterns = args
     return trace_bounds(spec, profile, cluster, time_limit_s=time_limit_s, routers=routers, milp=milp,
-                        policies=policies)
+                        policies=policies, patterns=patterns)
 
 
 def summarise(rows: dict[str, dict[str, list[dict[str, Any]]]],
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--traces-from", default="", help="an earlier --out: summarise its traces again (with --sar-from)"
                                                       " instead of solving")
     p.add_argument("--no-policies", action="store_true", help="bounds only (the policies' SAR from --sar-from later)")
+    p.add_argument("--patterns", action="store_true",
+                   help="the programs with the instantaneous-pattern rows of sim/bound.py (tighter, slower)")
     p.add_argument("--profile", default="h200")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="")
@@ -135,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     model="flux-dev", mix=mix, slo_scale=scale, seed=seed)
                 keys.append((mix, f"{scale:.1f}"))
                 tasks.append((spec, a.profile, cluster, a.time_limit_s, tuple(a.routers), scale in milp_scales,
-                              not (a.sar_from or a.no_policies)))
+                              not (a.sar_from or a.no_policies), a.patterns))
     sar = None
     if a.sar_from:
         with open(a.sar_from) as f:
@@ -160,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting = {"num_nodes": cluster.num_nodes, "gpus_per_node": cluster.gpus_per_node,
                "num_requests": a.num_requests, "rate_per_min": a.rate_per_min, "seeds": a.seeds,
                "time_limit_s": a.time_limit_s, "tau_s": 0.25, "profile": a.profile,
-               "milp_scales": sorted(milp_scales),
+               "milp_scales": sorted(milp_scales), "patterns": a.patterns,
                "note": "simulated on the cost model; bounds from sim/cluster_bound.py"}
     return _report(a, rows, sar, time.perf_counter() - started, setting)
 
