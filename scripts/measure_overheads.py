@@ -10,6 +10,10 @@
 2. The hand-off: wall time of a one-step assignment through the pool when the latent is already on
    the group (local), when a member of the new group broadcasts it (bcast), and when the pool sends
    its checkpoint (pool); the differences to "local" are what a group change costs.
+3. A move to a group none of whose members holds the latest step ((0, 1) <-> (2, 3) on four workers):
+   the pool's checkpoint in one member's message, broadcast by it (seed, the default), against the
+   checkpoint in every member's message (``seed_broadcast=False``), alternating in one run: the
+   event loop's CPU time per assignment (what pickling the messages costs it) and the wall time.
 """
 from __future__ import annotations
 
@@ -130,16 +134,59 @@ async def measure_handoff(devices: str, px: int, reps: int) -> dict:
         await pool.close()
 
 
+async def measure_seed(devices: str, px: int, reps: int) -> dict:
+    from comfy_tetriserve.core.executor import SamplingJob
+    from comfy_tetriserve.worker.samplers import compute_sigmas, prepare_noise
+    from comfy_tetriserve.worker.pool import WorkerPool
+    from comfy_tetriserve.types import Assignment
+
+    pool = WorkerPool(devices)
+    await pool.start()
+    try:
+        await pool.load_model("tiny", "random:tiny-flux", "fp32")
+        g = torch.Generator().manual_seed(0)
+        latent = torch.zeros(1, 16, px // 8, px // 8)
+        steps = 4 * reps + 3
+        job = SamplingJob(request_id="s", model="tiny", latent=latent, noise=prepare_noise(latent, 0),
+                          sigmas=compute_sigmas("flux", "simple", steps), context=torch.randn(1, 64, 32, generator=g),
+                          pooled=torch.randn(1, 16, generator=g), guidance=3.5)
+        await pool.admit(job)
+        pool.seed_min_bytes = 0  # both paths at every size
+        loop_cpu: dict[str, list[float]] = {"seed": [], "every_member": []}
+        wall: dict[str, list[float]] = {"seed": [], "every_member": []}
+        await pool.execute(Assignment(("s",), (0, 1), 1))  # conditioning sent to 0 and 1
+        await pool.execute(Assignment(("s",), (2, 3), 1))  # and to 2 and 3
+        for i in range(4 * reps):  # every assignment moves to the other pair; modes alternate by twos
+            mode = "seed" if (i // 2) % 2 == 0 else "every_member"
+            pool.seed_broadcast = mode == "seed"
+            group = (0, 1) if i % 2 == 0 else (2, 3)
+            c0, t0 = time.thread_time(), time.perf_counter()
+            r = await pool.execute(Assignment(("s",), group, 1))
+            loop_cpu[mode].append(time.thread_time() - c0)
+            wall[mode].append(time.perf_counter() - t0)
+            assert r.error is None, r.error
+        pool.seed_broadcast = True
+        med = lambda v: round(statistics.median(v) * 1e3, 3)  # noqa: E731
+        return {"px": px, "latent_bytes": latent.numel() * 4, "group_size": 2,
+                "loop_cpu_ms": {k: med(v) for k, v in loop_cpu.items()},
+                "wall_ms": {k: med(v) for k, v in wall.items()}}
+    finally:
+        await pool.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default="cpu:2")
     parser.add_argument("--px", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--seed-devices", default="cpu:4", help="workers for the seeded hand-off (4: two pairs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    report = {"stop_flag": measure_flag(args.reps * 5), "handoff": []}
+    report = {"stop_flag": measure_flag(args.reps * 5), "handoff": [], "seed": []}
     for px in args.px:
         report["handoff"].append(asyncio.run(measure_handoff(args.devices, px, args.reps)))
+    for px in args.px:
+        report["seed"].append(asyncio.run(measure_seed(args.seed_devices, px, args.reps)))
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import time
 
@@ -163,6 +164,51 @@ def test_conditioning_goes_once_through_shared_memory_off_the_event_loop(h):
     h(pool.release("big-cond"))
     with pytest.raises(FileNotFoundError):
         shared_memory.SharedMemory(name=block)
+
+
+def test_pool_checkpoint_reaches_a_new_group_through_one_member(h, monkeypatch):
+    """A move to a group none of whose members holds the latest step (0,1 -> 2,3): the checkpoint
+    goes in one member's message and that member broadcasts it; the result is exact, and the event
+    loop pickles one copy instead of one per member (measured side by side with the old path)."""
+    pool = h.pool
+    ref = h(sample(pool, make_job("seed-ref", "flux", steps=4, seed=5), [((0,), 4)]))
+    sent: dict[int, int] = {}
+    real_send = pool._send
+
+    def counting_send(rank, *msg):
+        if msg and msg[0] == "run":
+            sent[rank] = sent.get(rank, 0) + len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        return real_send(rank, *msg)
+
+    monkeypatch.setattr(pool, "_send", counting_send)
+    monkeypatch.setattr(pool, "seed_min_bytes", 0)  # the tiny latent is far below the default's 512 KiB
+    seeded_before = len(pool.stats["handoff_seed_s"])
+    out = {}
+    for mode in (True, False):
+        pool.seed_broadcast = mode
+        sent.clear()
+        rid = f"seed-{mode}"
+        h(pool.admit(make_job(rid, "flux", steps=4, seed=5)))
+        assert h(pool.execute(Assignment((rid,), (0, 1), 2))).error is None
+        sent.clear()
+        r = h(pool.execute(Assignment((rid,), (2, 3), 2)))  # neither 2 nor 3 holds step 2
+        assert r.error is None and r.steps_done == 2
+        out[mode] = dict(sent)
+        assert rel(h(pool.fetch_result(rid)), ref) <= 1e-5, mode
+        h(pool.release(rid))
+    pool.seed_broadcast = True
+    latent_bytes = 16 * 14 * 18 * 4
+    pool.seed_min_bytes = 1 << 40
+    h(pool.admit(make_job("seed-small", "flux", steps=2, seed=5)))
+    sent.clear()
+    assert h(pool.execute(Assignment(("seed-small",), (0, 1), 1))).error is None
+    assert abs(sent[0] - sent[1]) < latent_bytes  # below the threshold: in both messages, as before
+    h(pool.release("seed-small"))
+    # seeded twice: the first assignment on (0, 1) (no member holds a fresh request) and the move
+    assert len(pool.stats["handoff_seed_s"]) == seeded_before + 2
+    # seeded: only worker 2's message carries the latent; before, both members' messages did
+    assert out[True][2] - out[True][3] >= latent_bytes and abs(out[False][2] - out[False][3]) < latent_bytes
+    assert out[True][3] < out[False][3] - latent_bytes
 
 
 def test_batched_assignment_equals_each_request_alone(h):

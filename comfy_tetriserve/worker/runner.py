@@ -524,6 +524,10 @@ class Worker:
             return traj
         if kind == "pool":
             return source[1].to(self.device)
+        if kind == "seed":  # the pool's checkpoint came to this member: it broadcasts it to the group
+            _, src_index, payload = source
+            mine = payload.to(self.device)
+            return broadcast_trajectory(comm, src_index, mine, mine, self.device)
         if kind == "bcast":
             _, src_index, skeleton = source
             mine = self.trajs.get(rid) if comm.index == src_index else None
