@@ -78,6 +78,32 @@ def test_back_to_back_stacks_read_each_file_once(tiny):
         assert torch.equal(run(model, inputs("flux")), run(model, inputs("flux")))
 
 
+def test_cache_limit_follows_the_memory_the_budget_leaves_outside_the_weights(tiny):
+    from comfy_tetriserve.worker.memory import lora_cache_bytes
+
+    gb = 10**9
+    assert lora_cache_bytes(80 * gb, 1, 64 * gb) == 4 * gb  # default budget on 80 GB: a quarter of 16 GB
+    assert lora_cache_bytes(141 * gb, 1, int(0.8 * 141 * gb)) == 4 << 30  # an H200: the 4 GiB cap
+    assert lora_cache_bytes(24 * gb, 1, 19_200_000_000) == 1_200_000_000  # a 24 GB card: 1.2 GB
+    assert lora_cache_bytes(80 * gb, 1, int(0.95 * 80 * gb)) == 1 * gb  # a 95 % budget leaves 4 GB: 1 GB
+    assert lora_cache_bytes(80 * gb, 2, 32 * gb) == 2 * gb  # two ranks on one GPU: each its half
+    assert lora_cache_bytes(8 * gb, 1, 9 * gb) == 0  # a budget beyond the device: no cache to speak of
+    assert lora_cache_bytes(0, 1, 1) == 4 << 30  # device size unknown
+    # the cache honours a lower limit at once, keeping the most recently used file (a job needs it)
+    t = tiny["flux"]
+    model, cache = t["model"], LoraCache()
+    kohya = cache.get(model, str(t["files"]["kohya"]))
+    peft = cache.get(model, str(t["files"]["peft"]))
+    assert cache.nbytes() == kohya.nbytes() + peft.nbytes()
+    cache.set_limit(peft.nbytes())
+    assert cache.nbytes() == peft.nbytes() and cache.get(model, str(t["files"]["peft"])) is peft
+    assert cache.num_reads == 2
+    cache.set_limit(0)
+    assert cache.nbytes() == peft.nbytes()  # the newest stays even over the limit
+    cache.get(model, str(t["files"]["kohya"]))  # read again: it was dropped
+    assert cache.num_reads == 3 and cache.nbytes() == kohya.nbytes()
+
+
 def test_lora_on_fp8_weights_applies_on_top(tiny, tmp_path):
     """The LoRA adds to the dequantised fp8 weights (the base stays fp8 in memory)."""
     t = tiny["sd3"]

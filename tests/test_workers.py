@@ -98,6 +98,11 @@ def test_pool_is_an_executor_with_warm_groups(h):
     assert len({w["pid"] for w in pool.worker_info}) == 4
     assert not any(w["cuda_graphs"] for w in pool.worker_info)  # eager (the flag is off; a no-op on CPU anyway)
     assert set(pool.models()) == {"flux", "sd3"}
+    from comfy_tetriserve.worker.memory import lora_cache_bytes
+
+    for rank, info in enumerate(pool.worker_info):  # the LoRA cache's limit each worker gets with its work
+        limit = lora_cache_bytes(info["total_memory_bytes"], 4, pool.residency.budget_bytes(rank))
+        assert pool.lora_cache_limits[rank] == limit and 0 < limit <= 4 << 30
     # Loading again is a no-op; the same name from another file is a conflict.
     assert h(pool.load_model("flux", pool._models["flux"][0], "fp32")) == pool.models()["flux"]
     with pytest.raises(Conflict):

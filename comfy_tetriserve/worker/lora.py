@@ -344,10 +344,21 @@ class LoraCache:
         self.num_reads += 1
         with self._lock:
             self._entries[key] = patch
-            while len(self._entries) > 1 and sum(p.nbytes() for p in self._entries.values()) > self.max_bytes:
-                self._entries.popitem(last=False)
-                self._combined.clear()
+            self._trim()
         return patch
+
+    def set_limit(self, max_bytes: int) -> None:
+        """A new limit; least recently used files go at once until the rest fits."""
+        with self._lock:
+            self.max_bytes = max(0, int(max_bytes))
+            self._trim()
+
+    def _trim(self) -> None:
+        """Under the lock: drop least recently used files past ``max_bytes`` (the newest always stays,
+        so a job whose LoRA alone exceeds the limit still runs)."""
+        while len(self._entries) > 1 and sum(p.nbytes() for p in self._entries.values()) > self.max_bytes:
+            self._entries.popitem(last=False)
+            self._combined.clear()
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self._entries.values())

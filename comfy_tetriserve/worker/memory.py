@@ -53,6 +53,23 @@ def default_budget_bytes(device: str, total_bytes: int, num_sharing: int, fracti
     return max(1, int(total_bytes * fraction / max(num_sharing, 1)))
 
 
+#: The LoRA cache (lora.LoraCache) holds at most this share of what the budget leaves outside the
+#: weights on a worker (activations, latents and collectives live there too), and never more than
+#: ``LORA_CACHE_MAX_BYTES``.
+LORA_CACHE_HEADROOM_FRACTION = 0.25
+LORA_CACHE_MAX_BYTES = 4 << 30
+
+
+def lora_cache_bytes(total_bytes: int, num_sharing: int, budget_bytes: int) -> int:
+    """The LoRA cache's limit on a worker: a quarter of its share of the device outside its weight
+    budget, at most 4 GiB (default budgets: 80 GB GPU 4 GB, 141 GB 4 GiB, 24 GB 1.2 GB; a 95 % budget
+    on 80 GB: 1 GB). Without a known device size (0): the 4 GiB."""
+    if total_bytes <= 0:
+        return LORA_CACHE_MAX_BYTES
+    headroom = total_bytes / max(num_sharing, 1) - budget_bytes
+    return max(0, min(LORA_CACHE_MAX_BYTES, int(LORA_CACHE_HEADROOM_FRACTION * headroom)))
+
+
 def predicted_bytes(source: str, dtype: str | torch.dtype) -> int:
     """Bytes the weights of ``source`` will take once cast to ``dtype`` (read from headers only).
 

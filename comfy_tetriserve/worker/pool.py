@@ -720,7 +720,8 @@ class WorkerPool(PoolMemory):
             msg = {"task_id": task_id, "gpu_ids": a.gpu_ids, "leader": rank == task.leader,
                    "request_ids": a.request_ids, "num_steps": a.num_steps, "model": reqs[0].job.model,
                    "conds": conds, "sources": {rid: src[rank] for rid, src in sources.items()},
-                   "checkpoint_every_s": self.checkpoint_every_s}
+                   "checkpoint_every_s": self.checkpoint_every_s,
+                   "lora_cache_bytes": self.lora_cache_limits.get(rank)}
             try:
                 self._send(rank, "run", msg)
             except OSError as exc:  # the worker is gone and its sentinel not seen yet: that will follow

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from ..core.executor import ModelInfo
 from ..core.residency import LoadTimeModel, Residency
 from ..errors import Conflict, InsufficientMemory, InvalidRequest, WorkerError
-from .memory import default_budget_bytes, parse_budget, predicted_bytes
+from .memory import default_budget_bytes, lora_cache_bytes, parse_budget, predicted_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class PoolMemory:
         self._pinned: set[str] = set()
         #: rank -> bytes of weights the worker measured it holds (its latest report)
         self.measured_bytes: dict[int, int] = {}
+        self.lora_cache_limits: dict[int, int] = {}
         #: predicted seconds of a load (bytes / bandwidth), corrected by every load the workers finish
         self.load_time = LoadTimeModel(DEFAULT_LOAD_BYTES_PER_S)
         self._load_log: deque[dict] = deque(maxlen=1000)
@@ -57,12 +58,15 @@ class PoolMemory:
         for d in self.devices:
             sharing[d] = sharing.get(d, 0) + 1
         budgets = {}
+        #: rank -> the LoRA cache's limit there (memory.lora_cache_bytes), sent with every assignment
+        self.lora_cache_limits: dict[int, int] = {}
         for rank, device in enumerate(self.devices):
             total = int(self.worker_info[rank].get("total_memory_bytes") or 0)
             if self._budget_bytes is not None:
                 budgets[rank] = self._budget_bytes
             else:
                 budgets[rank] = default_budget_bytes(device, total, sharing[device], self._budget_fraction)
+            self.lora_cache_limits[rank] = lora_cache_bytes(total, sharing[device], budgets[rank])
         self.residency = Residency(budgets)
         self.measured_bytes = {rank: 0 for rank in range(len(self.devices))}
         self._inflight = {}

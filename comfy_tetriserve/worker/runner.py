@@ -557,6 +557,8 @@ class Worker:
                 from .lora import LoraCache
 
                 self.loras = LoraCache()
+            if task.get("lora_cache_bytes") is not None:  # the pool's limit for this worker (memory.py)
+                self.loras.set_limit(int(task["lora_cache_bytes"]))
             runners = {task["model"]: StepRunner(model, comm, self.forwards, loras=self.loras)}
 
             def runner_for(name: str) -> StepRunner:  # two-expert jobs step on either model (experts.py)
