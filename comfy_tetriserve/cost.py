@@ -380,22 +380,29 @@ class OnlineCostModel:
     Estimator: per key (model, degree, token bucket), the ratio measured / predicted of every
     observed step is clipped to [``clip_lo``, ``clip_hi``] (one slow step from a hiccup cannot
     swing it), then averaged: the plain mean for the first ``warmup`` observations, an EWMA with
-    weight ``alpha`` after that (follows drift, forgets old behaviour). The correction factor is
-    bounded to [``clip_lo``, ``clip_hi``] too. The token bucket is round(log2(image tokens x batch)),
-    so neighbouring resolutions share what was learnt. A prediction multiplies the base time by
-    the factor of its key, else the mean factor of (model, degree) over buckets, else 1.
+    weight ``alpha`` after that (follows drift, forgets old behaviour). Beside the mean, the
+    ratios' variance is tracked the same way, and a key's correction is used only when the mean
+    lies more than ``z`` standard errors of that average away from 1 (*evidence of drift*): step
+    times that are merely noisy around the profile leave it alone, where correcting would chase
+    the noise (half the time towards steps that are too short), while a consistently slower or
+    faster engine is learnt from the first steps (its ratios barely vary). The factor is bounded
+    to [``clip_lo``, ``clip_hi``] too. The token bucket is round(log2(image tokens x batch)), so
+    neighbouring resolutions share what was learnt. A prediction multiplies the base time by the
+    factor of its key, else the mean factor of (model, degree) over buckets, else 1.
 
-    ``drift()`` reports the factors: ``{"flux-dev/sp4/4096tok": 1.07, ...}`` (bucket named by
-    its token count), i.e. measured / predicted; 1.0 means the base model is right.
+    ``drift()`` reports the averaged ratios, used or not: ``{"flux-dev/sp4/4096tok": 1.07, ...}``
+    (bucket named by its token count), i.e. measured / predicted; 1.0 means the base model is right.
     """
 
     def __init__(self, base: CostModel, *, alpha: float = 0.1, warmup: int = 10,
-                 clip_lo: float = 0.5, clip_hi: float = 2.0) -> None:
-        if not 0 < alpha <= 1 or not 0 < clip_lo <= 1 <= clip_hi:
+                 clip_lo: float = 0.5, clip_hi: float = 2.0, z: float = 3.0) -> None:
+        if not 0 < alpha <= 1 or not 0 < clip_lo <= 1 <= clip_hi or z < 0:
             raise InvalidRequest("bad OnlineCostModel settings")
         self.base = base
-        self.alpha, self.warmup, self.clip_lo, self.clip_hi = alpha, warmup, clip_lo, clip_hi
-        self._factor: dict[tuple[str, int, int], float] = {}
+        self.alpha, self.warmup, self.clip_lo, self.clip_hi, self.z = alpha, warmup, clip_lo, clip_hi, z
+        self._factor: dict[tuple[str, int, int], float] = {}  # the averaged ratio
+        self._var: dict[tuple[str, int, int], float] = {}  # the ratios' variance, averaged the same way
+        self._used: dict[tuple[str, int, int], float] = {}  # the factor predictions use
         self._count: dict[tuple[str, int, int], int] = {}
         self._model_degree: dict[tuple[str, int], float] = {}
 
@@ -415,7 +422,7 @@ class OnlineCostModel:
         return float(getattr(self.base, "capture_steps", 0.0) or 0.0)
 
     def factor(self, model: str, height: int, width: int, batch: int, sp_degree: int) -> float:
-        f = self._factor.get((model, sp_degree, self._bucket(height, width, batch)))
+        f = self._used.get((model, sp_degree, self._bucket(height, width, batch)))
         if f is None:
             f = self._model_degree.get((model, sp_degree), 1.0)
         return f
@@ -435,8 +442,13 @@ class OnlineCostModel:
         self._count[key] = n
         weight = max(1.0 / n, self.alpha) if n <= self.warmup else self.alpha
         old = self._factor.get(key, ratio)
-        self._factor[key] = min(max(old + weight * (ratio - old), self.clip_lo), self.clip_hi)
-        same = [f for (m, k, _), f in self._factor.items() if m == model and k == sp_degree]
+        mean = min(max(old + weight * (ratio - old), self.clip_lo), self.clip_hi)
+        var = (1.0 - weight) * (self._var.get(key, 0.0) + weight * (ratio - old) ** 2)
+        self._factor[key], self._var[key] = mean, var
+        # standard error of the average: sqrt(var / n) for the plain mean, sqrt(var w / (2 - w)) for the EWMA
+        se = math.sqrt(var / n) if n <= self.warmup else math.sqrt(var * self.alpha / (2.0 - self.alpha))
+        self._used[key] = mean if abs(mean - 1.0) > self.z * se else 1.0
+        same = [f for (m, k, _), f in self._used.items() if m == model and k == sp_degree]
         self._model_degree[(model, sp_degree)] = sum(same) / len(same)
 
     def drift(self) -> dict[str, float]:

@@ -149,6 +149,31 @@ def test_online_model_learns_the_ratio_and_reports_drift(h200):
     assert online.observations() == 30
 
 
+def test_online_model_ignores_noise_around_the_profile_but_learns_a_slower_engine(h200):
+    import random
+
+    rng = random.Random(7)
+    base = h200.step_time_s("flux-dev", 1024, 1024, 1, 4)
+    noisy, slow = OnlineCostModel(h200), OnlineCostModel(h200)
+    used_noisy = []
+    for _ in range(300):  # step times with coefficient of variation 0.1 around the profile, and around 1.1x it
+        noise = 1 + rng.gauss(0.0, 0.1)
+        noisy.observe("flux-dev", 1024, 1024, 1, 4, base * noise)
+        slow.observe("flux-dev", 1024, 1024, 1, 4, base * 1.1 * noise)
+        used_noisy.append(noisy.factor("flux-dev", 1024, 1024, 1, 4))
+    # the average wanders (an EWMA of noise: about +-2 %), the prediction stays on the profile
+    assert noisy.drift()["flux-dev/sp4/4096tok"] != 1.0
+    assert sum(f != 1.0 for f in used_noisy) <= 3, [f for f in used_noisy if f != 1.0]
+    assert slow.factor("flux-dev", 1024, 1024, 1, 4) == pytest.approx(1.1, abs=0.06)
+    # a steady slow engine is learnt at once (its ratios do not vary)
+    steady = OnlineCostModel(h200)
+    for _ in range(2):
+        steady.observe("flux-dev", 1024, 1024, 1, 4, base * 1.1)
+    assert steady.factor("flux-dev", 1024, 1024, 1, 4) == pytest.approx(1.1)
+    with pytest.raises(InvalidRequest):
+        OnlineCostModel(h200, z=-1.0)
+
+
 def test_online_model_clips_outliers_and_follows_drift(h200):
     online = OnlineCostModel(h200, alpha=0.2, warmup=5)
     base = h200.step_time_s("flux-dev", 512, 512, 1, 2)

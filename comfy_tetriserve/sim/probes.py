@@ -2,7 +2,9 @@
 the simulation being kind (``comfy-tetriserve bench --sections probes``).
 
 - ``bursty``: arrivals in bursts of 5 at one instant (bursts Poisson at rate / 5: same mean rate).
-- ``noisy``: every step's time drawn with coefficient of variation 0.1 around the profile's.
+- ``noisy``: every step's time drawn with coefficient of variation 0.1 around the profile's; the
+  planner corrects its profile online from the steps as the service does (``OnlineCostModel``,
+  which leaves noise around the profile alone).
 - ``slow-engine``: every step takes 1.1x the profile's time; the planner starts from the profile
   and corrects it online from the simulated steps as the service does (``OnlineCostModel``, the
   same for every policy). ``SimConfig(online_correction=False)`` gives the stale-profile worst case.
@@ -29,7 +31,8 @@ class Probe:
 
 PROBES: dict[str, Probe] = {p.name: p for p in (
     Probe("bursty", "bursts of 5 requests at one instant, same mean rate", spec={"burst_size": 5}),
-    Probe("noisy", "step times with coefficient of variation 0.1", sim={"step_jitter_cv": 0.1}),
+    Probe("noisy", "step times with coefficient of variation 0.1 (corrected online as the service does)",
+          sim={"step_jitter_cv": 0.1, "online_correction": True}),
     Probe("slow-engine", "every step 1.1x the profile (planned with the profile, corrected online as the service does)",
           sim={"online_correction": True}, true_cost_scale=1.1),
     Probe("4-gpus", "4 GPUs instead of 8", sim={"num_gpus": 4}),
