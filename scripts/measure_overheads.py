@@ -89,11 +89,11 @@ def measure_flag(reps: int) -> dict:
     return out
 
 
-async def measure_handoff(devices: str, px: int, reps: int) -> dict:
+async def _pool_with_job(devices: str, px: int, steps: int, request_id: str):
+    """A started pool with the tiny FLUX loaded and one admitted job of ``steps`` steps at ``px``."""
     from comfy_tetriserve.core.executor import SamplingJob
     from comfy_tetriserve.worker.samplers import compute_sigmas, prepare_noise
     from comfy_tetriserve.worker.pool import WorkerPool
-    from comfy_tetriserve.types import Assignment
 
     pool = WorkerPool(devices)
     await pool.start()
@@ -101,11 +101,21 @@ async def measure_handoff(devices: str, px: int, reps: int) -> dict:
         await pool.load_model("tiny", "random:tiny-flux", "fp32")
         g = torch.Generator().manual_seed(0)
         latent = torch.zeros(1, 16, px // 8, px // 8)
-        steps = 6 * reps + 2
-        job = SamplingJob(request_id="h", model="tiny", latent=latent, noise=prepare_noise(latent, 0),
+        job = SamplingJob(request_id=request_id, model="tiny", latent=latent, noise=prepare_noise(latent, 0),
                           sigmas=compute_sigmas("flux", "simple", steps), context=torch.randn(1, 64, 32, generator=g),
                           pooled=torch.randn(1, 16, generator=g), guidance=3.5)
         await pool.admit(job)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool, latent.numel() * 4
+
+
+async def measure_handoff(devices: str, px: int, reps: int) -> dict:
+    from comfy_tetriserve.types import Assignment
+
+    pool, latent_bytes = await _pool_with_job(devices, px, 6 * reps + 2, "h")
+    try:
         times: dict[str, list[float]] = {"bcast": [], "local_k2": [], "pool": [], "local_k1": []}
 
         async def one(group, kind=None):
@@ -125,7 +135,7 @@ async def measure_handoff(devices: str, px: int, reps: int) -> dict:
             await one((1,), "local_k1")
         med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
         stats = {k: round(statistics.median(v) * 1e3, 3) for k, v in pool.stats.items() if v}
-        return {"px": px, "latent_bytes": latent.numel() * 4,
+        return {"px": px, "latent_bytes": latent_bytes,
                 "assignment_ms": {k: round(v, 3) for k, v in med.items()},
                 "bcast_extra_ms": round(med["bcast"] - med["local_k2"], 3),
                 "pool_extra_ms": round(med["pool"] - med["local_k1"], 3),
@@ -135,22 +145,10 @@ async def measure_handoff(devices: str, px: int, reps: int) -> dict:
 
 
 async def measure_seed(devices: str, px: int, reps: int) -> dict:
-    from comfy_tetriserve.core.executor import SamplingJob
-    from comfy_tetriserve.worker.samplers import compute_sigmas, prepare_noise
-    from comfy_tetriserve.worker.pool import WorkerPool
     from comfy_tetriserve.types import Assignment
 
-    pool = WorkerPool(devices)
-    await pool.start()
+    pool, latent_bytes = await _pool_with_job(devices, px, 4 * reps + 3, "s")
     try:
-        await pool.load_model("tiny", "random:tiny-flux", "fp32")
-        g = torch.Generator().manual_seed(0)
-        latent = torch.zeros(1, 16, px // 8, px // 8)
-        steps = 4 * reps + 3
-        job = SamplingJob(request_id="s", model="tiny", latent=latent, noise=prepare_noise(latent, 0),
-                          sigmas=compute_sigmas("flux", "simple", steps), context=torch.randn(1, 64, 32, generator=g),
-                          pooled=torch.randn(1, 16, generator=g), guidance=3.5)
-        await pool.admit(job)
         pool.seed_min_bytes = 0  # both paths at every size
         loop_cpu: dict[str, list[float]] = {"seed": [], "every_member": []}
         wall: dict[str, list[float]] = {"seed": [], "every_member": []}
@@ -167,7 +165,7 @@ async def measure_seed(devices: str, px: int, reps: int) -> dict:
             assert r.error is None, r.error
         pool.seed_broadcast = True
         med = lambda v: round(statistics.median(v) * 1e3, 3)  # noqa: E731
-        return {"px": px, "latent_bytes": latent.numel() * 4, "group_size": 2,
+        return {"px": px, "latent_bytes": latent_bytes, "group_size": 2,
                 "loop_cpu_ms": {k: med(v) for k, v in loop_cpu.items()},
                 "wall_ms": {k: med(v) for k, v in wall.items()}}
     finally:

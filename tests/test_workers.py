@@ -177,6 +177,8 @@ def test_pool_checkpoint_reaches_a_new_group_through_one_member(h, monkeypatch):
     loop pickles one copy instead of one per member (measured side by side with the old path)."""
     pool = h.pool
     ref = h(sample(pool, make_job("seed-ref", "flux", steps=4, seed=5), [((0,), 4)]))
+    other = h(sample(pool, make_job("seed-other", "flux", steps=4, seed=6), [((0,), 4)]))
+    assert rel(other, ref) > 1e-2  # the margin: another latent is 1000x the tolerance below away
     sent: dict[int, int] = {}
     real_send = pool._send
 
