@@ -283,9 +283,10 @@ def test_simple_estimate_without_forecast(monkeypatch, forecast):
             _, a = await submit_json(s, url, job_body({"steps": 100, "deadline_s": 100}, res=512))
             _, b = await submit_json(s, url, job_body({"steps": 100, "deadline_s": 1.5, "seed": 1}, res=512))
             # one device, 10 ms steps: a alone 1 s; b waits behind a: about 2 s, over its deadline
-            # (b is estimated a moment later, when a may have run a few steps)
-            assert 1.0 <= a["predicted_finish_at"] - a["submitted_at"] <= 1.3
-            assert 1.6 <= b["predicted_finish_at"] - b["submitted_at"] <= 2.3
+            # (b is estimated a moment later, when a may have run a few steps; on a busy machine the
+            # estimate itself can be made a few hundred ms after the submission is stamped)
+            assert 1.0 <= a["predicted_finish_at"] - a["submitted_at"] <= 1.5
+            assert 1.6 <= b["predicted_finish_at"] - b["submitted_at"] <= 2.5
             assert a["feasible"] is True and b["feasible"] is False
             for r in (a, b):
                 await follow_events(s, url, r["job_id"])
