@@ -67,3 +67,22 @@ def test_bound_is_above_every_policy(mix, scale, seed, burst):
     for name in ("tetriserve", "edf", "sp4", "rssp", "edf-admit"):
         on_time = sum(o.met for o in simulate(trace, make_policy(name), COST).outcomes)
         assert on_time <= b.num_on_time and on_time <= fine.num_on_time, name
+
+
+def test_event_rounds_do_not_lend_a_round_average_to_a_shorter_window():
+    # two 256 px requests of 5 steps with 0.1 s each: degree 8 takes 0.095 s, degree 4 0.105 s, so
+    # only one can make it. On a uniform 0.25 s grid both windows are 40 % of one round and the
+    # round's capacity averages 8 GPUs over 0.25 s: the program keeps both (at an instant they would
+    # need 16 GPUs). With rounds also ending at the deadline, round [0, 0.1) holds 8 GPUs: one.
+    pair = [make_request(res=256, num_steps=5, deadline_s=0.1), make_request(res=256, num_steps=5, deadline_s=0.1)]
+    assert sar_upper_bound(pair, COST, event_rounds=False).num_on_time == 2
+    tight = sar_upper_bound(pair, COST)
+    assert tight.num_on_time == 1 and tight.status == "optimal"
+    for name in ("tetriserve", "edf", "sp8", "edf-admit"):
+        assert sum(o.met for o in simulate(pair, make_policy(name), COST).outcomes) <= 1, name
+    # a burst arriving mid-round after an idle stretch: the event rounds never give more
+    trace = make_trace(WorkloadSpec(num_requests=30, mix="uniform", slo_scale=1.0, seed=1000, burst_size=5))
+    grid = sar_upper_bound(trace, COST, event_rounds=False).num_on_time
+    events = sar_upper_bound(trace, COST).num_on_time
+    assert events <= grid
+    assert sum(o.met for o in simulate(trace, make_policy("tetriserve"), COST).outcomes) <= events

@@ -111,6 +111,12 @@ def test_report_has_probes_isolated_bound_and_the_strongest_baseline():
         assert 0.0 < details["bound"]["ratio"] <= 1.0 + 1e-9
         row = details["rows"]["uniform"]["1.0"]
         assert row["strongest_baseline"] in policies[1:] and 0.0 <= row["isolated_bound"] <= 1.0
+        alone = details["bound"].get("bursts_alone")
+        if probe == "bursty":  # each burst alone: 8 requests in bursts of 5 -> 2 bursts, bound >= TetriServe
+            assert alone["bursts"] == 2 and 0 < alone["tetriserve"] <= alone["bound"] <= 8
+            assert alone["ratio"] == pytest.approx(alone["tetriserve"] / alone["bound"])
+        else:
+            assert alone is None
     for mix in ("uniform",):
         g = report["gains"][mix]
         assert set(g["strongest_baseline"].values()) <= set(policies[1:])

@@ -40,9 +40,19 @@ pattern p with m_p(k) slots of degree k (N = 8 with degrees 1, 2, 4, 8: the ten 
 Any schedule gives a feasible point (w from its patterns over time, z as
 before), so the bound stays valid; it only removes rounds that no instant-by-instant packing
 can realise.
+
+Event rounds (``event_rounds=True``, the default). Rounds need not be of equal length: the proof
+above holds for any partition of time, with a round's steps counted over its own length. The
+uniform grid is refined by every arrival and every deadline, so no round straddles one. On a
+uniform grid a request arriving inside a round may use its share f_ir of that round's
+*averaged* capacity, in effect GPUs that were idle before it arrived (a burst arriving just
+after a quiet stretch). With the events as round ends f_ir is 0 or 1. The refined partition
+contains the uniform one, and every point of the refined program sums round by round to a point of the
+coarse one, so the refined optimum is never larger: a tighter bound, still a valid one.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,10 +99,12 @@ def degree_patterns(degrees: Sequence[int], num_gpus: int) -> tuple[dict[int, in
 
 def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int = 8, *, tau_s: float = 0.25,
                     time_limit_s: float = 60.0, mip_rel_gap: float = 0.0,
-                    max_degree: int | None = None, patterns: bool = True) -> BoundResult:
+                    max_degree: int | None = None, patterns: bool = True,
+                    event_rounds: bool = True) -> BoundResult:
     """Solve the program above for ``trace`` (requests without a deadline are ignored). ``max_degree``
     caps a request's degree below ``num_gpus`` (several boxes pooled: a group never exceeds one box).
-    ``patterns=False`` drops the instantaneous-pattern rows (the looser fluid program)."""
+    ``patterns=False`` drops the instantaneous-pattern rows, ``event_rounds=False`` the round ends at
+    arrivals and deadlines (each gives a looser program, still a bound)."""
     import time
 
     import numpy as np
@@ -103,7 +115,16 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
     if not reqs:
         return BoundResult(0, 0, float("nan"), tau_s, "empty", 0.0, 0.0, ())
     t0 = min(r.arrival_at for r in reqs)
-    num_rounds = int(math.ceil((max(r.deadline_at for r in reqs) - t0) / tau_s)) + 1
+    t_end = max(r.deadline_at for r in reqs)
+    num_rounds = int(math.ceil((t_end - t0) / tau_s)) + 1
+    edges = [t0 + rd * tau_s for rd in range(num_rounds + 1)]
+    if event_rounds:  # rounds also end at every arrival and deadline: a request's window is whole rounds
+        edges = sorted(set(edges) | {r.arrival_at for r in reqs} | {r.deadline_at for r in reqs})
+        merged = [edges[0]]
+        for e in edges[1:]:
+            if e - merged[-1] > 1e-9:
+                merged.append(e)
+        edges = merged
     # variable layout: x_0..x_{n-1}, then z variables
     n = len(reqs)
     z_index: list[tuple[int, int, int, float]] = []  # (request, round, degree, steps per full round)
@@ -111,17 +132,19 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
     for i, r in enumerate(reqs):
         degrees = [k for k in cost.allowed_degrees(r.model) if k <= min(num_gpus, max_degree or num_gpus)]
         times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in degrees}
-        first = int((r.arrival_at - t0) // tau_s)
-        last = int((r.deadline_at - t0) // tau_s)
-        for rd in range(first, min(last, num_rounds - 1) + 1):
-            lo = max(t0 + rd * tau_s, r.arrival_at)
-            hi = min(t0 + (rd + 1) * tau_s, r.deadline_at)
-            f = (hi - lo) / tau_s
+        first = max(bisect.bisect_right(edges, r.arrival_at + 1e-12) - 1, 0)
+        for rd in range(first, len(edges) - 1):
+            start, end = edges[rd], edges[rd + 1]
+            if start >= r.deadline_at - 1e-12:
+                break
+            lo = max(start, r.arrival_at)
+            hi = min(end, r.deadline_at)
+            f = (hi - lo) / (end - start)
             if f <= 1e-9:
                 continue
             share[(i, rd)] = f
             for k in degrees:
-                z_index.append((i, rd, k, tau_s / times[k]))
+                z_index.append((i, rd, k, (end - start) / times[k]))
     nz = len(z_index)
     nv = n + nz
     c = np.zeros(nv)

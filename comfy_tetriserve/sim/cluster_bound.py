@@ -38,8 +38,8 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
                  policies: bool = True, patterns: bool = False) -> dict[str, Any]:
     """The bounds above for one trace (``milp``: also the programs; else only the isolated bound), and
     (``policies``) every cluster-section policy's SAR on it. ``bound`` is the tightest of them.
-    ``patterns``: the programs with bound.py's instantaneous-pattern rows (tighter, slower; off for
-    the 600-request traces, whose recorded bounds are of the fluid program)."""
+    ``patterns``: the programs with bound.py's instantaneous-pattern rows and event rounds (tighter,
+    slower; off for the 600-request traces, whose recorded bounds are of the fluid program)."""
     from .bench import _cost
 
     cost = _cost(profile)
@@ -50,7 +50,8 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
     out: dict[str, Any] = {"num_requests": len(timed), "isolated": iso, "bound": iso, "per_box": {}, "sar": {}}
     if milp:
         pooled = sar_upper_bound(trace, cost, num_gpus, tau_s=tau_s, time_limit_s=time_limit_s,
-                                 max_degree=cluster.gpus_per_node, patterns=patterns)
+                                 max_degree=cluster.gpus_per_node, patterns=patterns,
+                                 event_rounds=patterns)
         gap = pooled.mip_gap if math.isfinite(pooled.mip_gap) else None  # no incumbent within the limit: None
         out.update(pooled=pooled.sar, pooled_status=pooled.status, pooled_gap=gap,
                    pooled_solve_s=pooled.solve_s, bound=min(iso, pooled.sar))
@@ -60,7 +61,8 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
             for box in boxes:
                 sub = [o.request for o in box.result(profile).outcomes]
                 on_time += sar_upper_bound(sub, cost, cluster.gpus_per_node, tau_s=tau_s,
-                                           time_limit_s=time_limit_s, patterns=patterns).num_on_time
+                                           time_limit_s=time_limit_s, patterns=patterns,
+                                           event_rounds=patterns).num_on_time
             out["per_box"][per_box_name(router)] = on_time / len(timed) if timed else float("nan")
     if policies:
         for name, task in list(CLUSTER_TASKS.items()) + [(per_box_name(r), f"route:{r}") for r in ROUTERS]:
