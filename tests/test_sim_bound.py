@@ -80,9 +80,9 @@ def test_event_rounds_do_not_lend_a_round_average_to_a_shorter_window():
     assert tight.num_on_time == 1 and tight.status == "optimal"
     for name in ("tetriserve", "edf", "sp8", "edf-admit"):
         assert sum(o.met for o in simulate(pair, make_policy(name), COST).outcomes) <= 1, name
-    # a burst arriving mid-round after an idle stretch: the event rounds never give more
+    # bursts arriving mid-round after idle stretches: 20 -> 19 on this trace
     trace = make_trace(WorkloadSpec(num_requests=30, mix="uniform", slo_scale=1.0, seed=1000, burst_size=5))
     grid = sar_upper_bound(trace, COST, event_rounds=False).num_on_time
     events = sar_upper_bound(trace, COST).num_on_time
-    assert events <= grid
+    assert events < grid
     assert sum(o.met for o in simulate(trace, make_policy("tetriserve"), COST).outcomes) <= events
