@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
-from ..cost import ProfileCostModel, load_cost_model
+from ..cost import CostModel, ProfileCostModel, load_cost_model
 from ..policy import make_policy
 from ..types import GenRequest
 from . import report as rep
@@ -135,6 +135,11 @@ class SimTask:
     true_cost_scale: float = 1.0  # the simulated engine's step time / the planner's (probes)
 
 
+def _true_cost(task: SimTask, planned: CostModel) -> CostModel:
+    """The engine's step times of ``task``: the planner's model scaled by its ``true_cost_scale``."""
+    return ScaledCostModel(planned, task.true_cost_scale) if task.true_cost_scale != 1.0 else planned
+
+
 def run_task(task: SimTask) -> dict[str, Any]:
     """One simulation, summarised (runs in a worker process)."""
     cost = _cost(task.profile)
@@ -144,7 +149,7 @@ def run_task(task: SimTask) -> dict[str, Any]:
                                                best_effort_fraction=1.0, id_prefix="be", seed=task.spec.seed + 10_000))
         trace = tuple(sorted(trace + extra, key=lambda r: r.arrival_at))
     policy = make_policy(task.policy, **dict(task.options))
-    true_cost = ScaledCostModel(cost, task.true_cost_scale) if task.true_cost_scale != 1.0 else cost
+    true_cost = _true_cost(task, cost)
     res = simulate(trace, policy, cost, task.sim, true_cost=true_cost, cost_name=task.profile)
     lat = res.latency_stats()
     dec = sorted(res.decision_times_s)
@@ -670,9 +675,8 @@ class Bench:
             cell["bound"] += b["num_on_time"]
             cell["tetriserve"] += on_time
         # bursts one by one: each burst of a bursty trace alone on the box, TetriServe and the bound
-        bursty = [(key, t, a) for key, t, a in zip(bkeys, btasks, bargs) if t.spec.burst_size > 1]
-        for (name, _, _), parts in zip([k for k, _, _ in bursty],
-                                       _map(_bursts_task, [(t, a) for _, t, a in bursty], self.jobs)):
+        bursty = [(key[0], (t, a)) for key, t, a in zip(bkeys, btasks, bargs) if t.spec.burst_size > 1]
+        for (name, _), parts in zip(bursty, _map(_bursts_task, [job for _, job in bursty], self.jobs)):
             alone = bound[name].setdefault("bursts_alone", {"bound": 0, "tetriserve": 0, "bursts": 0})
             for k in alone:
                 alone[k] += parts[k]
@@ -764,7 +768,7 @@ def _bursts_task(args: tuple) -> dict[str, int]:
 
     task, (_, profile, num_gpus, tau, *_) = args
     planned = _cost(profile)
-    cost = ScaledCostModel(planned, task.true_cost_scale) if task.true_cost_scale != 1.0 else planned
+    cost = _true_cost(task, planned)
     bursts: dict[float, list[GenRequest]] = {}
     for r in make_trace(task.spec):
         bursts.setdefault(r.arrival_at, []).append(r)
