@@ -423,8 +423,6 @@ class Bench:
 
     # -- offline bound
     def section_bound(self) -> str:
-        from .bound import sar_upper_bound
-
         c = self.c
         keys, tasks, specs = [], [], []
         for mix in c.mixes:
