@@ -7,7 +7,7 @@ from factories import make_request
 from comfy_tetriserve.cost import load_cost_model
 from comfy_tetriserve.policy import make_policy
 from comfy_tetriserve.sim.bound import degree_patterns, sar_upper_bound
-from comfy_tetriserve.sim.simulator import simulate
+from comfy_tetriserve.sim.simulator import SimConfig, simulate
 from comfy_tetriserve.sim.workload import WorkloadSpec, make_trace
 
 COST = load_cost_model("h200")
@@ -86,3 +86,21 @@ def test_event_rounds_do_not_lend_a_round_average_to_a_shorter_window():
     events = sar_upper_bound(trace, COST).num_on_time
     assert events < grid
     assert sum(o.met for o in simulate(trace, make_policy("tetriserve"), COST).outcomes) <= events
+
+
+def test_pairs_bound_schedules_that_batch_two_requests():
+    # two 256 px requests with 2.9 s each on one GPU: one after the other they need 3.06 s, batched
+    # into one step (2.68 s for 50 steps) both make it. Without the pair variables the program
+    # bounds only schedules that never batch, and TetriServe batching the pair beats it
+    two = [make_request(res=256, deadline_s=2.9), make_request(res=256, deadline_s=2.9)]
+    assert sar_upper_bound(two, COST, 1, pairs=False).num_on_time == 1
+    b = sar_upper_bound(two, COST, 1)
+    assert b.num_on_time == 2 and b.status == "optimal"
+    config = SimConfig(num_gpus=1)
+    batched = simulate(two, make_policy("tetriserve", batch_margin_frac=0.0), COST, config)
+    assert sum(o.met for o in batched.outcomes) == 2
+    for name in ("tetriserve", "edf", "sp1", "edf-admit"):  # not batching (or with a reserve): one
+        assert sum(o.met for o in simulate(two, make_policy(name), COST, config).outcomes) == 1, name
+    # a request of another shape never shares a step: a 512 px one instead keeps the count at 1
+    mixed = [make_request(res=256, deadline_s=2.9), make_request(res=512, deadline_s=2.9)]
+    assert sar_upper_bound(mixed, COST, 1).num_on_time == 1

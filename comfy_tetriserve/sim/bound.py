@@ -49,6 +49,17 @@ uniform grid a request arriving inside a round may use its share f_ir of that ro
 after a quiet stretch). With the events as round ends f_ir is 0 or 1. The refined partition
 contains the uniform one, and every point of the refined program sums round by round to a point of the
 coarse one, so the refined optimum is never larger: a tighter bound, still a valid one.
+
+Batched pairs (``pairs=True``, the default). The engine may run two requests of one shape as one
+batched step (TetriServe's selective batching pairs them), which advances both for one step time of
+the doubled batch: on one GPU two 256 px requests take 2.68 s together and 3.06 s one after the
+other. Without it the program bounds only schedules that never batch. For every two requests i, j of
+one (model, size, batch) whose windows share round r, y_jrk in [0, 1] is the share of round r they
+run together at degree k. It holds one group of degree k (capacity and pattern rows), counts in the
+one-group row of both i and j (neither runs elsewhere meanwhile, and it exists only where both are
+counted), and adds tau / T2_k steps to both, T2_k the step time of the doubled batch. Any schedule
+of single and paired steps then gives a feasible point as before, so the optimum bounds it. (Larger
+batches of one shape are not modelled; the planner forms pairs only.)
 """
 from __future__ import annotations
 
@@ -100,11 +111,12 @@ def degree_patterns(degrees: Sequence[int], num_gpus: int) -> tuple[dict[int, in
 def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int = 8, *, tau_s: float = 0.25,
                     time_limit_s: float = 60.0, mip_rel_gap: float = 0.0,
                     max_degree: int | None = None, patterns: bool = True,
-                    event_rounds: bool = True) -> BoundResult:
+                    event_rounds: bool = True, pairs: bool = True) -> BoundResult:
     """Solve the program above for ``trace`` (requests without a deadline are ignored). ``max_degree``
     caps a request's degree below ``num_gpus`` (several boxes pooled: a group never exceeds one box).
     ``patterns=False`` drops the instantaneous-pattern rows, ``event_rounds=False`` the round ends at
-    arrivals and deadlines (each gives a looser program, still a bound)."""
+    arrivals and deadlines (each gives a looser program, still a bound); ``pairs=False`` the batched
+    pairs (then it bounds only schedules that never batch two requests)."""
     import time
 
     import numpy as np
@@ -127,10 +139,13 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
         edges = merged
     # variable layout: x_0..x_{n-1}, then z variables
     n = len(reqs)
-    z_index: list[tuple[int, int, int, float]] = []  # (request, round, degree, steps per full round)
+    #: (requests, round, degree, steps per full round): one request, or a pair batched in each step
+    z_index: list[tuple[tuple[int, ...], int, int, float]] = []
     share: dict[tuple[int, int], float] = {}
+    degrees_of: dict[int, list[int]] = {}
     for i, r in enumerate(reqs):
-        degrees = [k for k in cost.allowed_degrees(r.model) if k <= min(num_gpus, max_degree or num_gpus)]
+        degrees = degrees_of[i] = [k for k in cost.allowed_degrees(r.model)
+                                   if k <= min(num_gpus, max_degree or num_gpus)]
         times = {k: cost.step_time_s(r.model, r.height, r.width, r.batch, k) for k in degrees}
         first = max(bisect.bisect_right(edges, r.arrival_at + 1e-12) - 1, 0)
         for rd in range(first, len(edges) - 1):
@@ -144,7 +159,23 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
                 continue
             share[(i, rd)] = f
             for k in degrees:
-                z_index.append((i, rd, k, (end - start) / times[k]))
+                z_index.append(((i,), rd, k, (end - start) / times[k]))
+    if pairs:  # two requests of one shape may share every step (the engine batches them)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            by_shape.setdefault((r.model, r.height, r.width, r.batch), []).append(i)
+        for (model, height, width, batch), members in by_shape.items():
+            times2 = None
+            for a_pos, i in enumerate(members):
+                for j in members[a_pos + 1:]:
+                    both = [rd for rd in sorted({rd for (q, rd) in share if q == i}) if (j, rd) in share]
+                    if not both:
+                        continue
+                    if times2 is None:
+                        times2 = {k: cost.step_time_s(model, height, width, 2 * batch, k) for k in degrees_of[i]}
+                    for rd in both:
+                        for k in degrees_of[i]:
+                            z_index.append(((i, j), rd, k, (edges[rd + 1] - edges[rd]) / times2[k]))
     nz = len(z_index)
     nv = n + nz
     c = np.zeros(nv)
@@ -154,7 +185,7 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
     row = 0
     # capacity per round
     by_round: dict[int, list[int]] = {}
-    for j, (i, rd, k, _) in enumerate(z_index):
+    for j, (_, rd, k, _) in enumerate(z_index):
         by_round.setdefault(rd, []).append(j)
     for rd, js in by_round.items():
         for j in js:
@@ -163,8 +194,9 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
         row += 1
     # one group at a time within the window, and only for counted requests
     by_req_round: dict[tuple[int, int], list[int]] = {}
-    for j, (i, rd, k, _) in enumerate(z_index):
-        by_req_round.setdefault((i, rd), []).append(j)
+    for j, (members, rd, k, _) in enumerate(z_index):
+        for i in members:
+            by_req_round.setdefault((i, rd), []).append(j)
     for (i, rd), js in by_req_round.items():
         for j in js:
             rows.append(row), cols.append(n + j), vals.append(1.0)
@@ -173,8 +205,9 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
         row += 1
     # progress
     by_req: dict[int, list[int]] = {}
-    for j, (i, rd, k, steps) in enumerate(z_index):
-        by_req.setdefault(i, []).append(j)
+    for j, (members, rd, k, steps) in enumerate(z_index):
+        for i in members:
+            by_req.setdefault(i, []).append(j)
     for i, r in enumerate(reqs):
         for j in by_req.get(i, ()):
             rows.append(row), cols.append(n + j), vals.append(z_index[j][3])
@@ -206,7 +239,7 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
                        solve_s, on_time)
 
 
-def _pattern_rows(z_index: list[tuple[int, int, int, float]], first: int, num_gpus: int,
+def _pattern_rows(z_index: list[tuple[tuple[int, ...], int, int, float]], first: int, num_gpus: int,
                   rows: list, cols: list, vals: list, lb: list, ub: list, row: int, nv: int) -> tuple[int, int]:
     """Append the instantaneous-pattern rows (module docstring) for the z variables in ``z_index``
     (z_j is variable ``first + j``); the w variables start at ``nv``. Returns (rows, variables)."""
@@ -232,14 +265,15 @@ def _pattern_rows(z_index: list[tuple[int, int, int, float]], first: int, num_gp
         having = [p for p, pat in enumerate(pats) if ks & set(pat)]
         if len(having) < len(pats):
             subsets.append((ks, having))
-    by_request_round: dict[tuple[int, int], dict[int, int]] = {}
-    for j, (i, rd, k, _) in enumerate(z_index):
-        by_request_round.setdefault((i, rd), {})[k] = j
+    by_request_round: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for j, (members, rd, k, _) in enumerate(z_index):
+        for i in members:
+            by_request_round.setdefault((i, rd), {}).setdefault(k, []).append(j)
     for (i, rd), of_degree in by_request_round.items():
         for ks, having in subsets:
             if not ks <= of_degree.keys():  # a K beyond i's degrees repeats a smaller K's row
                 continue
-            js = [of_degree[k] for k in ks]
+            js = [j for k in ks for j in of_degree[k]]
             for j in js:
                 rows.append(row), cols.append(first + j), vals.append(1.0)
             for p in having:

@@ -39,7 +39,9 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
     """The bounds above for one trace (``milp``: also the programs; else only the isolated bound), and
     (``policies``) every cluster-section policy's SAR on it. ``bound`` is the tightest of them.
     ``patterns``: the programs with bound.py's instantaneous-pattern rows and event rounds (tighter,
-    slower; off for the 600-request traces, whose recorded bounds are of the fluid program)."""
+    slower) and its batched pairs; off for the 600-request traces, whose recorded bounds are of the
+    fluid program. That program does not let two requests share a step; on the single-box bound
+    traces letting them never changed the optimum (docs/planner.md *The offline bound*)."""
     from .bench import _cost
 
     cost = _cost(profile)
@@ -51,7 +53,7 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
     if milp:
         pooled = sar_upper_bound(trace, cost, num_gpus, tau_s=tau_s, time_limit_s=time_limit_s,
                                  max_degree=cluster.gpus_per_node, patterns=patterns,
-                                 event_rounds=patterns)
+                                 event_rounds=patterns, pairs=patterns)
         gap = pooled.mip_gap if math.isfinite(pooled.mip_gap) else None  # no incumbent within the limit: None
         out.update(pooled=pooled.sar, pooled_status=pooled.status, pooled_gap=gap,
                    pooled_solve_s=pooled.solve_s, bound=min(iso, pooled.sar))
@@ -62,7 +64,7 @@ def trace_bounds(spec: WorkloadSpec, profile: str, cluster: ClusterSimConfig, *,
                 sub = [o.request for o in box.result(profile).outcomes]
                 on_time += sar_upper_bound(sub, cost, cluster.gpus_per_node, tau_s=tau_s,
                                            time_limit_s=time_limit_s, patterns=patterns,
-                                           event_rounds=patterns).num_on_time
+                                           event_rounds=patterns, pairs=patterns).num_on_time
             out["per_box"][per_box_name(router)] = on_time / len(timed) if timed else float("nan")
     if policies:
         for name, task in list(CLUSTER_TASKS.items()) + [(per_box_name(r), f"route:{r}") for r in ROUTERS]:
@@ -126,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       " instead of solving")
     p.add_argument("--no-policies", action="store_true", help="bounds only (the policies' SAR from --sar-from later)")
     p.add_argument("--patterns", action="store_true",
-                   help="the programs with the instantaneous-pattern rows of sim/bound.py (tighter, slower)")
+                   help="the programs with the instantaneous-pattern rows, event rounds and batched pairs of "
+                        "sim/bound.py (tighter, slower)")
     p.add_argument("--profile", default="h200")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="")
