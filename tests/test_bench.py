@@ -47,3 +47,27 @@ def test_sections_can_be_chosen_and_results_are_deterministic():
     b = Bench(config).run(("sar",), echo=lambda s: None)
     assert a["sar"] == b["sar"] and "bound_ratio" not in a
     assert set(ALL_POLICIES) >= {"tetriserve", "rssp-paper"}
+
+
+def test_first_seed_reruns_the_bench_on_other_traces():
+    from comfy_tetriserve.cost import load_cost_model
+    from comfy_tetriserve.policy import make_policy
+    from comfy_tetriserve.sim.simulator import SimConfig, simulate
+    from comfy_tetriserve.sim.workload import WorkloadSpec, make_trace
+
+    def run(first):
+        config = BenchConfig(quick=True, jobs=1, policies=("tetriserve", "edf"), plots=False, first_seed=first)
+        return Bench(config).run(("sar", "bound"), echo=lambda s: None)
+
+    base, fresh = run(0), run(7)
+    assert fresh["config"]["first_seed"] == 7
+    assert fresh["sar"] != base["sar"] and fresh["bound"]["per_setting"] != base["bound"]["per_setting"]
+    # the fresh run's traces are exactly seed 7 (and 1007 for the bound's small traces)
+    for seed, key, n in ((7, "sar", 24), (1007, "bound", 12)):
+        trace = make_trace(WorkloadSpec(num_requests=n, mix="uniform", slo_scale=1.0, seed=seed))
+        met = sum(o.met for o in simulate(trace, make_policy("tetriserve"), load_cost_model("h200"),
+                                          SimConfig(num_gpus=8)).outcomes)
+        if key == "sar":
+            assert fresh["sar"]["uniform"]["1.0"]["tetriserve"] == met / n
+        else:
+            assert fresh["bound"]["per_setting"]["uniform"]["1.0"]["tetriserve"] == met

@@ -76,6 +76,8 @@ class BenchConfig:
     rate_per_min: float = cfg.field(12.0, help="Poisson arrival rate, requests per minute")
     num_steps: int = cfg.field(50, help="denoising steps per request")
     seeds: int = cfg.field(3, help="traces (seeds) per setting")
+    first_seed: int = cfg.field(0, help="seed of each setting's first trace (the bound's small traces: 1000 + it); "
+                                "another value reruns the bench on fresh traces")
     scales: tuple[float, ...] = cfg.field((1.0, 1.1, 1.2, 1.3, 1.4, 1.5), help="SLO scales")
     mixes: tuple[str, ...] = cfg.field(("uniform", "skewed"), help="resolution mixes")
     policies: tuple[str, ...] = cfg.field(ALL_POLICIES, help="policies to compare")
@@ -201,6 +203,8 @@ class Bench:
         base = dict(num_requests=self.c.num_requests, rate_per_min=self.c.rate_per_min, num_steps=self.c.num_steps,
                     model=self.c.model)
         base.update(kw)
+        if "seed" in kw:  # --first-seed shifts every trace (0: the recorded ones)
+            base["seed"] = kw["seed"] + self.c.first_seed
         return WorkloadSpec(**base)
 
     def task(self, policy: str, spec: WorkloadSpec, options: dict | None = None, sim: SimConfig | None = None,
@@ -250,8 +254,8 @@ class Bench:
             panels.setdefault(mix, {})[f"{scale:.1f}"] = per_res[mix][f"{scale:.1f}"]
         self.report["sar_by_resolution"] = panels
         if samples:
-            self.report["latency_samples"] = {"setting": f"{c.mixes[0]} mix, SLO scale {c.scales[0]}, seed 0",
-                                              "latency_s": samples}
+            self.report["latency_samples"] = {
+                "setting": f"{c.mixes[0]} mix, SLO scale {c.scales[0]}, seed {c.first_seed}", "latency_s": samples}
         if dec:
             self.report["decision_ms_in_sim"] = {"p50": statistics.median(d[0] for d in dec),
                                                  "p99": statistics.median(d[1] for d in dec),
@@ -429,17 +433,16 @@ class Bench:
             for scale in c.scales:
                 for seed in range(c.bound_seeds):
                     spec = self.spec(mix=mix, slo_scale=scale, seed=1000 + seed, num_requests=c.bound_requests)
-                    specs.append((mix, scale, spec))
+                    specs.append((mix, scale, seed, spec))
                     for p in ("tetriserve", "edf"):
                         keys.append((mix, scale, seed, p))
                         tasks.append(self.task(p, spec))
         grid = self.run_grid(keys, tasks)
-        bounds = _map(_bound_task, [(spec, c.profile, c.num_gpus, c.bound_tau_s) for _, _, spec in specs], self.jobs)
+        bounds = _map(_bound_task, [(spec, c.profile, c.num_gpus, c.bound_tau_s) for *_, spec in specs], self.jobs)
         per: dict = {}
         tot = {"bound": 0, "tetriserve": 0.0, "edf": 0.0}
         solve = []
-        for (mix, scale, spec), b in zip(specs, bounds):
-            seed = spec.seed - 1000
+        for (mix, scale, seed, spec), b in zip(specs, bounds):
             t = grid[(mix, scale, seed, "tetriserve")][0]["sar"] * b["num_requests"]
             e = grid[(mix, scale, seed, "edf")][0]["sar"] * b["num_requests"]
             row = per.setdefault(mix, {}).setdefault(f"{scale:.1f}", {"bound": 0, "tetriserve": 0.0, "edf": 0.0})
@@ -626,7 +629,7 @@ class Bench:
         c = self.c
         spec = self.spec(mix=mix, slo_scale=scale, seed=seed, rate_per_min=c.rate_per_min * probe.rate_factor,
                          **{**probe.spec, **spec_kw})
-        sim = SimConfig(**{"num_gpus": c.num_gpus, "seed": seed, **probe.sim})
+        sim = SimConfig(**{"num_gpus": c.num_gpus, "seed": spec.seed, **probe.sim})
         return self.task(policy, spec, sim=sim, true_cost_scale=probe.true_cost_scale)
 
     def section_probes(self) -> str:
@@ -731,7 +734,8 @@ class Bench:
         self.report["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()}
         echo(f"comfy-tetriserve bench: cost model {c.profile} ({table.device}, measured {table.measured_on}; "
              f"compute + comm model), {c.model}, {c.num_gpus} GPUs, {c.num_requests} requests, "
-             f"{c.rate_per_min:g} req/min, {c.num_steps} steps, {c.seeds} seeds, {self.jobs} worker processes")
+             f"{c.rate_per_min:g} req/min, {c.num_steps} steps, {c.seeds} seeds from {c.first_seed}, "
+             f"{self.jobs} worker processes")
         timings = {}
         for name in SECTIONS:
             if name not in sections:

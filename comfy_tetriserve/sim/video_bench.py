@@ -179,7 +179,8 @@ def section(bench) -> str:
         for p in policies:
             for seed in range(c.seeds):
                 keys.append((scale, p))
-                tasks.append((c.profile, p, c.num_gpus, c.video_requests, c.video_rate_per_min, scale, seed))
+                tasks.append((c.profile, p, c.num_gpus, c.video_requests, c.video_rate_per_min, scale,
+                              c.first_seed + seed))
     results = _map(run_variant_task, tasks, bench.jobs)
     grid: dict = {}
     for k, r in zip(keys, results):
