@@ -54,7 +54,7 @@ Batched pairs (``pairs=True``, the default). The engine may run two requests of 
 batched step (TetriServe's selective batching pairs them), which advances both for one step time of
 the doubled batch: on one GPU two 256 px requests take 2.68 s together and 3.06 s one after the
 other. Without it the program bounds only schedules that never batch. For every two requests i, j of
-one (model, size, batch) whose windows share round r, y_jrk in [0, 1] is the share of round r they
+one (model, size, batch) whose windows share round r, y_ijrk in [0, 1] is the share of round r they
 run together at degree k. It holds one group of degree k (capacity and pattern rows), counts in the
 one-group row of both i and j (neither runs elsewhere meanwhile, and it exists only where both are
 counted), and adds tau / T2_k steps to both, T2_k the step time of the doubled batch. Any schedule
@@ -143,6 +143,7 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
     z_index: list[tuple[tuple[int, ...], int, int, float]] = []
     share: dict[tuple[int, int], float] = {}
     degrees_of: dict[int, list[int]] = {}
+    rounds_of: dict[int, list[int]] = {}
     for i, r in enumerate(reqs):
         degrees = degrees_of[i] = [k for k in cost.allowed_degrees(r.model)
                                    if k <= min(num_gpus, max_degree or num_gpus)]
@@ -158,6 +159,7 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
             if f <= 1e-9:
                 continue
             share[(i, rd)] = f
+            rounds_of.setdefault(i, []).append(rd)
             for k in degrees:
                 z_index.append(((i,), rd, k, (end - start) / times[k]))
     if pairs:  # two requests of one shape may share every step (the engine batches them)
@@ -168,7 +170,7 @@ def sar_upper_bound(trace: Sequence[GenRequest], cost: CostModel, num_gpus: int 
             times2 = None
             for a_pos, i in enumerate(members):
                 for j in members[a_pos + 1:]:
-                    both = [rd for rd in sorted({rd for (q, rd) in share if q == i}) if (j, rd) in share]
+                    both = [rd for rd in rounds_of.get(i, ()) if (j, rd) in share]
                     if not both:
                         continue
                     if times2 is None:
