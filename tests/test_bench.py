@@ -62,12 +62,11 @@ def test_first_seed_reruns_the_bench_on_other_traces():
     base, fresh = run(0), run(7)
     assert fresh["config"]["first_seed"] == 7
     assert fresh["sar"] != base["sar"] and fresh["bound"]["per_setting"] != base["bound"]["per_setting"]
-    # the fresh run's traces are exactly seed 7 (and 1007 for the bound's small traces)
-    for seed, key, n in ((7, "sar", 24), (1007, "bound", 12)):
+    def on_time(seed, n):
         trace = make_trace(WorkloadSpec(num_requests=n, mix="uniform", slo_scale=1.0, seed=seed))
-        met = sum(o.met for o in simulate(trace, make_policy("tetriserve"), load_cost_model("h200"),
-                                          SimConfig(num_gpus=8)).outcomes)
-        if key == "sar":
-            assert fresh["sar"]["uniform"]["1.0"]["tetriserve"] == met / n
-        else:
-            assert fresh["bound"]["per_setting"]["uniform"]["1.0"]["tetriserve"] == met
+        return sum(o.met for o in simulate(trace, make_policy("tetriserve"), load_cost_model("h200"),
+                                           SimConfig(num_gpus=8)).outcomes)
+
+    # the fresh run's traces are exactly seed 7 (and 1007 for the bound's small traces)
+    assert fresh["sar"]["uniform"]["1.0"]["tetriserve"] == on_time(7, 24) / 24
+    assert fresh["bound"]["per_setting"]["uniform"]["1.0"]["tetriserve"] == on_time(1007, 12)

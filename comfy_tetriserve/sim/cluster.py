@@ -152,8 +152,7 @@ def section(bench) -> tuple[dict[str, Any], str]:
     for mix in c.mixes:
         for scale in c.scales:
             for seed in range(c.seeds):
-                spec = WorkloadSpec(num_requests=num_requests, rate_per_min=rate, num_steps=c.num_steps, model=c.model,
-                                    mix=mix, slo_scale=scale, seed=c.first_seed + seed)
+                spec = bench.spec(num_requests=num_requests, rate_per_min=rate, mix=mix, slo_scale=scale, seed=seed)
                 for name, task in zip(names, list(CLUSTER_TASKS.values()) + [f"route:{r}" for r in ROUTERS]
                                       + list(FIXED)):
                     keys.append((mix, f"{scale:.1f}", name))
